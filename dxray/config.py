@@ -1,0 +1,226 @@
+"""Run configuration: pydantic models, YAML files and ``key=value`` overrides.
+
+Every field is validated before any model is loaded; a bad value raises a
+one-line :class:`DxrayError` that names the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dxray.errors import DxrayError
+
+# Training-noise seeds live in [2**31, 2**32); held-out sampling seeds must stay below, so the
+# images that judge a prompt were never seen while optimising it.
+HELD_OUT_SEED_LIMIT = 2**31
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GeneratorConfig(_Section):
+    model: str = Field("SimianLuo/LCM_Dreamshaper_v7", description="LCM checkpoint or SD1.5-family base: hub id or local folder ('tiny' builds a tiny random model)")
+    lora: str | None = Field(None, description="LCM-LoRA to fuse into the base, e.g. latent-consistency/lcm-lora-sdv1-5")
+    tiny_vae: str | None = Field(None, description="AutoencoderTiny used as the decoder, e.g. madebyollin/taesd")
+    steps: int = Field(4, gt=0, le=50, description="LCM sampler steps")
+    guidance_scale: float = Field(1.0, ge=0.0, description="guidance scale (embedded for LCM checkpoints, CFG for LCM-LoRA when > 1)")
+    original_inference_steps: int = Field(50, gt=0, description="LCM training schedule length")
+    resolution: int = Field(512, gt=0, description="image side in pixels (multiple of the VAE scale factor)")
+    checkpointing: bool = Field(False, description="recompute each sampler step in backward to save memory")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: bfloat16 on CUDA, float32 on CPU")
+
+
+class ClassifierConfig(_Section):
+    spec: str = Field("torchvision:resnet50", description="torchvision:NAME, hf:ID_OR_PATH, timm:NAME or module.path:callable ('tiny' builds a tiny random model)")
+    weights: str | None = Field("DEFAULT", description="torchvision/timm weights name, 'none', or a checkpoint file")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the model builder")
+    class_names: list[str] | str | None = Field(None, description="class names (list or text file) overriding the model's metadata")
+    input_size: int | None = Field(None, gt=0, description="classifier input side; default from the model")
+    final_layer: str | None = Field(None, description="name of the final linear layer; default found automatically")
+    allow_pickle: bool = Field(False, description="allow checkpoints that execute pickled code when loaded")
+
+
+class PromptConfig(_Section):
+    templates: list[str] = Field(default_factory=lambda: ["{}"], min_length=1, description="soft-prompt templates; '{}' marks the learnable tokens")
+    n_tokens: int = Field(1, gt=0, le=16, description="learnable tokens in place of '{}'")
+    init: str = Field("random", description="'random' (embedding-table scale), 'class' (the class name) or 'word:WORD'")
+
+    @field_validator("templates")
+    @classmethod
+    def _one_placeholder(cls, templates: list[str]) -> list[str]:
+        for t in templates:
+            if t.count("{}") != 1:
+                raise ValueError(f"template {t!r} must contain '{{}}' exactly once")
+        return templates
+
+    @field_validator("init")
+    @classmethod
+    def _init_kind(cls, init: str) -> str:
+        if init not in ("random", "class") and not (init.startswith("word:") and init[5:].strip()):
+            raise ValueError(f"init {init!r} must be 'random', 'class' or 'word:WORD'")
+        return init
+
+
+class OptimizeConfig(_Section):
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    lr: float = Field(0.1, gt=0, description="learning rate")
+    weight_decay: float = Field(0.0, ge=0)
+    steps: int = Field(100, gt=0, description="optimisation steps per task")
+    samples_per_step: int = Field(1, gt=0, description="noise samples z drawn per step (S)")
+    early_stop_prob: float | None = Field(None, gt=0, le=1, description="stop a class task once its mean target probability reaches this")
+    feature_weight: float = Field(1.0, gt=0, description="lambda of Eq.5: CE(class) - lambda * feature")
+    batch_tasks: int = Field(4, gt=0, description="tasks optimised together in one batch")
+
+
+class SampleConfig(_Section):
+    k: int = Field(10, gt=0, description="held-out images per task")
+    seeds: list[int] | None = Field(None, description="held-out seeds (default 0..k-1)")
+    batch_size: int = Field(8, gt=0)
+
+    @model_validator(mode="after")
+    def _seeds(self) -> SampleConfig:
+        if self.seeds is not None:
+            if len(self.seeds) != self.k:
+                raise ValueError(f"sample.seeds has {len(self.seeds)} seeds but sample.k is {self.k}")
+            bad = [s for s in self.seeds if not 0 <= s < HELD_OUT_SEED_LIMIT]
+            if bad:
+                raise ValueError(f"sample.seeds must be in [0, 2**31) (training noise uses the rest): {bad[:3]}")
+        return self
+
+    def seed_list(self) -> list[int]:
+        return list(self.seeds) if self.seeds is not None else list(range(self.k))
+
+
+class NeuronTarget(_Section):
+    layer: str
+    unit: int = Field(ge=0)
+
+
+class TargetsConfig(_Section):
+    classes: list[int] = Field(default_factory=lambda: [0], min_length=1, description="class indices to audit")
+    class_task: bool = Field(True, description="optimise the class explanation (Eq.3) for each class")
+    top_k: int = Field(5, ge=0, description="top-k features per class (Eq.5 tasks)")
+    feature_source: Literal["weights"] = Field("weights", description="how features are ranked")
+    features: dict[int, list[int]] = Field(default_factory=dict, description="explicit features per class (overrides ranking)")
+    neurons: list[NeuronTarget] = Field(default_factory=list, description="hidden neurons to explain (Eq.4)")
+
+    @field_validator("classes")
+    @classmethod
+    def _non_negative(cls, classes: list[int]) -> list[int]:
+        if any(c < 0 for c in classes):
+            raise ValueError(f"class indices must be >= 0: {classes}")
+        return classes
+
+
+class Config(_Section):
+    output: str = Field("dxray-out", description="local folder or s3://bucket/prefix")
+    run_id: str | None = Field(None, description="run folder name; default derived from the config, so a re-run resumes")
+    seed: int = Field(0, ge=0, description="base seed of initialisation and training noise")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    cache_dir: str | None = Field(None, description="where tiny models are built (default ~/.cache/dxray)")
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    targets: TargetsConfig = Field(default_factory=TargetsConfig)
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, run_id: str | None) -> str | None:
+        if run_id is not None and (not run_id or "/" in run_id or run_id.startswith(".")):
+            raise ValueError(f"run_id {run_id!r} must be a plain folder name")
+        return run_id
+
+    def fingerprint(self) -> str:
+        """Hash of everything that defines the results (not where they go)."""
+        data = self.model_dump(mode="json", exclude={"output", "run_id", "device", "cache_dir"})
+        data["optimize"].pop("batch_tasks")
+        data["sample"].pop("batch_size")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+    def resolved_run_id(self) -> str:
+        return self.run_id or f"run-{self.fingerprint()}"
+
+
+def _field_path(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names valid at ``loc`` (the parent of an unknown key)."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(model.model_fields)
+
+
+def _one_line(err: ValidationError, model: type[BaseModel]) -> str:
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    where = _field_path(loc) or "config"
+    if e["type"] == "extra_forbidden":
+        valid = _valid_keys(model, loc[:-1])
+        return f"unknown config key '{where}'; valid keys: {', '.join(valid)}"
+    msg = e["msg"].removeprefix("Value error, ")
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"config field '{where}': {msg}{more}"
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``a.b=1`` strings → nested dict; values are parsed as YAML (numbers, lists, null...)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise DxrayError(f"override {item!r} must look like key=value")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise DxrayError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for k, v in extra.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def build_config(data: dict[str, Any], overrides: list[str] = ()) -> Config:
+    merged = _merge(data, parse_overrides(list(overrides)))
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as err:
+        raise DxrayError(_one_line(err, Config)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise DxrayError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise DxrayError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise DxrayError(f"config file {path} must hold a mapping at the top level")
+    return build_config(data, overrides)
