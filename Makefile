@@ -1,0 +1,32 @@
+# make install | test | demo | bench | lint  — each installs first if needed.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+OUT    ?= dxray-out
+
+.PHONY: install test demo bench lint schema
+
+install: $(STAMP)
+
+# constraints.txt pins the versions the tests last passed with; pyproject.toml keeps lower bounds.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/pytest
+
+demo: install
+	$(BIN)/dxray explain jobs/configs/tiny.yaml output=$(OUT)
+
+bench: install
+	$(BIN)/python benchmarks/sampler.py --size tiny
+	$(BIN)/python benchmarks/sampler.py --size sd15 --resolution 256 --checkpointing
+
+lint: install
+	$(BIN)/ruff check dxray tests benchmarks jobs
+
+schema: install
+	$(BIN)/dxray schema --out schemas

@@ -1,0 +1,419 @@
+"""Image classifiers behind one interface: logits plus named activations, differentiable end to end.
+
+Specs are ``torchvision:NAME``, ``hf:ID_OR_PATH``, ``timm:NAME`` or ``module.path:callable``.
+Builders live in the plain dict ``BUILDERS`` (segment-anything ``build_sam.py`` style); each
+returns a ``_Built`` and never loads weights when asked for a ``meta`` build (``describe``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+import pickle
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dxray.errors import DxrayError
+
+IMAGENET_SIZE = (224, 224)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HEAD_NAMES = ("fc", "classifier", "head", "heads", "last_linear")  # usual final-layer attributes
+ALIASES: dict[str, Callable[[], str]] = {}  # bare name -> function returning the real spec
+_IDENT = re.compile(r"[A-Za-z_][\w.]*")
+_HF_HUB_KEYS = ("revision", "local_files_only", "token", "cache_dir", "subfolder")
+
+
+@dataclass(frozen=True)
+class ClassifierInfo:
+    """Cheap metadata from the architecture alone (no weights)."""
+
+    spec: str
+    num_classes: int
+    class_names: list[str]
+    layer_names: list[str]
+
+
+@dataclass
+class _Built:
+    model: nn.Module
+    num_classes: int | None = None  # known from metadata; else taken from the final layer
+    class_names: list[str] | None = None
+    input_size: tuple[int, int] = IMAGENET_SIZE
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    hf: bool = False
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _names_list(names: Sequence[str], limit: int = 30) -> str:
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def _is_path(ref: str) -> bool:
+    return ref.startswith("~") or any(c in ref for c in "/\\.") or os.path.exists(ref)
+
+
+def _meta_or_not(meta: bool):
+    return torch.device("meta") if meta else contextlib.nullcontext()
+
+
+def _check_file(path: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DxrayError(f"classifier weights file not found: {path}")
+    return p
+
+
+def _load_file(model: nn.Module, path: str, meta: bool, allow_pickle: bool) -> None:
+    """Check the file for a meta build (describe); load it otherwise."""
+    if meta:
+        _check_file(path)
+    else:
+        load_weights(model, path, allow_pickle)
+
+
+def load_weights(model: nn.Module, path: str, allow_pickle: bool = False) -> None:
+    """Load a .safetensors/.pt/.pth/.bin state dict (optionally nested, 'module.'-prefixed) into ``model``."""
+    p = _check_file(path)
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(p))
+    else:
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=not allow_pickle)
+        except pickle.UnpicklingError as err:
+            if allow_pickle:
+                raise DxrayError(f"cannot read checkpoint {path}: {_one_line(err, 150)}") from None
+            raise DxrayError(f"checkpoint {path} holds objects that weights_only loading refuses; set "
+                             f"allow_pickle=True (classifier.allow_pickle) only if you trust the file") from None
+        except Exception as err:
+            raise DxrayError(f"cannot read checkpoint {path}: {_one_line(err, 150)}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict | nn.Module):
+            state = state[key]
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise DxrayError(f"checkpoint {path} holds no state dict of tensors (looked under 'state_dict' and 'model')")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise DxrayError(f"checkpoint {path} does not fit the model: {_one_line(err, 200)}") from None
+    if missing or unexpected:
+        raise DxrayError(f"checkpoint {path} does not fit the model: {len(missing)} missing keys {missing[:3]}, "
+                         f"{len(unexpected)} unexpected keys {unexpected[:3]}")
+
+
+def _build_torchvision(name: str, weights: str | None, kwargs: dict, meta: bool, allow_pickle: bool) -> _Built:
+    from torchvision import models
+
+    if name not in models.list_models():
+        raise DxrayError(f"unknown torchvision model {name!r}; see torchvision.models.list_models()")
+    enum = None
+    if weights not in (None, "none") and not _is_path(weights):
+        members = models.get_model_weights(name).__members__
+        if weights not in members:
+            raise DxrayError(f"unknown weights {weights!r} for torchvision:{name}; available: {', '.join(members)}")
+        enum = members[weights]
+    if meta and enum is not None:  # what the weights would set, without downloading them
+        kwargs = {"num_classes": len(enum.meta["categories"]), **kwargs}
+    try:
+        with _meta_or_not(meta):
+            model = models.get_model(name, weights=None if meta else enum, **kwargs)
+    except ValueError as err:
+        raise DxrayError(f"cannot build torchvision:{name}: {_one_line(err, 200)}") from None
+    if weights not in (None, "none") and enum is None:
+        _load_file(model, weights, meta, allow_pickle)
+    if enum is None:
+        return _Built(model)
+    t = enum.transforms()
+    size = getattr(t, "crop_size", IMAGENET_SIZE)
+    return _Built(model, len(enum.meta["categories"]), list(enum.meta["categories"]), _pair(list(size)),
+                  tuple(getattr(t, "mean", IMAGENET_MEAN)), tuple(getattr(t, "std", IMAGENET_STD)))
+
+
+def _processor_geometry(built: _Built, ref: str, kwargs: dict) -> None:
+    """Size/mean/std from the image processor; ImageNet defaults when there is none."""
+    from transformers import AutoImageProcessor
+
+    try:
+        proc = AutoImageProcessor.from_pretrained(ref, **{k: kwargs[k] for k in _HF_HUB_KEYS if k in kwargs})
+    except OSError:
+        return
+    built.mean = tuple(getattr(proc, "image_mean", None) or IMAGENET_MEAN)
+    built.std = tuple(getattr(proc, "image_std", None) or IMAGENET_STD)
+    crop = getattr(proc, "crop_size", None) if getattr(proc, "do_center_crop", False) else None
+    for s in (crop, getattr(proc, "size", None)):
+        if isinstance(s, int):
+            built.input_size = (s, s)
+            return
+        if s is not None:
+            h, w, edge = s.get("height"), s.get("width"), s.get("shortest_edge")
+            if h and w:
+                built.input_size = (int(h), int(w))
+                return
+            if edge:
+                built.input_size = (int(edge), int(edge))
+                return
+
+
+def _build_hf(ref: str, weights: str | None, kwargs: dict, meta: bool, allow_pickle: bool) -> _Built:
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    path = os.path.expanduser(ref)
+    if (ref.startswith(("/", "./", "../", "~")) or os.path.exists(path)) and not os.path.isdir(path):
+        raise DxrayError(f"classifier folder not found: {ref}")
+    if weights not in (None, "none", "DEFAULT") and not _is_path(weights):
+        raise DxrayError(f"weights for hf:{ref} must be 'none', 'DEFAULT' or a checkpoint file, got {weights!r}")
+    try:
+        if meta or weights not in (None, "DEFAULT"):  # architecture only: meta build, random init or a file
+            config = AutoConfig.from_pretrained(path, **kwargs)
+            with _meta_or_not(meta):
+                model = AutoModelForImageClassification.from_config(config)
+        else:
+            model = AutoModelForImageClassification.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise DxrayError(f"cannot load classifier 'hf:{ref}': {_one_line(err, 200)}") from None
+    if weights not in (None, "none", "DEFAULT"):
+        _load_file(model, weights, meta, allow_pickle)
+    id2label = model.config.id2label or {}
+    n = model.config.num_labels
+    built = _Built(model, n, [str(id2label.get(i, id2label.get(str(i), f"class_{i}"))) for i in range(n)], hf=True)
+    if not meta:
+        _processor_geometry(built, path, kwargs)
+    return built
+
+
+def _build_timm(name: str, weights: str | None, kwargs: dict, meta: bool, allow_pickle: bool) -> _Built:
+    try:
+        import timm
+        import timm.data
+    except ImportError:
+        raise DxrayError("timm is not installed; pip install 'dxray[timm]'") from None
+    file = weights not in (None, "none") and _is_path(weights)
+    pretrained = weights not in (None, "none") and not file
+    try:
+        with _meta_or_not(meta):
+            model = timm.create_model(name, pretrained=pretrained and not meta, **kwargs)
+    except RuntimeError as err:
+        raise DxrayError(f"cannot build timm:{name}: {_one_line(err, 200)}") from None
+    if file:
+        _load_file(model, weights, meta, allow_pickle)
+    cfg = timm.data.resolve_data_config(model=model)
+    built = _Built(model, model.num_classes, None, _pair(list(cfg["input_size"][1:])),
+                   tuple(cfg["mean"]), tuple(cfg["std"]))
+    if pretrained:
+        names = model.pretrained_cfg.get("label_names")
+        subset = None if names else timm.data.infer_imagenet_subset(model)
+        if subset:
+            info = timm.data.ImageNetInfo(subset)
+            names = [info.index_to_description(i) for i in range(info.num_classes())]
+        built.class_names = list(names) if names else None
+    return built
+
+
+def _build_callable(spec: str, weights: str | None, kwargs: dict, meta: bool, allow_pickle: bool) -> _Built:
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = functools.reduce(getattr, attr.split("."), importlib.import_module(module_name))
+    except (ImportError, AttributeError) as err:
+        raise DxrayError(f"cannot import classifier builder {spec!r}: {_one_line(err, 150)}") from None
+    with _meta_or_not(meta):
+        model = fn(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise DxrayError(f"classifier builder {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    if weights not in (None, "none", "DEFAULT"):
+        if not _is_path(weights):
+            raise DxrayError(f"weights for {spec} must be a checkpoint file, got {weights!r}")
+        _load_file(model, weights, meta, allow_pickle)
+    return _Built(model)
+
+
+BUILDERS: dict[str, Callable[..., _Built]] = {
+    "torchvision": _build_torchvision,
+    "hf": _build_hf,
+    "timm": _build_timm,
+}
+
+
+def _build(spec: str, weights: str | None, kwargs: dict | None, meta: bool, allow_pickle: bool = False) -> _Built:
+    if spec in ALIASES:
+        spec = ALIASES[spec]()
+    scheme, sep, ref = spec.partition(":")
+    if sep and ref and scheme in BUILDERS:
+        builder = BUILDERS[scheme]
+    elif sep and _IDENT.fullmatch(scheme) and _IDENT.fullmatch(ref):
+        builder, ref = _build_callable, spec
+    else:
+        raise DxrayError(f"unknown classifier spec {spec!r}; expected torchvision:NAME, hf:ID_OR_PATH, "
+                         f"timm:NAME or module.path:callable")
+    try:
+        return builder(ref, weights, dict(kwargs or {}), meta, allow_pickle)
+    except TypeError as err:  # almost always a bad keyword in `kwargs`
+        raise DxrayError(f"cannot build classifier {spec!r} with kwargs {kwargs}: {_one_line(err, 150)}") from None
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    return (int(size[0]), int(size[-1]))
+
+
+def _find_final(model: nn.Module, name: str | None, num_classes: int | None) -> tuple[str, nn.Linear]:
+    """The final linear layer: ``name``, a usual head attribute, or the last fitting nn.Linear."""
+    modules = dict(model.named_modules())
+    if name is not None and (not name or name not in modules):
+        raise DxrayError(f"final_layer: unknown layer {name!r}; available: {_names_list([n for n in modules if n])}")
+    roots = [name] if name is not None else [n for n in HEAD_NAMES if n in modules] + [""]
+    for root in roots:
+        found = [(f"{root}.{n}" if root and n else root or n, m) for n, m in modules[root].named_modules()
+                 if isinstance(m, nn.Linear) and num_classes in (None, m.out_features)]
+        if found:
+            return found[-1]
+    raise DxrayError(f"no final nn.Linear layer found under {name or 'the model'!r}"
+                     f"{f' with {num_classes} outputs' if num_classes else ''}; set final_layer")
+
+
+def _class_names(given: list[str] | str | None, default: list[str] | None, n: int) -> list[str]:
+    if isinstance(given, str):
+        p = Path(given).expanduser()
+        if not p.is_file():
+            raise DxrayError(f"class_names file not found: {given}")
+        given = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    names = list(given) if given is not None else default or [f"class_{i}" for i in range(n)]
+    if len(names) != n:
+        raise DxrayError(f"class_names has {len(names)} names but the classifier has {n} classes")
+    return names
+
+
+def _layer_names(model: nn.Module) -> list[str]:
+    return ["logits", "penultimate"] + [n for n, _ in model.named_modules() if n]
+
+
+def describe(spec: str, *, weights: str | None = None, kwargs: dict | None = None,
+             class_names: list[str] | str | None = None) -> ClassifierInfo:
+    """Classes and layer names from the architecture alone, built on the meta device."""
+    built = _build(spec, weights, kwargs, meta=True)
+    _, final = _find_final(built.model, None, built.num_classes)
+    n = built.num_classes or final.out_features
+    return ClassifierInfo(spec, n, _class_names(class_names, built.class_names, n), _layer_names(built.model))
+
+
+def load_classifier(spec: str, *, weights: str | None = None, kwargs: dict | None = None,
+                    class_names: list[str] | str | None = None,
+                    input_size: int | tuple[int, int] | None = None,
+                    mean: tuple[float, float, float] | None = None, std: tuple[float, float, float] | None = None,
+                    final_layer: str | None = None,
+                    device: str | torch.device = "cpu", allow_pickle: bool = False) -> Classifier:
+    """Build ``spec``, load its weights and wrap it as an eval-mode, frozen ``Classifier``."""
+    built = _build(spec, weights, kwargs, meta=False, allow_pickle=allow_pickle)
+    final_name, final = _find_final(built.model, final_layer, built.num_classes)
+    n = built.num_classes or final.out_features
+    return Classifier(
+        built.model, final_layer=final_name, class_names=_class_names(class_names, built.class_names, n),
+        input_size=_pair(input_size) if input_size else built.input_size,
+        mean=tuple(mean or built.mean), std=tuple(std or built.std), hf=built.hf,
+    ).to(device)
+
+
+def _first_tensor(out) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, tuple | list) else ()
+    for v in values:
+        if isinstance(v, Tensor):
+            return v
+    raise DxrayError(f"layer output of type {type(out).__name__} holds no tensor")
+
+
+class Classifier(nn.Module):
+    """A frozen, eval-mode classifier: ``forward(images, layers)`` -> {"logits", **activations}."""
+
+    def __init__(self, model: nn.Module, *, final_layer: str, class_names: list[str],
+                 input_size: tuple[int, int], mean: tuple, std: tuple, hf: bool = False):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.final_layer_name = final_layer
+        self.class_names = list(class_names)
+        self.num_classes = len(class_names)
+        self.input_size, self.mean, self.std, self.hf = tuple(input_size), tuple(mean), tuple(std), hf
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        self.register_buffer("_mean", torch.tensor(mean, dtype=dtype).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(std, dtype=dtype).view(1, -1, 1, 1), persistent=False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> Classifier:
+        return super().train(False)  # always eval: batch-norm statistics stay fixed
+
+    @property
+    def final_linear(self) -> nn.Linear:
+        return self.model.get_submodule(self.final_layer_name)
+
+    @property
+    def final_weight(self) -> Tensor:
+        return self.final_linear.weight
+
+    def layer_names(self) -> list[str]:
+        return _layer_names(self.model)
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """B×3×H×W in [0, 1] -> resized (antialiased bilinear) and normalised model input."""
+        x = images.to(device=self._mean.device, dtype=self._mean.dtype)
+        if tuple(x.shape[-2:]) != self.input_size:
+            x = F.interpolate(x, size=self.input_size, mode="bilinear", antialias=True, align_corners=False)
+        return (x - self._mean) / self._std
+
+    def forward(self, images: Tensor, layers: Sequence[str] = ()) -> dict[str, Tensor]:
+        wanted = [n for n in dict.fromkeys(layers) if n != "logits"]
+        modules = dict(self.model.named_modules())
+        for n in wanted:
+            if n != "penultimate" and (not n or n not in modules):
+                raise DxrayError(f"unknown layer {n!r}; available: {_names_list(self.layer_names())}")
+        acts: dict[str, Tensor] = {}
+
+        def keep_input(_module, args, name="penultimate"):
+            acts[name] = args[0].flatten(1)
+
+        def keep_output(_module, _args, out, name):
+            acts[name] = _first_tensor(out)
+
+        handles = []
+        try:
+            for n in wanted:
+                if n == "penultimate":
+                    handles.append(modules[self.final_layer_name].register_forward_pre_hook(keep_input))
+                else:
+                    handles.append(modules[n].register_forward_hook(functools.partial(keep_output, name=n)))
+            x = self.preprocess(images)
+            logits = self.model(pixel_values=x).logits if self.hf else _first_tensor(self.model(x))
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for n in wanted if n not in acts]
+        if missing:
+            raise DxrayError(f"layer {missing[0]!r} did not run in the forward pass")
+        return {"logits": logits, **{n: acts[n] for n in wanted}}
+
+
+def _tiny_spec() -> str:
+    from dxray.tiny import ensure_tiny_classifier
+
+    return f"hf:{ensure_tiny_classifier()}"
+
+
+ALIASES["tiny"] = _tiny_spec  # the demo's tiny random classifier, built on first use

@@ -1,0 +1,161 @@
+"""Optimise soft prompts against objectives, then sample held-out images. No I/O.
+
+Several tasks are optimised in one batch (each with its own prompt and rows);
+the batch loss is the sum of per-task means, so tasks never influence each
+other's gradients, and a task that stops (early stop or non-finite loss) simply
+leaves the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dxray.generator import LCMGenerator, training_seed
+from dxray.objectives import Objective
+
+
+@dataclass
+class Target:
+    """One optimisation task: an objective and the prompt that will learn it."""
+
+    objective: Objective
+    template: str = "{}"
+    n_tokens: int = 1
+    init: str = "random"
+    seed: int = 0
+    class_index: int | None = None  # for the target probability and early stop
+
+
+@dataclass
+class OptimizeSettings:
+    steps: int = 100
+    lr: float = 0.1
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    samples_per_step: int = 1
+    early_stop_prob: float | None = None
+
+
+@dataclass
+class OptimizeResult:
+    rows: torch.Tensor  # learnable rows (n_tokens × D, float32, CPU)
+    loss_curve: list[float] = field(default_factory=list)
+    prob_curve: list[float] = field(default_factory=list)
+    train_seeds: list[list[int]] = field(default_factory=list)  # seeds of each step's S noise samples
+    stopped_early: bool = False
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def steps(self) -> int:
+        return len(self.loss_curve)
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.loss_curve[-1] if self.loss_curve else None
+
+    @property
+    def target_prob(self) -> float | None:
+        return self.prob_curve[-1] if self.prob_curve else None
+
+
+@dataclass
+class Sample:
+    seed: int
+    image: np.ndarray  # H × W × 3 uint8
+    class_prob: float | None
+    feature_activation: float | None
+
+
+StepCallback = Callable[[int, list[OptimizeResult]], None]
+
+
+def optimize(generator: LCMGenerator, classifier, targets: Sequence[Target], settings: OptimizeSettings,
+             on_step: StepCallback | None = None) -> list[OptimizeResult]:
+    """Optimise every target's soft prompt together; returns one result per target, in order."""
+    prompts = [generator.soft_prompt(t.template, t.n_tokens) for t in targets]
+    params = [torch.nn.Parameter(generator.init_rows(t.n_tokens, t.init, t.seed).to(generator.device))
+              for t in targets]
+    opt_cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    layers = sorted(set().union(*(t.objective.layers for t in targets)) - {"logits"})
+    results = [OptimizeResult(rows=p.detach().cpu().clone()) for p in params]
+    active = list(range(len(targets)))
+    s = settings.samples_per_step
+    started = time.perf_counter()
+    for step in range(settings.steps):
+        if not active:
+            break
+        seeds = [[training_seed(targets[i].seed, step, j, s) for j in range(s)] for i in active]
+        cond = generator.encode([prompts[i] for i in active], [params[i] for i in active])
+        images = generator.generate(cond, seeds)
+        acts = classifier(images, layers=layers)
+        total = 0.0
+        still = []
+        for slot, i in enumerate(active):
+            part = {k: v[slot * s:(slot + 1) * s] for k, v in acts.items()}
+            loss = targets[i].objective(part).mean()
+            res = results[i]
+            res.train_seeds.append(seeds[slot])
+            if not torch.isfinite(loss):
+                res.error = f"non-finite loss ({loss.item()}) at step {step}"
+                continue
+            total = total + loss
+            res.loss_curve.append(loss.item())
+            c = targets[i].class_index
+            if c is not None:
+                prob = part["logits"].float().softmax(-1)[:, c].mean().item()
+                res.prob_curve.append(prob)
+                if settings.early_stop_prob is not None and prob >= settings.early_stop_prob:
+                    res.stopped_early = True
+                    continue  # keep the rows that reached the target: no update for this task
+            still.append(i)
+        opt.zero_grad(set_to_none=True)
+        if still:
+            # Stopped tasks are in `total` too, but their rows get no update: the optimiser only steps
+            # params whose grad we keep.
+            total.backward()
+            for i in set(active) - set(still):
+                params[i].grad = None
+            opt.step()
+        active = still
+        for i in range(len(targets)):
+            results[i].rows = params[i].detach().cpu().clone()
+        if on_step is not None:
+            on_step(step, results)
+    elapsed = time.perf_counter() - started
+    for r in results:
+        r.seconds = elapsed / max(len(targets), 1)
+    return results
+
+
+@torch.no_grad()
+def sample(generator: LCMGenerator, classifier, template: str, rows: torch.Tensor, seeds: Sequence[int], *,
+           class_index: int | None = None, feature: tuple[str, int] | None = None, batch_size: int = 8) -> list[Sample]:
+    """Render ``rows`` in ``template`` for each held-out seed, with the class probability and feature value."""
+    prompt = generator.soft_prompt(template, rows.shape[0])
+    cond = generator.encode([prompt], [rows.to(generator.device)])
+    layers = [feature[0]] if feature else []
+    out: list[Sample] = []
+    for start in range(0, len(seeds), batch_size):
+        chunk = [int(x) for x in seeds[start:start + batch_size]]
+        images = generator.generate(cond, [chunk])
+        acts = classifier(images, layers=layers)
+        probs = acts["logits"].float().softmax(-1)
+        feats = None
+        if feature:
+            f = acts[feature[0]][:, feature[1]].float()
+            feats = f.flatten(1).mean(1) if f.dim() > 1 else f
+        pixels = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        for j, seed in enumerate(chunk):
+            out.append(Sample(
+                seed=seed, image=pixels[j],
+                class_prob=None if class_index is None else probs[j, class_index].item(),
+                feature_activation=None if feats is None else feats[j].item(),
+            ))
+    return out

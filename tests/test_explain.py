@@ -1,0 +1,60 @@
+import math
+
+import pytest
+import torch
+
+from dxray.explain import OptimizeSettings, Target, optimize, sample
+from dxray.objectives import Objective, class_ce, neuron
+
+
+def test_optimize_records_curves_and_fresh_noise_each_step(tiny_generator, tiny_classifier):
+    t = Target(class_ce(1), "a shape of {}", 2, "random", seed=5, class_index=1)
+    [res] = optimize(tiny_generator, tiny_classifier, [t], OptimizeSettings(steps=3, lr=0.05, samples_per_step=2))
+    assert res.error is None and res.steps == 3
+    assert len(res.loss_curve) == len(res.prob_curve) == 3
+    assert all(math.isfinite(x) for x in res.loss_curve) and all(0 <= p <= 1 for p in res.prob_curve)
+    flat = [s for step in res.train_seeds for s in step]
+    assert len(res.train_seeds) == 3 and len(set(flat)) == 6  # new noise every step
+    assert res.rows.shape == (2, tiny_generator.embedding_dim)
+    start = tiny_generator.init_rows(2, "random", 5)
+    assert not torch.allclose(res.rows, start)  # the rows moved
+
+
+def test_tasks_in_one_batch_do_not_influence_each_other(tiny_generator, tiny_classifier):
+    a = Target(class_ce(0), "{}", 1, "random", seed=1, class_index=0)
+    b = Target(class_ce(1) - neuron("penultimate", 3), "a texture of {}", 1, "word:cat", seed=2, class_index=1)
+    settings = OptimizeSettings(steps=2, lr=0.1)
+    together = optimize(tiny_generator, tiny_classifier, [a, b], settings)
+    alone = optimize(tiny_generator, tiny_classifier, [b], settings)
+    torch.testing.assert_close(together[1].rows, alone[0].rows, rtol=1e-4, atol=1e-6)
+    assert together[1].loss_curve == pytest.approx(alone[0].loss_curve, rel=1e-4)
+
+
+def test_non_finite_loss_stops_only_that_task(tiny_generator, tiny_classifier):
+    bad = Objective(lambda acts: acts["logits"][:, 0] * float("nan"), "nan")
+    good = Target(class_ce(0), "{}", 1, "random", seed=1, class_index=0)
+    res_bad, res_good = optimize(tiny_generator, tiny_classifier, [Target(bad), good], OptimizeSettings(steps=3))
+    assert res_bad.error == "non-finite loss (nan) at step 0" and res_bad.steps == 0
+    assert res_good.error is None and res_good.steps == 3
+
+
+def test_early_stop_on_target_probability(tiny_generator, tiny_classifier):
+    t = Target(class_ce(0), "{}", 1, "random", seed=1, class_index=0)
+    [res] = optimize(tiny_generator, tiny_classifier, [t], OptimizeSettings(steps=5, early_stop_prob=1e-9))
+    assert res.stopped_early and res.steps == 1
+    torch.testing.assert_close(res.rows, tiny_generator.init_rows(1, "random", 1))  # no update after reaching it
+
+
+def test_sample_is_reproducible_and_scored(tiny_generator, tiny_classifier):
+    rows = tiny_generator.init_rows(1, "random", 0)
+    a = sample(tiny_generator, tiny_classifier, "{}", rows, [3, 4, 5], class_index=1, feature=("penultimate", 2),
+               batch_size=2)
+    b = sample(tiny_generator, tiny_classifier, "{}", rows, [5], class_index=1, feature=("penultimate", 2))
+    assert [s.seed for s in a] == [3, 4, 5]
+    assert (a[2].image == b[0].image).all() and a[2].class_prob == pytest.approx(b[0].class_prob, rel=1e-5)
+    assert a[0].image.shape == (64, 64, 3) and a[0].image.dtype.name == "uint8"
+    assert 0 <= a[0].class_prob <= 1 and a[0].feature_activation is not None
+    with torch.no_grad():
+        img = torch.from_numpy(a[0].image).permute(2, 0, 1)[None].float() / 255
+        acts = tiny_classifier(img, layers=["penultimate"])
+    assert acts["penultimate"][0, 2].item() == pytest.approx(a[0].feature_activation, abs=0.05)
