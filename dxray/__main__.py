@@ -1,0 +1,3 @@
+from dxray.cli import main
+
+main()

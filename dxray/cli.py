@@ -1,0 +1,105 @@
+"""Command line: ``dxray explain CONFIG [key=value ...]`` and ``dxray schema``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from dxray.errors import DxrayError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Audit what an image classifier has learned (DiffExplainer on Ray).")
+err = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _quiet_libraries() -> None:
+    """Hide the libraries' load-time progress bars and advice; dxray reports its own progress."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    for lib in (dlog, tlog):
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+    logging.getLogger("torch").setLevel(logging.ERROR)
+
+
+@app.command()
+def explain(
+    config: Annotated[Path, typer.Argument(help="YAML config (see jobs/configs/)")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. output=DIR optimize.steps=50")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False,
+) -> None:
+    """Optimise soft prompts for the configured classes and features and write the run tables."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    try:
+        from dxray.audit import preflight, run
+        from dxray.config import load_config
+
+        cfg = load_config(config, overrides or [])
+        _quiet_libraries()
+        preflight(cfg)  # fail fast, before any model is loaded
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+        with Progress(*columns, console=err, disable=quiet, transient=False) as bar:
+            tasks_bar = bar.add_task("tasks", total=None, info="loading models")
+            failed = 0
+
+            def progress(event: str, data: dict) -> None:
+                nonlocal failed
+                if event == "plan":
+                    bar.update(tasks_bar, total=data["todo"], info=f"{data['skipped']} already done")
+                elif event == "step":
+                    bar.update(tasks_bar, info=f"step {data['step']}/{data['steps']} loss {data['loss']:.3f} [{data['tasks']}]")
+                elif event == "task":
+                    failed += data["status"] != "ok"
+                    bar.update(tasks_bar, advance=1, info=f"{failed} failed" if failed else "")
+
+            summary = run(cfg, progress=progress)
+    except DxrayError as e:
+        _fail(str(e))
+    err.print(f"run {summary.run_id}: {summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped "
+              f"(already done), {summary.samples} samples → {summary.root}", highlight=False, soft_wrap=True)
+    for line in summary.errors[:10]:
+        err.print(f"  failed {line}", highlight=False, soft_wrap=True)
+    print(summary.root)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def schema(
+    out: Annotated[Path, typer.Option(help="folder for the generated contract files")] = Path("schemas"),
+) -> None:
+    """Write the data contract (config JSON Schema, table Arrow schemas) into OUT."""
+    from dxray.contract import write_contract
+
+    for path in write_contract(out):
+        print(path)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    try:
+        app()
+    except DxrayError as e:
+        err.print(f"error: {e}")
+        sys.exit(2)

@@ -1,0 +1,102 @@
+"""Arrow schemas of the output tables: the data contract (DESIGN.md §3).
+
+Columns are only ever added, never renamed; every file carries the schema
+version in its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from dxray.errors import DxrayError
+
+SCHEMA_VERSION = "1"
+
+
+def _f(name: str, type_: pa.DataType, description: str, nullable: bool = True) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable, metadata={b"description": description.encode()})
+
+
+def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
+    return pa.schema(fields, metadata={b"dxray.schema_version": SCHEMA_VERSION.encode(), b"dxray.table": name.encode()})
+
+
+TASKS = _schema("tasks", [
+    _f("run_id", pa.string(), "run folder name", nullable=False),
+    _f("task_id", pa.string(), "hash of everything that defines the task", nullable=False),
+    _f("kind", pa.string(), "class (Eq.3), feature (Eq.5) or neuron (Eq.4)"),
+    _f("class_index", pa.int32(), "classifier output index"),
+    _f("class_name", pa.string(), "class name from the classifier's metadata"),
+    _f("feature_index", pa.int32(), "penultimate feature (or neuron unit) index"),
+    _f("feature_rank", pa.int32(), "1 = the class's most important feature"),
+    _f("layer", pa.string(), "layer of the feature or neuron"),
+    _f("objective", pa.string(), "the loss minimised, as a readable expression"),
+    _f("template", pa.string(), "soft-prompt template; {} holds the learnable tokens"),
+    _f("n_tokens", pa.int32(), "number of learnable tokens"),
+    _f("init", pa.string(), "initialisation of the learnable tokens"),
+    _f("status", pa.string(), "ok or error"),
+    _f("error", pa.string(), "one-line error when status is error"),
+    _f("steps", pa.int32(), "optimisation steps actually run"),
+    _f("final_loss", pa.float32(), "loss at the last step"),
+    _f("loss_curve", pa.list_(pa.float32()), "loss at every step"),
+    _f("target_prob", pa.float32(), "mean target-class probability at the last step (training noise)"),
+    _f("stopped_early", pa.bool_(), "stopped once the target probability was reached"),
+    _f("prompt_embedding", pa.list_(pa.list_(pa.float32())), "learned rows (n_tokens x embedding dim)"),
+    _f("hard_prompt_text", pa.string(), "decoded words of a hard prompt"),
+    _f("train_seeds", pa.list_(pa.int64()), "first noise seed of every optimisation step"),
+    _f("lr", pa.float32(), "learning rate"),
+    _f("samples_per_step", pa.int32(), "noise samples per optimisation step (S)"),
+    _f("seconds", pa.float32(), "optimisation wall time of the task"),
+])
+
+SAMPLES = _schema("samples", [
+    _f("run_id", pa.string(), "run folder name", nullable=False),
+    _f("task_id", pa.string(), "task that produced the image", nullable=False),
+    _f("class_index", pa.int32(), "class of the task"),
+    _f("feature_index", pa.int32(), "feature of the task"),
+    _f("seed", pa.int64(), "held-out noise seed"),
+    _f("image_uri", pa.string(), "full-resolution PNG"),
+    _f("thumbnail", pa.binary(), "small inline PNG"),
+    _f("width", pa.int32(), "image width in pixels"),
+    _f("height", pa.int32(), "image height in pixels"),
+    _f("class_prob", pa.float32(), "classifier probability of the task's class"),
+    _f("feature_activation", pa.float32(), "activation of the task's feature"),
+])
+
+TABLES: dict[str, pa.Schema] = {"tasks": TASKS, "samples": SAMPLES}
+
+
+def to_table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows (dicts) → a table with the exact schema; missing keys are null, unknown keys an error."""
+    schema = TABLES[name]
+    known = set(schema.names)
+    for row in rows:
+        extra = set(row) - known
+        if extra:
+            raise DxrayError(f"table {name!r} has no column {sorted(extra)[0]!r}")
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def describe_schema(name: str) -> dict:
+    schema = TABLES[name]
+    return {
+        "table": name,
+        "schema_version": SCHEMA_VERSION,
+        "fields": [{"name": f.name, "type": str(f.type), "nullable": f.nullable,
+                    "description": (f.metadata or {}).get(b"description", b"").decode()} for f in schema],
+    }
+
+
+def export_schemas(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in TABLES:
+        path = folder / f"{name}.arrow.json"
+        path.write_text(json.dumps(describe_schema(name), indent=2, sort_keys=True) + "\n")
+        paths.append(path)
+    return paths

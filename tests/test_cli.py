@@ -1,0 +1,81 @@
+"""The command line, end to end, as a user runs it (a real subprocess)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.dataset as ds
+import pytest
+from conftest import ROOT, TINY_YAML
+from PIL import Image
+
+DXRAY = [sys.executable, "-m", "dxray"]
+
+
+def run_cli(*args, cache, timeout=300):
+    env = dict(os.environ, DXRAY_CACHE=str(cache), PYTHONUNBUFFERED="1")
+    return subprocess.run([*DXRAY, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("cli") / "out"
+    args = ["explain", str(TINY_YAML), f"output={out}", "optimize.steps=2", "sample.k=2", "device=cpu"]
+    first = run_cli(*args, cache=cache_dir)
+    assert first.returncode == 0, first.stderr
+    second = run_cli(*args, cache=cache_dir)
+    return out, first, second
+
+
+def test_explain_writes_the_run_folder(demo_run):
+    out, first, _ = demo_run
+    [root] = [p for p in out.iterdir() if p.is_dir()]
+    assert first.stdout.strip() == str(root)
+    tasks = ds.dataset(root / "tasks", format="parquet").to_table().to_pylist()
+    samples = ds.dataset(root / "samples", format="parquet").to_table().to_pylist()
+    # tiny preset: 2 classes x (class task + top-1 feature task)
+    assert sorted((t["kind"], t["class_index"]) for t in tasks) == [("class", 0), ("class", 1), ("feature", 0), ("feature", 1)]
+    assert all(t["status"] == "ok" and t["steps"] == 2 and len(t["loss_curve"]) == 2 for t in tasks)
+    feature = next(t for t in tasks if t["kind"] == "feature")
+    assert feature["objective"] == f"class_ce({feature['class_index']}) - 1 * neuron('penultimate', {feature['feature_index']})"
+    assert len(feature["prompt_embedding"]) == 1 and len(feature["prompt_embedding"][0]) == 32
+    assert len(samples) == 4 * 2 and {s["seed"] for s in samples} == {0, 1}
+    for s in samples:
+        with Image.open(s["image_uri"]) as im:
+            assert im.size == (64, 64)
+        assert s["thumbnail"][:8] == b"\x89PNG\r\n\x1a\n" and 0 <= s["class_prob"] <= 1
+    assert all(s["feature_activation"] is not None for s in samples if s["feature_index"] is not None)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["rows"] == {"tasks": 4, "samples": 8}
+    assert manifest["config"]["generator"]["model"] == "tiny" and manifest["versions"]["torch"]
+
+
+def test_rerun_skips_committed_tasks(demo_run):
+    out, _, second = demo_run
+    assert second.returncode == 0, second.stderr
+    assert "0 ok, 0 failed, 4 skipped" in second.stderr
+    [root] = [p for p in out.iterdir() if p.is_dir()]
+    assert ds.dataset(root / "tasks", format="parquet").count_rows() == 4  # nothing duplicated
+
+
+@pytest.mark.parametrize("args, message", [
+    (["explain", "missing.yaml"], "config file not found: missing.yaml"),
+    (["explain", str(TINY_YAML), "optimize.lrr=1"], "unknown config key 'optimize.lrr'; valid keys: batch_tasks"),
+    (["explain", str(TINY_YAML), "prompt.templates=[a texture]"], "must contain '{}' exactly once"),
+    (["explain", str(TINY_YAML), "targets.classes=[5]"], "class index 5 out of range; the classifier has classes 0..1"),
+    (["explain", str(TINY_YAML), "targets.neurons=[{layer: nope, unit: 0}]"], "unknown layer 'nope'; available: logits, penultimate"),
+    (["explain", str(TINY_YAML), "optimize.steps=0"], "config field 'optimize.steps'"),
+    (["explain", str(TINY_YAML), "optimize.lr=-0.1"], "config field 'optimize.lr'"),
+    (["explain", str(TINY_YAML), "classifier.spec=foo"], "unknown classifier spec 'foo'"),
+    (["explain", str(TINY_YAML), "generator.model=./no/such/folder"], "generator model folder not found"),
+])
+def test_bad_input_is_one_line_before_any_work(tmp_path, args, message):
+    cache = tmp_path / "cache"
+    res = run_cli(*args, f"output={tmp_path / 'out'}", cache=cache, timeout=120)
+    assert res.returncode == 2
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()  # nothing written
+    assert not (cache / "tiny-lcm").exists()  # the generator was never built or loaded
