@@ -23,6 +23,7 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/sampler.py --size tiny
+	$(BIN)/python benchmarks/segment.py --model tiny --images 32 --size 128
 	$(BIN)/python benchmarks/sampler.py --size sd15 --resolution 256 --checkpointing
 
 lint: install

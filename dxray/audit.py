@@ -13,17 +13,20 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
-from dxray import classifiers, objectives
+from dxray import classifiers, features, objectives
 from dxray.config import Config
 from dxray.errors import DxrayError
 from dxray.explain import OptimizeResult, OptimizeSettings, Target, optimize, sample
-from dxray.features import rank_by_weights
+from dxray.features import RankedFeature
 from dxray.generator import check_model_ref
 from dxray.objectives import Objective
 from dxray.storage import package_versions, redact
 from dxray.storage.images import encode_png, thumbnail_png
+from dxray.storage.schemas import TABLES
 from dxray.storage.sink import RunSink
+from dxray.verdict import decide
 
 
 @dataclass
@@ -50,6 +53,8 @@ class RunSummary:
     ok: int = 0
     failed: int = 0
     samples: int = 0
+    verdicts: int = 0
+    spurious: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -93,7 +98,49 @@ def preflight(cfg: Config) -> classifiers.ClassifierInfo:
             raise DxrayError(f"targets.neurons: unknown layer {nt.layer!r}; available: {names}")
     if not (t.class_task or t.top_k or t.features or t.neurons):
         raise DxrayError("targets: nothing to do (class_task is false, top_k is 0, no features or neurons)")
+    if t.feature_source == "images":
+        features.check_image_folder(image_folder(cfg), t.classes, t.feature_images.select)
+    elif t.feature_source == "table":
+        features.read_ranking_table(t.feature_table, t.classes, t.top_k)
+    if cfg.segment.enabled:
+        from dxray.segment import detection_prompt
+
+        for ref, what in ((cfg.segment.detector, "detector"), (cfg.segment.sam, "SAM")):
+            if ref and ref != "tiny":
+                check_model_ref(ref, what)
+        for c in t.classes:
+            detection_prompt(cfg.segment.prompts.get(c, info.class_names[c]))
     return info
+
+
+def image_folder(cfg: Config) -> features.ImageFolder:
+    fi = cfg.targets.feature_images
+    wnids = fi.wnids
+    if isinstance(wnids, str):
+        path = Path(wnids).expanduser()
+        if not path.is_file():
+            raise DxrayError(f"targets.feature_images.wnids file not found: {wnids}")
+        wnids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return features.ImageFolder(fi.path, wnids)
+
+
+def rank_features(cfg: Config, classifier) -> list[RankedFeature]:
+    """Top-k features of every audited class from the configured source (explicit lists win)."""
+    t = cfg.targets
+    todo = [c for c in t.classes if c not in t.features]
+    ranked: list[RankedFeature] = []
+    if todo and t.top_k:
+        if t.feature_source == "images":
+            fi = t.feature_images
+            ranked = features.rank_from_images(classifier, image_folder(cfg), todo, t.top_k, fi.select,
+                                               fi.max_per_class, batch_size=fi.batch_size)
+        elif t.feature_source == "table":
+            ranked = features.read_ranking_table(t.feature_table, todo, t.top_k)
+        else:
+            ranked = [r for c in todo for r in features.rank_by_weights(classifier.final_weight, c, t.top_k)]
+    for c, fs in t.features.items():
+        ranked += [RankedFeature(c, f, r + 1, float("nan"), "config") for r, f in enumerate(fs)]
+    return ranked
 
 
 def _task_id(cfg: Config, **what) -> str:
@@ -104,11 +151,12 @@ def _task_id(cfg: Config, **what) -> str:
         "generator": g.model_dump(mode="json", exclude={"checkpointing", "dtype"}),
         "classifier": c.model_dump(mode="json", exclude={"allow_pickle"}),
         "optimize": o.model_dump(mode="json", exclude={"batch_tasks"}),
+        "segment": cfg.segment.model_dump(mode="json", exclude={"batch_size"}),
     }
     return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def plan(cfg: Config, info: classifiers.ClassifierInfo, final_weight) -> list[TaskSpec]:
+def plan(cfg: Config, info: classifiers.ClassifierInfo, ranking: list[RankedFeature], feature_dim: int) -> list[TaskSpec]:
     """All tasks of the run, in a stable order: per class, the class task, then its features."""
     t = cfg.targets
     tasks: list[TaskSpec] = []
@@ -123,18 +171,14 @@ def plan(cfg: Config, info: classifiers.ClassifierInfo, final_weight) -> list[Ta
                                **{k: v for k, v in fields.items() if k != "class_name"})
             tasks.append(TaskSpec(task_id, kind, objective, template, init, int(task_id[:8], 16), **fields))
 
-    d = final_weight.shape[1]
+    d = feature_dim
     for c in t.classes:
         name = info.class_names[c]
         if t.class_task:
             add("class", objectives.class_ce(c), class_index=c, class_name=name)
-        if c in t.features:
-            ranked = [(f, r + 1) for r, f in enumerate(t.features[c])]
-        else:
-            ranked = [(x.feature_index, x.rank) for x in rank_by_weights(final_weight, c, t.top_k)]
-        for f, rank in ranked:
+        for rank, f in sorted((x.rank, x.feature_index) for x in ranking if x.class_index == c):
             if not 0 <= f < d:
-                raise DxrayError(f"targets.features: feature {f} of class {c} out of range; penultimate has 0..{d - 1}")
+                raise DxrayError(f"feature {f} of class {c} out of range; penultimate has 0..{d - 1}")
             objective = objectives.class_ce(c) - cfg.optimize.feature_weight * objectives.neuron("penultimate", f)
             add("feature", objective, class_index=c, class_name=name, feature_index=f, feature_rank=rank,
                 layer="penultimate")
@@ -179,6 +223,13 @@ class Auditor:
         self.classifier = classifier or classifiers.load_classifier(
             classifier_spec(cfg), **classifier_kwargs(cfg), input_size=c.input_size, final_layer=c.final_layer,
             device=self.generator.device, allow_pickle=c.allow_pickle)
+        self.segmenter = None
+        if cfg.segment.enabled:
+            from dxray.segment import Segmenter
+
+            s = cfg.segment
+            self.segmenter = Segmenter(s.detector, s.sam, device=self.generator.device, box_threshold=s.box_threshold,
+                                       text_threshold=s.text_threshold, batch_size=s.batch_size, cache_dir=cfg.cache_dir)
 
     def run_batch(self, specs: list[TaskSpec], sink: RunSink, on_step=None) -> list[dict]:
         """Optimise and sample a batch; write samples then task rows per task. Returns the task rows."""
@@ -212,14 +263,24 @@ class Auditor:
         feature = (spec.layer, spec.feature_index) if spec.layer else None
         samples = sample(self.generator, self.classifier, spec.template, res.rows, self.cfg.sample.seed_list(),
                          class_index=spec.class_index, feature=feature, batch_size=self.cfg.sample.batch_size)
+        scores = [None] * len(samples)
+        prompt = None
+        if self.segmenter is not None and spec.class_index is not None:
+            from dxray.segment import detection_prompt
+
+            prompt = detection_prompt(self.cfg.segment.prompts.get(spec.class_index, spec.class_name))
+            scores = self.segmenter([s.image for s in samples], [prompt] * len(samples))
         rows = []
-        for s in samples:
+        for s, seg in zip(samples, scores, strict=True):
             uri = sink.write_bytes(f"images/{spec.task_id}/{s.seed:010d}.png", encode_png(s.image))
             rows.append({
                 "run_id": sink.run_id, "task_id": spec.task_id, "class_index": spec.class_index,
                 "feature_index": spec.feature_index, "seed": s.seed, "image_uri": uri,
                 "thumbnail": thumbnail_png(s.image), "width": s.image.shape[1], "height": s.image.shape[0],
                 "class_prob": s.class_prob, "feature_activation": s.feature_activation,
+                "detection_prompt": prompt,
+                **({"object_fraction": seg.object_fraction, "mask_rle": seg.mask_rle, "boxes": seg.boxes,
+                    "box_scores": seg.box_scores} if seg is not None else {}),
             })
         sink.write_table("samples", rows, part=spec.task_id)
 
@@ -232,7 +293,9 @@ def run(cfg: Config, progress: ProgressHook | None = None) -> RunSummary:
     sink = RunSink(cfg.output, run_id)
     done = sink.committed_task_ids()
     auditor = Auditor(cfg)
-    specs = plan(cfg, info, auditor.classifier.final_weight)
+    ranking = rank_features(cfg, auditor.classifier)
+    sink.write_table("feature_ranking", features.ranking_rows(run_id, ranking, info.class_names), part="all")
+    specs = plan(cfg, info, ranking, auditor.classifier.final_weight.shape[1])
     todo = [s for s in specs if s.task_id not in done]
     summary = RunSummary(run_id, sink.uri(""), len(specs), len(specs) - len(todo))
     emit = progress or (lambda event, data: None)
@@ -256,14 +319,45 @@ def run(cfg: Config, progress: ProgressHook | None = None) -> RunSummary:
             emit("task", row)
     tables = {name: sink.read_table(name) for name in ("tasks", "samples")}
     summary.samples = tables["samples"].num_rows if tables["samples"] is not None else 0
+    if cfg.segment.enabled and tables["tasks"] is not None and tables["samples"] is not None:
+        verdicts, classes = decide(tables["tasks"], tables["samples"], cfg.verdict.delta, run_id)
+        sink.write_table("verdicts", verdicts, part="all")
+        sink.write_table("classes", classes, part="all")
+        summary.spurious = sum(v["verdict"] == "spurious" for v in verdicts)
+        summary.verdicts = len(verdicts)
+    tables = {name: sink.read_table(name) for name in TABLES}
     sink.write_manifest({
         "run_id": run_id, "dxray_command": "explain", "config": redact(cfg.model_dump(mode="json")),
         "versions": package_versions(),
         "models": {"generator": cfg.generator.model, "lora": cfg.generator.lora, "tiny_vae": cfg.generator.tiny_vae,
                    "classifier": cfg.classifier.spec, "classifier_weights": cfg.classifier.weights},
-        "feature_source": cfg.targets.feature_source, "device": str(auditor.generator.device),
+        "feature_source": sorted({r.source for r in ranking}), "device": str(auditor.generator.device),
         "started": started.isoformat(), "finished": datetime.now(UTC).isoformat(),
         "rows": {name: (t.num_rows if t is not None else 0) for name, t in tables.items()},
         "tasks": {"planned": summary.planned, "skipped": summary.skipped, "ok": summary.ok, "failed": summary.failed},
     })
     return summary
+
+
+def open_run(run: str) -> RunSink:
+    """The sink of an existing run folder (local path or URI ending in the run id)."""
+    parent, _, run_id = run.rstrip("/").rpartition("/")
+    sink = RunSink(parent or ".", run_id)
+    if sink.read_table("tasks") is None:
+        raise DxrayError(f"no run found at {run} (expected a tasks/ table inside)")
+    return sink
+
+
+def redecide(run: str, delta: float) -> tuple[list[dict], list[dict]]:
+    """Re-decide core/spurious for another δ from the stored r values; rewrites verdicts and classes."""
+    from dxray.verdict import check_delta
+
+    check_delta(delta)
+    sink = open_run(run)
+    samples = sink.read_table("samples")
+    if samples is None:
+        raise DxrayError(f"run {run} has no samples table")
+    verdicts, classes = decide(sink.read_table("tasks"), samples, delta, sink.run_id)
+    sink.write_table("verdicts", verdicts, part="all")
+    sink.write_table("classes", classes, part="all")
+    return verdicts, classes

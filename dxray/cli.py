@@ -78,12 +78,35 @@ def explain(
     except DxrayError as e:
         _fail(str(e))
     err.print(f"run {summary.run_id}: {summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped "
-              f"(already done), {summary.samples} samples → {summary.root}", highlight=False, soft_wrap=True)
+              f"(already done), {summary.samples} samples, {summary.spurious} of {summary.verdicts} features "
+              f"spurious → {summary.root}", highlight=False, soft_wrap=True)
     for line in summary.errors[:10]:
         err.print(f"  failed {line}", highlight=False, soft_wrap=True)
     print(summary.root)
     if summary.failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def redecide(
+    run: Annotated[str, typer.Argument(help="run folder: {output}/{run_id}, local or s3://")],
+    delta: Annotated[float, typer.Option(help="core when the mean object fraction r >= delta")],
+) -> None:
+    """Re-decide core/spurious for another delta from the stored object fractions (loads no model)."""
+    from rich.table import Table
+
+    from dxray.audit import redecide as run_redecide
+
+    try:
+        verdicts, classes = run_redecide(run, delta)
+    except DxrayError as e:
+        _fail(str(e))
+    table = Table("class", "name", "spurious", "features", "class r", title=f"delta = {delta}")
+    for c in classes:
+        r = c["class_object_fraction"]
+        table.add_row(str(c["class_index"]), c["class_name"] or "", str(c["n_spurious"]), str(c["n_features"]),
+                      "-" if r is None else f"{r:.3f}")
+    Console().print(table)
 
 
 @app.command()

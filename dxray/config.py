@@ -103,11 +103,21 @@ class NeuronTarget(_Section):
     unit: int = Field(ge=0)
 
 
+class FeatureImagesConfig(_Section):
+    path: str | None = Field(None, description="folder with one sub-folder per class (index or WordNet id), local or s3://")
+    select: Literal["predicted", "labelled"] = Field("predicted", description="images the model predicts as c (Salient ImageNet) or labelled c")
+    max_per_class: int | None = Field(50, gt=0, description="images read per class folder")
+    wnids: list[str] | str | None = Field(None, description="WordNet id of each class (list or text file), for folders named by wnid")
+    batch_size: int = Field(16, gt=0)
+
+
 class TargetsConfig(_Section):
     classes: list[int] = Field(default_factory=lambda: [0], min_length=1, description="class indices to audit")
     class_task: bool = Field(True, description="optimise the class explanation (Eq.3) for each class")
     top_k: int = Field(5, ge=0, description="top-k features per class (Eq.5 tasks)")
-    feature_source: Literal["weights"] = Field("weights", description="how features are ranked")
+    feature_source: Literal["weights", "images", "table"] = Field("weights", description="rank features by W[c,f] x mean activation over images, by weight alone, or read a table")
+    feature_images: FeatureImagesConfig = Field(default_factory=FeatureImagesConfig)
+    feature_table: str | None = Field(None, description="CSV/Parquet with class_index, feature_index, rank")
     features: dict[int, list[int]] = Field(default_factory=dict, description="explicit features per class (overrides ranking)")
     neurons: list[NeuronTarget] = Field(default_factory=list, description="hidden neurons to explain (Eq.4)")
 
@@ -117,6 +127,28 @@ class TargetsConfig(_Section):
         if any(c < 0 for c in classes):
             raise ValueError(f"class indices must be >= 0: {classes}")
         return classes
+
+    @model_validator(mode="after")
+    def _source_inputs(self) -> TargetsConfig:
+        if self.feature_source == "images" and not self.feature_images.path:
+            raise ValueError("feature_source 'images' needs targets.feature_images.path")
+        if self.feature_source == "table" and not self.feature_table:
+            raise ValueError("feature_source 'table' needs targets.feature_table")
+        return self
+
+
+class SegmentConfig(_Section):
+    enabled: bool = Field(True, description="score images with Grounding DINO + SAM")
+    detector: str = Field("IDEA-Research/grounding-dino-tiny", description="Grounding DINO: hub id or local folder ('tiny' builds a tiny random model)")
+    sam: str | None = Field("facebook/sam-vit-base", description="SAM: hub id or local folder; null uses the boxes as masks")
+    box_threshold: float = Field(0.35, ge=0, le=1)
+    text_threshold: float = Field(0.25, ge=0, le=1)
+    prompts: dict[int, str] = Field(default_factory=dict, description="detection prompt per class index (default: the class name)")
+    batch_size: int = Field(4, gt=0)
+
+
+class VerdictConfig(_Section):
+    delta: float = Field(0.3, ge=0, le=1, description="a feature is core when its mean object fraction r >= delta")
 
 
 class Config(_Section):
@@ -131,6 +163,8 @@ class Config(_Section):
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     targets: TargetsConfig = Field(default_factory=TargetsConfig)
+    segment: SegmentConfig = Field(default_factory=SegmentConfig)
+    verdict: VerdictConfig = Field(default_factory=VerdictConfig)
 
     @field_validator("run_id")
     @classmethod
@@ -144,6 +178,8 @@ class Config(_Section):
         data = self.model_dump(mode="json", exclude={"output", "run_id", "device", "cache_dir"})
         data["optimize"].pop("batch_tasks")
         data["sample"].pop("batch_size")
+        data["segment"].pop("batch_size")
+        data.pop("verdict")  # verdicts are re-decidable from stored r: same run
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
     def resolved_run_id(self) -> str:

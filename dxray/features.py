@@ -1,14 +1,32 @@
 """Top-k features per class.
 
 Salient ImageNet ranks feature f for class c by W[c, f] × mean activation of f
-over images of c; with no images, the weight alone ranks (``source="weights"``).
+over images of c (the images the model *predicts* as c); with no images, the
+weight alone ranks (``source="weights"``); a table can also be given.
 """
 
 from __future__ import annotations
 
+import io
+import logging
+import math
+import posixpath
 from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 
+import numpy as np
+import pyarrow.fs as pafs
 import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dxray.errors import DxrayError
+
+log = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+SELECTS = ("predicted", "labelled")
+TABLE_COLUMNS = ("class_index", "feature_index", "rank")
 
 
 @dataclass(frozen=True)
@@ -18,6 +36,7 @@ class RankedFeature:
     rank: int  # 1 = most important
     importance: float
     source: str
+    n_images: int | None = None  # images behind the ranking (None: weights, table, config)
 
 
 def rank_by_weights(weight: torch.Tensor, class_index: int, k: int) -> list[RankedFeature]:
@@ -26,3 +45,212 @@ def rank_by_weights(weight: torch.Tensor, class_index: int, k: int) -> list[Rank
     top = torch.topk(row, min(k, row.numel()))
     return [RankedFeature(class_index, int(f), r + 1, float(v), "weights")
             for r, (v, f) in enumerate(zip(top.values, top.indices, strict=True))]
+
+
+def rank_by_activation(weight: Tensor, mean_activation: Tensor, class_index: int, k: int,
+                       source: str, n_images: int) -> list[RankedFeature]:
+    """Top-k features of a class by W[c, f] × mean activation of f over the class's images."""
+    score = weight[class_index].detach().float().cpu() * mean_activation.detach().float().cpu()
+    top = torch.topk(score, min(k, score.numel()))
+    return [RankedFeature(class_index, int(f), r + 1, float(v), source, n_images)
+            for r, (v, f) in enumerate(zip(top.values, top.indices, strict=True))]
+
+
+def _filesystem(where: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        if "://" in where:
+            return pafs.FileSystem.from_uri(where)
+        return pafs.LocalFileSystem(), str(Path(where).expanduser().resolve())
+    except (OSError, ValueError) as err:  # pyarrow.ArrowInvalid is a ValueError
+        raise DxrayError(f"cannot open {where}: {' '.join(str(err).split())[:200]}") from None
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """One sub-folder per class, named by class index ("7", "0007") or by WordNet id (with ``wnids``)."""
+
+    root: str  # local path or URI (s3://bucket/prefix)
+    wnids: list[str] | None = None  # wnids[i] = WordNet id of class i
+
+    @cached_property
+    def _fs(self) -> tuple[pafs.FileSystem, str]:
+        return _filesystem(self.root)
+
+    def exists(self) -> bool:
+        fs, base = self._fs
+        return fs.get_file_info(base).type == pafs.FileType.Directory
+
+    def class_folders(self) -> dict[int, str]:
+        """Class index -> folder path; other folders are ignored (the first of "7"/"0007" wins)."""
+        fs, base = self._fs
+        by_wnid = {w: i for i, w in enumerate(self.wnids or [])}
+        found: dict[int, str] = {}
+        for info in sorted(fs.get_file_info(pafs.FileSelector(base)), key=lambda i: i.base_name):
+            name = info.base_name
+            c = int(name) if name.isdigit() else by_wnid.get(name)
+            if info.type == pafs.FileType.Directory and c is not None:
+                found.setdefault(c, info.path)
+        return found
+
+    def images(self, class_index: int, limit: int | None = None) -> list[str]:
+        """Sorted image paths in the class's sub-folder (none when it has no sub-folder), the first ``limit``."""
+        folder = self.class_folders().get(class_index)
+        return [] if folder is None else self._images_in(folder, limit)
+
+    def _images_in(self, folder: str, limit: int | None) -> list[str]:
+        fs, _ = self._fs
+        paths = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(folder)) if i.type == pafs.FileType.File
+                       and not i.base_name.startswith(".") and i.extension.lower() in [e[1:] for e in IMAGE_EXTENSIONS])
+        return paths[:limit]
+
+    def load(self, path: str) -> np.ndarray:
+        """H×W×3 uint8 RGB."""
+        from PIL import Image
+
+        with self._fs[0].open_input_file(path) as f:
+            return np.asarray(Image.open(io.BytesIO(f.read())).convert("RGB"))
+
+
+def _expected_names(folder: ImageFolder, c: int) -> str:
+    wnid = folder.wnids[c] if folder.wnids and 0 <= c < len(folder.wnids) else None
+    return " / ".join([str(c)] + ([wnid] if wnid else []))
+
+
+def check_image_folder(folder: ImageFolder, classes: list[int], select: str) -> None:
+    """Cheap checks before any model loads: ``select``, the root, an image for every class."""
+    if select not in SELECTS:
+        raise DxrayError(f"feature image select must be 'predicted' or 'labelled', got {select!r}")
+    try:
+        if not folder.exists():
+            raise DxrayError(f"feature image folder not found: {folder.root}")
+        folders = folder.class_folders()
+        empty = [c for c in classes if c not in folders or not folder._images_in(folders[c], 1)]
+    except OSError as err:
+        raise DxrayError(f"cannot list feature image folder {folder.root}: {' '.join(str(err).split())[:200]}") from None
+    if empty:
+        raise DxrayError(f"feature image folder {folder.root} has no images for class {empty[0]} "
+                         f"(expected a sub-folder named {_expected_names(folder, empty[0])})")
+
+
+def _activations(classifier, folder: ImageFolder, paths: list[str], batch_size: int,
+                 size: tuple[int, int]):
+    """Yield (predicted classes, penultimate activations) per batch; unreadable images are skipped."""
+    for start in range(0, len(paths), batch_size):
+        batch = []
+        for path in paths[start:start + batch_size]:
+            try:
+                x = torch.from_numpy(folder.load(path).copy()).permute(2, 0, 1)[None].float() / 255
+            except OSError as err:  # PIL.UnidentifiedImageError is an OSError
+                log.warning("skipping unreadable image %s: %s", path, err)
+                continue
+            if tuple(x.shape[-2:]) != size:
+                x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+            batch.append(x)
+        if batch:
+            out = classifier(torch.cat(batch), layers=["penultimate"])
+            yield out["logits"].argmax(1).cpu(), out["penultimate"].detach().double().cpu()
+
+
+@torch.no_grad()
+def mean_activations(classifier, folder: ImageFolder, classes: list[int], select: str, limit: int | None,
+                     batch_size: int = 16, image_size: tuple[int, int] | None = None) -> dict[int, tuple[Tensor, int]]:
+    """Per class: (mean penultimate activation over its images, number of images).
+
+    ``labelled``: the class's own sub-folder. ``predicted`` (Salient ImageNet): up to ``limit``
+    images of every class folder, each counted for the class the model predicts.
+    """
+    if select not in SELECTS:
+        raise DxrayError(f"feature image select must be 'predicted' or 'labelled', got {select!r}")
+    size = tuple(image_size or classifier.input_size)
+    dim = classifier.final_weight.shape[1]
+    sums = {c: torch.zeros(dim, dtype=torch.float64) for c in classes}
+    counts = dict.fromkeys(classes, 0)
+    folders = folder.class_folders()
+    if select == "labelled":
+        for c in classes:
+            paths = folder._images_in(folders[c], limit) if c in folders else []
+            for _, acts in _activations(classifier, folder, paths, batch_size, size):
+                sums[c] += acts.sum(0)
+                counts[c] += len(acts)
+    else:
+        for path in folders.values():
+            for pred, acts in _activations(classifier, folder, folder._images_in(path, limit), batch_size, size):
+                for c in classes:
+                    mine = pred == c
+                    sums[c] += acts[mine].sum(0)
+                    counts[c] += int(mine.sum())
+    return {c: ((sums[c] / max(counts[c], 1)).float(), counts[c]) for c in classes}
+
+
+def rank_from_images(classifier, folder: ImageFolder, classes: list[int], k: int, select: str,
+                     limit: int | None, batch_size: int = 16) -> list[RankedFeature]:
+    """Top-k per class by W[c, f] × mean activation; a class with no images falls back to the weights."""
+    check_image_folder(folder, classes, select)
+    acts = mean_activations(classifier, folder, classes, select, limit, batch_size)
+    weight = classifier.final_weight
+    ranked: list[RankedFeature] = []
+    for c in classes:
+        mean, n = acts[c]
+        if n:
+            ranked += rank_by_activation(weight, mean, c, k, f"images-{select}", n)
+        else:
+            how = "predicted as" if select == "predicted" else "labelled"
+            log.warning("no images %s class %d; ranking its features by weight alone", how, c)
+            ranked += [RankedFeature(r.class_index, r.feature_index, r.rank, r.importance,
+                                     f"weights (no images {how} {c})", 0) for r in rank_by_weights(weight, c, k)]
+    return ranked
+
+
+def read_ranking_table(path: str, classes: list[int] | None = None, k: int | None = None) -> list[RankedFeature]:
+    """Rankings from a CSV/Parquet file (or Parquet folder) with class_index, feature_index, rank [, importance]."""
+    import pyarrow.csv as pcsv
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    fs, inner = _filesystem(path)
+    kind = fs.get_file_info(inner).type
+    ext = posixpath.splitext(inner)[1].lower()
+    if kind == pafs.FileType.NotFound:
+        raise DxrayError(f"feature table not found: {path}")
+    try:
+        if kind == pafs.FileType.Directory:
+            table = ds.dataset(inner, filesystem=fs, format="parquet").to_table()
+        elif ext == ".csv":
+            with fs.open_input_stream(inner) as f:
+                table = pcsv.read_csv(f)
+        elif ext in (".parquet", ".pq"):
+            table = pq.read_table(inner, filesystem=fs)
+        else:
+            raise DxrayError(f"feature table must be .csv or .parquet, got {path}")
+    except (OSError, ValueError) as err:
+        raise DxrayError(f"cannot read feature table {path}: {' '.join(str(err).split())[:200]}") from None
+    missing = [c for c in TABLE_COLUMNS if c not in table.column_names]
+    if missing:
+        raise DxrayError(f"feature table {path} lacks column(s) {', '.join(missing)} "
+                         f"(needs {', '.join(TABLE_COLUMNS)}, optional importance)")
+    rows = table.select([c for c in (*TABLE_COLUMNS, "importance") if c in table.column_names]).to_pylist()
+    for i, row in enumerate(rows):
+        if any(row[c] is None for c in TABLE_COLUMNS):
+            raise DxrayError(f"feature table {path}: row {i + 1} has an empty class_index, feature_index or rank")
+    present = {int(r["class_index"]) for r in rows}
+    wanted = sorted(present) if classes is None else list(classes)
+    absent = [c for c in wanted if c not in present]
+    if absent:
+        raise DxrayError(f"feature table {path} has no rows for class {absent[0]}")
+    name = f"table:{posixpath.basename(inner.rstrip('/'))}"
+    order = {c: i for i, c in enumerate(wanted)}
+    keep = [r for r in rows if int(r["class_index"]) in order and (k is None or int(r["rank"]) <= k)]
+    keep.sort(key=lambda r: (order[int(r["class_index"])], int(r["rank"])))
+    return [RankedFeature(int(r["class_index"]), int(r["feature_index"]), int(r["rank"]),
+                          float("nan") if r.get("importance") is None else float(r["importance"]), name)
+            for r in keep]
+
+
+def ranking_rows(run_id: str, ranked: list[RankedFeature], class_names: list[str] | None) -> list[dict]:
+    """Rows of the ``feature_ranking`` table (NaN importance becomes null)."""
+    names = class_names or []
+    return [{"run_id": run_id, "class_index": r.class_index,
+             "class_name": names[r.class_index] if 0 <= r.class_index < len(names) else None,
+             "feature_index": r.feature_index, "rank": r.rank,
+             "importance": None if math.isnan(r.importance) else r.importance,
+             "source": r.source, "n_images": r.n_images} for r in ranked]

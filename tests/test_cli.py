@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
@@ -47,7 +48,14 @@ def test_explain_writes_the_run_folder(demo_run):
         assert s["thumbnail"][:8] == b"\x89PNG\r\n\x1a\n" and 0 <= s["class_prob"] <= 1
     assert all(s["feature_activation"] is not None for s in samples if s["feature_index"] is not None)
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["rows"] == {"tasks": 4, "samples": 8}
+    assert manifest["rows"] == {"tasks": 4, "samples": 8, "verdicts": 2, "classes": 2, "feature_ranking": 2}
+    for s in samples:
+        assert s["detection_prompt"] in ("goldfish.", "tabby cat.") and 0 <= s["object_fraction"] <= 1
+        assert sum(s["mask_rle"]) == 64 * 64 and len(s["boxes"]) == len(s["box_scores"])
+    verdicts = ds.dataset(root / "verdicts", format="parquet").to_table().to_pylist()
+    ranking = ds.dataset(root / "feature_ranking", format="parquet").to_table().to_pylist()
+    assert {(v["class_index"], v["feature_index"]) for v in verdicts} == {(r["class_index"], r["feature_index"]) for r in ranking}
+    assert {v["verdict"] for v in verdicts} <= {"core", "spurious"} and all(r["source"] == "weights" for r in ranking)
     assert manifest["config"]["generator"]["model"] == "tiny" and manifest["versions"]["torch"]
 
 
@@ -69,6 +77,11 @@ def test_rerun_skips_committed_tasks(demo_run):
     (["explain", str(TINY_YAML), "optimize.lr=-0.1"], "config field 'optimize.lr'"),
     (["explain", str(TINY_YAML), "classifier.spec=foo"], "unknown classifier spec 'foo'"),
     (["explain", str(TINY_YAML), "generator.model=./no/such/folder"], "generator model folder not found"),
+    (["explain", str(TINY_YAML), "verdict.delta=1.5"], "config field 'verdict.delta'"),
+    (["explain", str(TINY_YAML), "segment.detector=./missing-dino"], "detector folder not found"),
+    (["explain", str(TINY_YAML), "classifier.class_names=[' ', b]"], "empty class name"),
+    (["explain", str(TINY_YAML), "targets.feature_source=images", "targets.feature_images.path=./no-images"],
+     "feature image folder not found"),
 ])
 def test_bad_input_is_one_line_before_any_work(tmp_path, args, message):
     cache = tmp_path / "cache"
@@ -79,3 +92,65 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, args, message):
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "out").exists()  # nothing written
     assert not (cache / "tiny-lcm").exists()  # the generator was never built or loaded
+
+
+def test_redecide_matches_a_fresh_run(demo_run, tmp_path, cache_dir):
+    """Re-deciding with another delta from stored r equals a fresh run with that delta."""
+    out, _, _ = demo_run
+    [root] = [p for p in out.iterdir() if p.is_dir()]
+    means = sorted(v["mean_object_fraction"] for v in ds.dataset(root / "verdicts").to_table().to_pylist())
+    delta = round((means[0] + means[-1]) / 2, 4) if means[-1] > means[0] else 0.5
+    res = run_cli("redecide", str(root), "--delta", str(delta), cache=cache_dir)
+    assert res.returncode == 0, res.stderr
+    fresh = tmp_path / "fresh"
+    res = run_cli("explain", str(TINY_YAML), f"output={fresh}", "optimize.steps=2", "sample.k=2", "device=cpu",
+                  f"verdict.delta={delta}", cache=cache_dir)
+    assert res.returncode == 0, res.stderr
+    for table in ("verdicts", "classes"):
+        redecided = ds.dataset(root / table).to_table().to_pylist()
+        fresh_rows = ds.dataset(fresh / root.name / table).to_table().to_pylist()
+        assert redecided == fresh_rows and all(r["delta"] == pytest.approx(delta) for r in redecided)
+
+
+def test_redecide_errors(tmp_path, cache_dir):
+    res = run_cli("redecide", str(tmp_path / "nope"), "--delta", "0.3", cache=cache_dir)
+    assert res.returncode == 2 and "error: no run found" in res.stderr and "Traceback" not in res.stderr
+
+
+def _image_folder(root: Path, classes: list[int]) -> Path:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / str(c)).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / str(c) / f"{i}.png")
+    return root
+
+
+def test_image_folder_without_the_class_is_refused_before_any_work(tmp_path, cache_dir):
+    folder = _image_folder(tmp_path / "imgs", [0])
+    res = run_cli("explain", str(TINY_YAML), f"output={tmp_path / 'out'}", "targets.feature_source=images",
+                  f"targets.feature_images.path={folder}", cache=cache_dir)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"error: feature image folder {folder} has no images for class 1" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_ranking_from_images_predicted_as_the_class(tmp_path, cache_dir):
+    folder = _image_folder(tmp_path / "imgs", [0, 1])
+    out = tmp_path / "out"
+    res = run_cli("explain", str(TINY_YAML), f"output={out}", "targets.feature_source=images",
+                  f"targets.feature_images.path={folder}", "targets.class_task=false", "optimize.steps=1",
+                  "sample.k=1", "segment.enabled=false", "device=cpu", cache=cache_dir)
+    assert res.returncode == 0, res.stderr
+    [root] = [p for p in out.iterdir() if p.is_dir()]
+    ranking = ds.dataset(root / "feature_ranking").to_table().to_pylist()
+    assert {r["class_index"] for r in ranking} == {0, 1}
+    images = sum(r["n_images"] for r in ranking)
+    assert images == 6  # every image is assigned to the one class it is predicted as
+    for r in ranking:
+        assert r["source"] == "images-predicted" or r["source"] == f"weights (no images predicted as {r['class_index']})"
+    assert not (root / "verdicts").exists()  # no segmentation, no verdicts
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["rows"]["verdicts"] == 0 and manifest["rows"]["feature_ranking"] == 2

@@ -65,9 +65,51 @@ SAMPLES = _schema("samples", [
     _f("height", pa.int32(), "image height in pixels"),
     _f("class_prob", pa.float32(), "classifier probability of the task's class"),
     _f("feature_activation", pa.float32(), "activation of the task's feature"),
+    _f("detection_prompt", pa.string(), "Grounding DINO text prompt (class name, lower-case, ending with '.')"),
+    _f("object_fraction", pa.float32(), "r = pixels of the detected class object / all pixels (0 when nothing detected)"),
+    _f("mask_rle", pa.list_(pa.int32()), "union object mask, COCO uncompressed RLE counts (column-major, background first)"),
+    _f("boxes", pa.list_(pa.list_(pa.float32())), "detected boxes, xyxy pixels"),
+    _f("box_scores", pa.list_(pa.float32()), "detection score of each box"),
 ])
 
-TABLES: dict[str, pa.Schema] = {"tasks": TASKS, "samples": SAMPLES}
+VERDICTS = _schema("verdicts", [
+    _f("run_id", pa.string(), "run folder name", nullable=False),
+    _f("class_index", pa.int32(), "classifier output index"),
+    _f("class_name", pa.string(), "class name"),
+    _f("feature_index", pa.int32(), "penultimate feature index"),
+    _f("feature_rank", pa.int32(), "1 = the class's most important feature"),
+    _f("template", pa.string(), "soft-prompt template of the feature task"),
+    _f("mean_object_fraction", pa.float32(), "mean r over the held-out images"),
+    _f("std_object_fraction", pa.float32(), "population standard deviation of r"),
+    _f("n_samples", pa.int32(), "images with a measured r"),
+    _f("delta", pa.float32(), "threshold: core when mean r >= delta"),
+    _f("verdict", pa.string(), "core or spurious"),
+])
+
+CLASSES = _schema("classes", [
+    _f("run_id", pa.string(), "run folder name", nullable=False),
+    _f("class_index", pa.int32(), "classifier output index"),
+    _f("class_name", pa.string(), "class name"),
+    _f("template", pa.string(), "soft-prompt template"),
+    _f("class_object_fraction", pa.float32(), "mean r of the class explanation (Eq.3): is the object there at all?"),
+    _f("n_spurious", pa.int32(), "features judged spurious"),
+    _f("n_features", pa.int32(), "features judged"),
+    _f("delta", pa.float32(), "threshold used for the verdicts"),
+])
+
+FEATURE_RANKING = _schema("feature_ranking", [
+    _f("run_id", pa.string(), "run folder name", nullable=False),
+    _f("class_index", pa.int32(), "classifier output index"),
+    _f("class_name", pa.string(), "class name"),
+    _f("feature_index", pa.int32(), "penultimate feature index"),
+    _f("rank", pa.int32(), "1 = most important"),
+    _f("importance", pa.float32(), "W[c, f] x mean activation (or W[c, f] alone for weight-only ranking)"),
+    _f("source", pa.string(), "images-predicted, images-labelled, weights or table:<file>"),
+    _f("n_images", pa.int32(), "images behind the mean activation"),
+])
+
+TABLES: dict[str, pa.Schema] = {"tasks": TASKS, "samples": SAMPLES, "verdicts": VERDICTS, "classes": CLASSES,
+                                 "feature_ranking": FEATURE_RANKING}
 
 
 def to_table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
