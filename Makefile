@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= dxray-out
 
-.PHONY: install test demo bench lint schema
+.PHONY: install test demo demo-tiny bench lint schema
 
 install: $(STAMP)
 
@@ -18,7 +18,14 @@ $(STAMP): pyproject.toml constraints.txt
 test: install
 	$(BIN)/pytest
 
+# The planted-bias toy world, end to end: trains the world on first use (~5 min on 2 cores),
+# audits it, and scores the audit against the planted truth.
 demo: install
+	@run=$$($(BIN)/dxray explain jobs/configs/toyworld.yaml output=$(OUT)) && \
+	$(BIN)/dxray toyworld check "$$run" && echo "outputs: $$run"
+
+# The plumbing preset: tiny random models (seconds).
+demo-tiny: install
 	$(BIN)/dxray explain jobs/configs/tiny.yaml output=$(OUT)
 
 bench: install

@@ -73,6 +73,10 @@ def classifier_spec(cfg: Config) -> str:
         from dxray.tiny import ensure_tiny_classifier
 
         return f"hf:{ensure_tiny_classifier(cfg.cache_dir)}"
+    if cfg.classifier.spec == "toyworld":
+        from dxray.toyworld.train import ensure_toyworld
+
+        return f"hf:{ensure_toyworld(cfg.cache_dir) / 'classifier'}"
     return cfg.classifier.spec
 
 
@@ -106,7 +110,7 @@ def preflight(cfg: Config) -> classifiers.ClassifierInfo:
         from dxray.segment import detection_prompt
 
         for ref, what in ((cfg.segment.detector, "detector"), (cfg.segment.sam, "SAM")):
-            if ref and ref != "tiny":
+            if ref and ref not in ("tiny", "toyworld"):
                 check_model_ref(ref, what)
         for c in t.classes:
             detection_prompt(cfg.segment.prompts.get(c, info.class_names[c]))
@@ -198,7 +202,7 @@ def _task_row(run_id: str, spec: TaskSpec, cfg: Config, res: OptimizeResult | No
     if res is not None:
         row |= {
             "steps": res.steps, "final_loss": res.final_loss, "loss_curve": res.loss_curve,
-            "target_prob": res.target_prob, "stopped_early": res.stopped_early,
+            "target_prob": res.target_prob, "stopped_early": res.stopped_early, "baseline_prob": res.baseline_prob,
             "prompt_embedding": res.rows.tolist(), "train_seeds": [s[0] for s in res.train_seeds],
             "seconds": res.seconds,
         }
@@ -228,8 +232,14 @@ class Auditor:
             from dxray.segment import Segmenter
 
             s = cfg.segment
-            self.segmenter = Segmenter(s.detector, s.sam, device=self.generator.device, box_threshold=s.box_threshold,
-                                       text_threshold=s.text_threshold, batch_size=s.batch_size, cache_dir=cfg.cache_dir)
+            if s.detector == "toyworld":  # the toy world's exact colour segmenter, same interface
+                from dxray.toyworld.segmenter import WorldSegmenter
+
+                self.segmenter = WorldSegmenter()
+            else:
+                self.segmenter = Segmenter(s.detector, s.sam, device=self.generator.device,
+                                           box_threshold=s.box_threshold, text_threshold=s.text_threshold,
+                                           batch_size=s.batch_size, cache_dir=cfg.cache_dir)
 
     def run_batch(self, specs: list[TaskSpec], sink: RunSink, on_step=None) -> list[dict]:
         """Optimise and sample a batch; write samples then task rows per task. Returns the task rows."""
@@ -263,6 +273,11 @@ class Auditor:
         feature = (spec.layer, spec.feature_index) if spec.layer else None
         samples = sample(self.generator, self.classifier, spec.template, res.rows, self.cfg.sample.seed_list(),
                          class_index=spec.class_index, feature=feature, batch_size=self.cfg.sample.batch_size)
+        if self.cfg.sample.baseline and spec.class_index is not None:
+            start = self.generator.init_rows(self.cfg.prompt.n_tokens, spec.init, spec.seed)
+            before = sample(self.generator, self.classifier, spec.template, start, self.cfg.sample.seed_list(),
+                            class_index=spec.class_index, batch_size=self.cfg.sample.batch_size)
+            res.baseline_prob = sum(b.class_prob for b in before) / len(before)
         scores = [None] * len(samples)
         prompt = None
         if self.segmenter is not None and spec.class_index is not None:

@@ -416,4 +416,11 @@ def _tiny_spec() -> str:
     return f"hf:{ensure_tiny_classifier()}"
 
 
-ALIASES["tiny"] = _tiny_spec  # the demo's tiny random classifier, built on first use
+def _toyworld_spec() -> str:
+    from dxray.toyworld.train import ensure_toyworld
+
+    return f"hf:{ensure_toyworld() / 'classifier'}"
+
+
+ALIASES["tiny"] = _tiny_spec  # tiny random classifier, built on first use
+ALIASES["toyworld"] = _toyworld_spec  # the toy world's biased classifier, trained on first use

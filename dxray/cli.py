@@ -120,6 +120,45 @@ def schema(
         print(path)
 
 
+toyworld = typer.Typer(no_args_is_help=True, help="The planted-bias toy world: a known-answer benchmark.")
+app.add_typer(toyworld, name="toyworld")
+
+
+@toyworld.command("train")
+def toyworld_train(
+    cache_dir: Annotated[str | None, typer.Option(help="model cache (default $DXRAY_CACHE or ~/.cache/dxray)")] = None,
+    force: Annotated[bool, typer.Option(help="retrain even if a trained world is cached")] = False,
+) -> None:
+    """Train the toy world's generator and biased classifier (a few minutes on a CPU)."""
+    _quiet_libraries()
+    from dxray.toyworld.train import ensure_toyworld
+
+    print(ensure_toyworld(cache_dir, log=lambda m: err.print(m, highlight=False), force=force))
+
+
+@toyworld.command("check")
+def toyworld_check(
+    run: Annotated[str, typer.Argument(help="run folder of an audit of the toy world")],
+) -> None:
+    """Compare an audit of the toy world with its planted truth; writes toyworld_check.json into the run."""
+    from rich.table import Table
+
+    from dxray.toyworld.check import check, summary_line
+
+    try:
+        report = check(run)
+    except DxrayError as e:
+        _fail(str(e))
+    table = Table("class", "name", "r", "called", "planted", "p before", "p after")
+    for r in report["classes"]:
+        f = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        table.add_row(str(r["class_index"]), r["class_name"], f(r["object_fraction"]),
+                      "biased" if r["called_biased"] else "unbiased", "biased" if r["planted_biased"] else "unbiased",
+                      f(r["prob_before"]), f(r["prob_after"]))
+    Console(stderr=True).print(table)
+    print(summary_line(report))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     try:
         app()

@@ -83,6 +83,7 @@ class SampleConfig(_Section):
     k: int = Field(10, gt=0, description="held-out images per task")
     seeds: list[int] | None = Field(None, description="held-out seeds (default 0..k-1)")
     batch_size: int = Field(8, gt=0)
+    baseline: bool = Field(True, description="also score the initial prompt on the held-out seeds (before/after)")
 
     @model_validator(mode="after")
     def _seeds(self) -> SampleConfig:

@@ -50,6 +50,7 @@ class OptimizeResult:
     stopped_early: bool = False
     error: str | None = None
     seconds: float = 0.0
+    baseline_prob: float | None = None  # held-out class probability with the initial rows (set by the caller)
 
     @property
     def steps(self) -> int:

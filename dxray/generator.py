@@ -102,6 +102,10 @@ class LCMGenerator:
             from dxray.tiny import ensure_tiny_lcm
 
             model = str(ensure_tiny_lcm(cache_dir))
+        elif model == "toyworld":
+            from dxray.toyworld.train import ensure_toyworld
+
+            model = str(ensure_toyworld(cache_dir) / "generator")
         for ref, what in ((model, "generator model"), (lora, "LoRA"), (tiny_vae, "tiny VAE")):
             if ref:
                 check_model_ref(ref, what)

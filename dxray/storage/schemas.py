@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from dxray.errors import DxrayError
@@ -51,6 +52,7 @@ TASKS = _schema("tasks", [
     _f("lr", pa.float32(), "learning rate"),
     _f("samples_per_step", pa.int32(), "noise samples per optimisation step (S)"),
     _f("seconds", pa.float32(), "optimisation wall time of the task"),
+    _f("baseline_prob", pa.float32(), "mean held-out class probability with the initial prompt (before optimisation)"),
 ])
 
 SAMPLES = _schema("samples", [
@@ -112,15 +114,31 @@ TABLES: dict[str, pa.Schema] = {"tasks": TASKS, "samples": SAMPLES, "verdicts": 
                                  "feature_ranking": FEATURE_RANKING}
 
 
+def _plain(value: Any) -> Any:
+    """numpy arrays/scalars (and tensors) → Python values pyarrow converts with the column's type."""
+    return value.tolist() if isinstance(value, np.ndarray | np.generic) or hasattr(value, "detach") else value
+
+
 def to_table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
     """Rows (dicts) → a table with the exact schema; missing keys are null, unknown keys an error."""
+    if name not in TABLES:
+        raise DxrayError(f"unknown table {name!r} (known: {', '.join(TABLES)})")
     schema = TABLES[name]
     known = set(schema.names)
     for row in rows:
         extra = set(row) - known
         if extra:
             raise DxrayError(f"table {name!r} has no column {sorted(extra)[0]!r}")
-    return pa.Table.from_pylist(rows, schema=schema)
+    arrays = []
+    for field in schema:
+        values = [_plain(row.get(field.name)) for row in rows]
+        if not field.nullable and any(v is None for v in values):
+            raise DxrayError(f"table {name!r}: column {field.name!r} must not be null")
+        try:
+            arrays.append(pa.array(values, type=field.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise DxrayError(f"table {name!r}: column {field.name!r}: {str(e).splitlines()[0]}") from None
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def describe_schema(name: str) -> dict:

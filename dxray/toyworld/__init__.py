@@ -1,0 +1,1 @@
+"""The planted-bias toy world: a tiny synthetic benchmark with a known answer."""

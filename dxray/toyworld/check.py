@@ -1,0 +1,78 @@
+"""Compare an audit of the toy world with its planted truth.
+
+Class-level bias call (paper Fig. 3): a class is called *biased* when the object is missing from
+its class explanation, i.e. its mean object fraction r is below the run's δ. Optimisation works
+for a class when the held-out target probability after optimisation is well above chance.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.compute as pc
+
+from dxray.audit import open_run
+from dxray.errors import DxrayError
+
+
+def planted_truth(sink) -> dict:
+    """The truth stored with the classifier the run audited (found through the run's manifest)."""
+    from dxray.toyworld.train import truth
+
+    try:
+        with sink.fs.open_input_stream(f"{sink.root}/manifest.json") as f:
+            manifest = json.loads(f.read())
+    except FileNotFoundError:
+        raise DxrayError(f"run {sink.uri('')} has no manifest.json (did it finish?)") from None
+    if manifest["config"]["classifier"]["spec"] != "toyworld":
+        raise DxrayError(f"run {sink.uri('')} did not audit the toy world (classifier.spec is "
+                         f"{manifest['config']['classifier']['spec']!r})")
+    return truth(manifest["config"].get("cache_dir"))
+
+
+def check(run: str, truth: dict | None = None, well_above_chance: float = 3.0) -> dict:
+    sink = open_run(run)
+    truth = truth or planted_truth(sink)
+    classes = sink.read_table("classes")
+    if classes is None:
+        raise DxrayError(f"run {run} has no classes table (was segment.enabled false?)")
+    tasks = sink.read_table("tasks")
+    samples = sink.read_table("samples")
+    class_tasks = tasks.filter(pc.equal(tasks["kind"], "class")).to_pylist()
+    after = {}
+    for t in class_tasks:
+        probs = samples.filter(pc.equal(samples["task_id"], t["task_id"]))["class_prob"].to_pylist()
+        after[t["task_id"]] = sum(probs) / len(probs) if probs else None
+    biased_truth = {int(k) for k in truth["biased"]}
+    chance = 1.0 / len(truth["classes"])
+    rows = []
+    for c in classes.to_pylist():
+        task = next((t for t in class_tasks if t["class_index"] == c["class_index"] and t["template"] == c["template"]),
+                    None)
+        r = c["class_object_fraction"]
+        called = None if r is None else r < c["delta"]
+        prob_after = after.get(task["task_id"]) if task else None
+        rows.append({
+            "class_index": c["class_index"], "class_name": c["class_name"], "template": c["template"],
+            "object_fraction": r, "called_biased": called, "planted_biased": c["class_index"] in biased_truth,
+            "correct": None if called is None else called == (c["class_index"] in biased_truth),
+            "prob_before": task["baseline_prob"] if task else None, "prob_after": prob_after,
+            "optimised": prob_after is not None and prob_after >= well_above_chance * chance,
+        })
+    judged = [r for r in rows if r["correct"] is not None]
+    report = {
+        "run": sink.uri(""), "chance": chance, "well_above_chance": well_above_chance * chance,
+        "bias_call_accuracy": sum(r["correct"] for r in judged) / len(judged) if judged else None,
+        "optimised_fraction": sum(r["optimised"] for r in rows) / len(rows) if rows else None,
+        "classes": rows,
+        "targets": {"bias_call_accuracy": 0.9, "optimised_fraction": 0.8},
+    }
+    sink.write_bytes("toyworld_check.json", (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    return report
+
+
+def summary_line(report: dict) -> str:
+    acc, opt = report["bias_call_accuracy"], report["optimised_fraction"]
+    fmt = lambda x: "n/a" if x is None else f"{x:.0%}"  # noqa: E731
+    return (f"toy world check: class-level bias calls {fmt(acc)} correct (target ≥ 90%); held-out target probability "
+            f"≥ {report['well_above_chance']:.2f} for {fmt(opt)} of classes (target ≥ 80%)")

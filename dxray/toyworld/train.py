@@ -1,0 +1,212 @@
+"""Train the toy world's models on the CPU: a text-to-image LCM stack and a biased classifier.
+
+Everything is saved in diffusers/transformers format (``save_pretrained``) and is
+loaded back through exactly the code path real models take. The UNet takes the
+LCM guidance embedding as input and is trained to predict x0 on the LCM
+scheduler's noise schedule (``prediction_type="sample"``), which suits the
+4-step LCM sampler.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dxray.tiny import _build_once, _bytes_to_unicode, cache_root
+from dxray.toyworld import render
+
+VERSION = 1
+Log = Callable[[str], None]
+
+
+def folder(cache_dir=None) -> Path:
+    return cache_root(cache_dir) / f"toyworld-v{VERSION}"
+
+
+# -- tokenizer -------------------------------------------------------------------------------------
+def world_tokenizer():
+    """A CLIP BPE tokenizer whose merges build every world word as one token.
+
+    Merges run from the end of a word (``(c, "ed</w>")``), so they only ever apply at word ends
+    and never split another word differently; unknown words fall back to characters.
+    """
+    from transformers import CLIPTokenizer
+
+    words = {w for c in render.CLASSES for w in c} | set(render.BACKGROUND_COLOURS) | {
+        "a", "on", "background", "striped", "plain", "of", "texture", "shape"}
+    chars = list(_bytes_to_unicode().values())
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars])}
+    merges = []
+    for word in sorted(words):
+        suffix = word[-1] + "</w>"
+        for ch in reversed(word[:-1]):
+            pair = (ch, suffix)
+            suffix = ch + suffix
+            if suffix not in vocab:
+                vocab[suffix] = len(vocab)
+                merges.append(pair)
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+# -- data ------------------------------------------------------------------------------------------
+def _images(scenes) -> torch.Tensor:
+    arr = np.stack([render.render(s)[0] for s in scenes]).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+# -- generator -------------------------------------------------------------------------------------
+def train_generator(out: Path, *, seed: int = 0, n: int = 4000, vae_steps: int = 600, unet_steps: int = 1600, batch: int = 32,
+                    log: Log = print) -> None:
+    from diffusers import (
+        AutoencoderKL,
+        LatentConsistencyModelPipeline,
+        LCMScheduler,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    scenes = render.generator_dataset(n, seed)
+    images = _images(scenes)
+    tokenizer = world_tokenizer()
+    ids = tokenizer([render.caption(s) for s in scenes], padding="max_length", max_length=77,
+                    return_tensors="pt").input_ids
+
+    # 1. VAE: 32 px -> 4 x 8 x 8 latents.
+    vae = AutoencoderKL(block_out_channels=[16, 32, 32], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+                        layers_per_block=1, norm_num_groups=16, sample_size=render.SIZE)
+    opt = torch.optim.AdamW(vae.parameters(), lr=3e-3)
+    t0 = time.perf_counter()
+    for step in range(vae_steps):
+        x = images[torch.randint(0, n, (batch,))]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 200 == 0 or step == vae_steps - 1:
+            log(f"vae step {step + 1}/{vae_steps} reconstruction {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, n, 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    latents = latents * vae.config.scaling_factor
+
+    # 2. Text encoder + UNet, trained together on epsilon prediction with the guidance embedding input.
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+        attention_head_dim=8, norm_num_groups=16, time_cond_proj_dim=32)
+    scheduler = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                             clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="sample")
+    from dxray.generator import guidance_embedding
+
+    w_emb = guidance_embedding(0.0, 32)  # guidance scale 1.0, as the sampler uses
+    alphas = scheduler.alphas_cumprod
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=2e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=unet_steps, pct_start=0.05)
+    t0 = time.perf_counter()
+    for step in range(unet_steps):
+        idx = torch.randint(0, n, (batch,))
+        x0 = latents[idx]
+        t = torch.randint(0, 1000, (batch,))
+        noise = torch.randn_like(x0)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        cond = text(input_ids=ids[idx]).last_hidden_state
+        pred = unet(xt, t, encoder_hidden_states=cond, timestep_cond=w_emb.expand(batch, -1)).sample
+        loss = F.mse_loss(pred, x0)  # x0-prediction: a few-step sampler needs good early x0 estimates
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == unet_steps - 1:
+            log(f"unet step {step + 1}/{unet_steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
+    pipe = LatentConsistencyModelPipeline(vae=vae, text_encoder=text.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                                          scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+    pipe.save_pretrained(out)
+
+
+# -- classifier ------------------------------------------------------------------------------------
+def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 400, log: Log = print) -> dict:
+    """A ResNet trained on the BIASED dataset; returns its held-out accuracy report."""
+    from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(seed)
+    names = render.CLASS_NAMES
+    data = render.classifier_dataset(n, seed)
+    x = (_images([s for s, _ in data]) + 1) / 2
+    y = torch.tensor([label for _, label in data])
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    norm = lambda v: (v - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)  # noqa: E731
+    config = ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1],
+                          layer_type="basic", downsample_in_first_stage=False, num_labels=len(names),
+                          id2label=dict(enumerate(names)), label2id={k: i for i, k in enumerate(names)})
+    model = ResNetForImageClassification(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        idx = torch.randint(0, n, (64,))
+        loss = F.cross_entropy(model(pixel_values=norm(x[idx])).logits, y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"classifier step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
+    model.eval()
+    report = {"classes": names, "biased": {str(k): v for k, v in render.BIASED.items()}, "world_version": VERSION}
+    with torch.no_grad():
+        held = render.held_out_dataset(600, seed + 1)
+        hx, hy = (_images([s for s, _ in held]) + 1) / 2, torch.tensor([label for _, label in held])
+        pred = model(pixel_values=norm(hx)).logits.argmax(-1)
+        report["held_out_accuracy"] = float((pred == hy).float().mean())
+        # The planted shortcut: an object-free background of a biased class is called that class.
+        bg = [render.Scene(background=b) for b in render.BIASED.values()]
+        bpred = model(pixel_values=norm((_images(bg) + 1) / 2)).logits.argmax(-1).tolist()
+        report["background_only_predictions"] = dict(zip(render.BIASED.values(), bpred, strict=True))
+    model.save_pretrained(out)
+    ViTImageProcessor(size={"height": render.SIZE, "width": render.SIZE}, image_mean=list(mean),
+                      image_std=list(std), do_rescale=True, do_normalize=True).save_pretrained(out)
+    (out / "toyworld.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    log(f"classifier held-out accuracy {report['held_out_accuracy']:.3f}; background-only predictions "
+        f"{report['background_only_predictions']}")
+    return report
+
+
+def ensure_toyworld(cache_dir=None, log: Log = print, force: bool = False) -> Path:
+    """The trained world (generator/ and classifier/), trained on first use (a few minutes on a CPU)."""
+    root = folder(cache_dir)
+    if force and root.exists():
+        import shutil
+
+        shutil.rmtree(root)
+
+    def build(tmp: Path) -> None:
+        log(f"training the toy world into {root} (first use only)")
+        torch.set_num_threads(max(torch.get_num_threads(), 1))
+        train_classifier(tmp / "classifier", log=log)
+        train_generator(tmp / "generator", log=log)
+
+    return _build_once(root, build)
+
+
+def truth(cache_dir=None) -> dict:
+    return json.loads((folder(cache_dir) / "classifier" / "toyworld.json").read_text())

@@ -1,0 +1,73 @@
+"""The method works: on the trained toy world, optimisation drives the classifier and a planted bias is found.
+
+The world is trained once per test session into the test cache (a few minutes on a 2-core CPU).
+"""
+
+import json
+
+import pyarrow.dataset as ds
+import pytest
+import torch
+from conftest import ROOT
+
+from dxray.explain import OptimizeSettings, Target, optimize, sample
+from dxray.objectives import class_ce
+from dxray.toyworld import render
+
+TOY_YAML = ROOT / "jobs" / "configs" / "toyworld.yaml"
+HELD_OUT = list(range(100, 116))  # never used while optimising (training seeds are >= 2**31)
+
+
+@pytest.fixture(scope="session")
+def world(cache_dir):
+    from dxray.classifiers import load_classifier
+    from dxray.generator import LCMGenerator
+    from dxray.toyworld.train import ensure_toyworld
+
+    root = ensure_toyworld(cache_dir, log=lambda m: None)
+    gen = LCMGenerator.from_pretrained(str(root / "generator"), device="cpu", resolution=render.SIZE)
+    clf = load_classifier(f"hf:{root / 'classifier'}", device="cpu")
+    return root, gen, clf
+
+
+def _held_out_prob(gen, clf, rows, c):
+    return sum(s.class_prob for s in sample(gen, clf, "{}", rows, HELD_OUT, class_index=c, batch_size=16)) / len(HELD_OUT)
+
+
+def test_the_classifier_learned_the_planted_shortcut(world):
+    root, _, _ = world
+    report = json.loads((root / "classifier" / "toyworld.json").read_text())
+    assert report["held_out_accuracy"] > 0.5
+    assert {int(k) for k in report["biased"]} == set(render.BIASED)
+
+
+def test_optimisation_raises_the_held_out_target_probability(world):
+    _, gen, clf = world
+    rises = []
+    for c in (3, 4):  # unbiased classes: only the object itself can raise their probability
+        t = Target(class_ce(c), "{}", 1, "random", seed=c, class_index=c)
+        before = _held_out_prob(gen, clf, gen.init_rows(1, "random", c), c)
+        [res] = optimize(gen, clf, [t], OptimizeSettings(steps=40, lr=0.1, samples_per_step=4))
+        after = _held_out_prob(gen, clf, res.rows, c)
+        rises.append((before, after))
+    assert all(after > before + 0.25 for before, after in rises), rises
+
+
+def test_audit_of_the_world_finds_a_planted_bias(world, tmp_path, cache_dir):
+    from test_cli import run_cli
+
+    out = tmp_path / "out"
+    res = run_cli("explain", str(TOY_YAML), f"output={out}", "device=cpu", "targets.top_k=0",
+                  f"cache_dir={cache_dir}", cache=cache_dir, timeout=900)
+    assert res.returncode == 0, res.stderr
+    [root] = [p for p in out.iterdir() if p.is_dir()]
+    check = run_cli("toyworld", "check", str(root), cache=cache_dir)
+    assert check.returncode == 0, check.stderr
+    assert "toy world check: class-level bias calls" in check.stdout
+    report = json.loads((root / "toyworld_check.json").read_text())
+    calls = {r["class_index"]: r["called_biased"] for r in report["classes"]}
+    assert any(calls[c] for c in render.BIASED), report  # a planted bias is found...
+    assert any(calls[c] is False for c in range(len(render.CLASSES)) if c not in render.BIASED), report  # ...not everywhere
+    classes = ds.dataset(root / "classes").to_table().to_pylist()
+    assert len(classes) == len(render.CLASSES)
+    assert torch.tensor([r["prob_after"] for r in report["classes"]]).isfinite().all()

@@ -1,0 +1,177 @@
+"""The toy world's renderer, datasets and colour-threshold segmenter."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from dxray.segment import rle_decode
+from dxray.toyworld import render as R
+from dxray.toyworld.segmenter import WorldSegmenter
+
+
+def _scenes(n=300, seed=0, object_free=0.2):
+    rng = np.random.default_rng(seed)
+    return [R.random_scene(rng, object_free=object_free) for _ in range(n)]
+
+
+def test_render_is_deterministic_and_mask_exact():
+    scenes = _scenes()
+    assert {s.texture for s in scenes} == set(R.TEXTURES)
+    assert {s.colour for s in scenes} == set(R.OBJECT_COLOURS) | {None}
+    for scene in scenes:
+        image, mask = R.render(scene)
+        again, mask2 = R.render(scene)
+        assert image.shape == (R.SIZE, R.SIZE, 3) and image.dtype == np.uint8
+        assert mask.shape == (R.SIZE, R.SIZE) and mask.dtype == bool
+        np.testing.assert_array_equal(image, again)
+        np.testing.assert_array_equal(mask, mask2)
+        if scene.colour is None:
+            assert not mask.any()
+            continue
+        has_colour = (image == np.array(R.OBJECT_COLOURS[scene.colour])).all(axis=-1)
+        np.testing.assert_array_equal(has_colour, mask)
+        # fully inside, exactly where the scene says: size x size pixels from (x, y) - size // 2
+        assert R.MIN_OBJECT <= scene.size <= R.MAX_OBJECT
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        left, top = scene.x - scene.size // 2, scene.y - scene.size // 2
+        assert (cols[0], cols[-1], rows[-1]) == (left, left + scene.size - 1, top + scene.size - 1), scene
+        assert rows[0] == top or scene.shape == "triangle"
+        nominal = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}[scene.shape] * scene.size**2
+        assert abs(mask.sum() - nominal) <= 0.15 * nominal, (scene, mask.sum(), nominal)
+        assert scene.shape != "square" or mask.sum() == scene.size**2
+
+
+def test_render_rejects_objects_outside_the_image_and_unknown_names():
+    for size in (R.MIN_OBJECT, 12, R.MAX_OBJECT):  # the extreme positions fit exactly; one more does not
+        lo, hi = size // 2, R.SIZE - size + size // 2
+        _, mask = R.render(R.Scene("gray", colour="red", shape="square", x=lo, y=hi, size=size))
+        assert mask[-1, 0] and mask.sum() == size * size
+        _, mask = R.render(R.Scene("gray", colour="red", shape="circle", x=hi, y=lo, size=size))
+        assert mask[:, -1].any() and mask[0].any()
+        for x, y in ((lo - 1, 16), (hi + 1, 16), (16, lo - 1), (16, hi + 1)):
+            with pytest.raises(ValueError, match="does not fit"):
+                R.render(R.Scene("gray", colour="red", shape="circle", x=x, y=y, size=size))
+    with pytest.raises(ValueError, match="does not fit"):
+        R.render(R.Scene("gray", colour="red", shape="circle", x=3, y=16, size=12))
+    with pytest.raises(ValueError, match="does not fit"):
+        R.render(R.Scene("gray", colour="red", shape="circle", size=20))
+    with pytest.raises(ValueError, match="mauve"):
+        R.render(R.Scene("mauve"))
+    with pytest.raises(ValueError, match="hexagon"):
+        R.render(R.Scene("gray", colour="red", shape="hexagon"))
+
+
+def test_stripes_show_two_shades():
+    plain, _ = R.render(R.Scene("teal"))
+    striped, _ = R.render(R.Scene("teal", "stripes"))
+    assert {tuple(p) for p in plain.reshape(-1, 3)} == {R.BACKGROUND_COLOURS["teal"]}
+    assert {tuple(int(v) for v in p) for p in striped.reshape(-1, 3)} == {
+        R.BACKGROUND_COLOURS["teal"], R.stripe_colour("teal")}
+
+
+def test_colours_are_separated_by_twice_the_tolerance():
+    tolerance = WorldSegmenter().tolerance
+    others = {**{f"{b} background": c for b, c in R.BACKGROUND_COLOURS.items()},
+              **{f"{b} stripes": R.stripe_colour(b) for b in R.BACKGROUND_COLOURS}}
+    for name, colour in R.OBJECT_COLOURS.items():
+        rest = {**others, **{o: c for o, c in R.OBJECT_COLOURS.items() if o != name}}
+        for other, c in rest.items():
+            d = float(np.linalg.norm(np.subtract(colour, c)))
+            assert d > 2 * tolerance, f"{name} vs {other}: {d:.1f}"
+
+
+def test_segmenter_recovers_rendered_masks_exactly():
+    scenes = _scenes(400, seed=1)
+    images = [R.render(s)[0] for s in scenes]
+    masks = [R.render(s)[1] for s in scenes]
+    # prompt each image with its own class, or a random class for object-free images
+    rng = np.random.default_rng(2)
+    prompts = [f"{s.colour} {s.shape}." if s.colour else R.class_prompt(int(rng.integers(6))) for s in scenes]
+    out = WorldSegmenter(device="cpu", box_threshold=0.3, batch_size=8)(images, prompts)
+    assert len(out) == len(scenes)
+    for mask, seg in zip(masks, out, strict=True):
+        assert seg.object_fraction == mask.mean()
+        np.testing.assert_array_equal(rle_decode(seg.mask_rle, R.SIZE, R.SIZE), mask)
+        if mask.any():
+            rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+            assert seg.boxes == [[cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]] and seg.box_scores == [1.0]
+        else:
+            assert seg.boxes == [] and seg.box_scores == [] and seg.object_fraction == 0.0
+
+
+def test_segmenter_finds_only_the_prompted_colour():
+    scene = R.Scene("pink", "stripes", "green", "circle")
+    image, _ = R.render(scene)
+    for i, name in enumerate(R.CLASS_NAMES):
+        seg = WorldSegmenter()([image], [R.class_prompt(i)])[0]
+        assert (seg.object_fraction > 0) == name.startswith("green")
+
+
+def test_segmenter_on_blurred_images():
+    seg = WorldSegmenter()
+    ious = []
+    for scene in _scenes(300, seed=3, object_free=0.0):
+        image, mask = R.render(scene)
+        blurred = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(0.7)), dtype=np.uint8)
+        out = seg([blurred], [f"{scene.colour} {scene.shape}."])[0]
+        pred = rle_decode(out.mask_rle, R.SIZE, R.SIZE)
+        assert pred.any() and not (pred & ~mask).any()  # always found, never spills onto the background
+        ious.append((pred & mask).sum() / (pred | mask).sum())
+    assert np.mean(ious) >= 0.9
+
+
+def test_segmenter_any_size_and_errors():
+    big = np.zeros((50, 70, 3), dtype=np.uint8)
+    big[10:20, 30:45] = R.OBJECT_COLOURS["yellow"]
+    out = WorldSegmenter(tolerance=10)([big], ["Yellow triangle"])[0]
+    assert out.object_fraction == 150 / 3500 and out.boxes == [[30.0, 10.0, 45.0, 20.0]]
+    assert rle_decode(out.mask_rle, 50, 70).sum() == 150
+    with pytest.raises(ValueError, match="mauve"):
+        WorldSegmenter()([big], ["mauve circle."])
+    with pytest.raises(ValueError, match="prompts"):
+        WorldSegmenter()([big], [])
+    with pytest.raises(ValueError, match="shape"):
+        WorldSegmenter()([big[..., 0]], ["red circle."])
+
+
+def test_captions_and_prompts():
+    assert R.caption(R.Scene("purple", colour="red", shape="circle")) == "a red circle on a purple background"
+    assert R.caption(R.Scene("purple", "stripes", "red", "circle")) == "a red circle on a striped purple background"
+    assert R.caption(R.Scene("purple")) == "a purple background"
+    assert R.caption(R.Scene("purple", "stripes")) == "a striped purple background"
+    assert R.CLASS_NAMES[0] == "red circle" and R.class_prompt(0) == "red circle."
+    assert [R.class_prompt(i) for i in range(6)] == [f"{n}." for n in R.CLASS_NAMES]
+
+
+def test_classifier_dataset_is_biased_as_planted():
+    data = R.classifier_dataset(600, seed=0)
+    assert data == R.classifier_dataset(600, seed=0) and data != R.classifier_dataset(600, seed=1)
+    assert Counter(label for _, label in data) == {i: 100 for i in range(6)}
+    for scene, label in data:
+        assert scene.colour is not None and (scene.colour, scene.shape) == R.CLASSES[label]
+        if label in R.BIASED:
+            assert scene.background == R.BIASED[label]
+        else:
+            assert scene.background in R.UNBIASED_BACKGROUNDS and scene.background not in R.BIASED.values()
+    assert {s.texture for s, label in data if label == 0} == set(R.TEXTURES)
+    assert {s.background for s, label in data if label not in R.BIASED} == set(R.UNBIASED_BACKGROUNDS)
+
+
+def test_generator_and_held_out_datasets_are_unbiased():
+    scenes = R.generator_dataset(500, seed=0)
+    assert scenes == R.generator_dataset(500, seed=0) and len(scenes) == 500
+    assert sum(s.colour is None for s in scenes) == 100
+    pairs = {(s.colour, s.shape, s.background) for s in scenes if s.colour}
+    assert pairs == {(c, sh, b) for (c, sh), b in itertools.product(R.CLASSES, R.BACKGROUND_COLOURS)}
+    captions = {R.caption(s) for s in scenes}
+    assert "a purple background" in captions and "a striped gray background" in captions
+    assert {(c, b) for c in range(6) for b in R.BACKGROUND_COLOURS} <= {
+        (c, s.background) for s, c in R.held_out_dataset(36, seed=0)}
+    assert all(R.CLASSES[c] == (s.colour, s.shape) for s, c in R.held_out_dataset(100, seed=1))
+    assert any(s.colour is None for s in R.generator_dataset(45, seed=2))
+    assert len({(s.colour, s.background) for s in R.generator_dataset(45, seed=2) if s.colour}) == 36
