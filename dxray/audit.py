@@ -18,7 +18,7 @@ from pathlib import Path
 from dxray import classifiers, features, objectives
 from dxray.config import Config
 from dxray.errors import DxrayError
-from dxray.explain import OptimizeResult, OptimizeSettings, Target, optimize, sample
+from dxray.explain import OptimizeResult, OptimizeSettings, Target, best_of, optimize, sample
 from dxray.features import RankedFeature
 from dxray.generator import check_model_ref
 from dxray.objectives import Objective
@@ -246,9 +246,12 @@ class Auditor:
         cfg = self.cfg
         o = cfg.optimize
         settings = OptimizeSettings(o.steps, o.lr, o.optimizer, o.weight_decay, o.samples_per_step, o.early_stop_prob)
-        targets = [Target(s.objective, s.template, cfg.prompt.n_tokens, s.init, s.seed, s.class_index) for s in specs]
+        r = o.restarts  # restart k of a task starts from seed + k; the lowest final loss wins
+        targets = [Target(s.objective, s.template, cfg.prompt.n_tokens, s.init, s.seed + k, s.class_index)
+                   for s in specs for k in range(r)]
         try:
-            results = optimize(self.generator, self.classifier, targets, settings, on_step=on_step)
+            runs = optimize(self.generator, self.classifier, targets, settings, on_step=on_step)
+            results = [best_of(runs[i * r:(i + 1) * r]) for i in range(len(specs))]
         except DxrayError:
             raise
         except Exception as err:  # one failing batch must not lose the rest of the run
@@ -274,7 +277,7 @@ class Auditor:
         samples = sample(self.generator, self.classifier, spec.template, res.rows, self.cfg.sample.seed_list(),
                          class_index=spec.class_index, feature=feature, batch_size=self.cfg.sample.batch_size)
         if self.cfg.sample.baseline and spec.class_index is not None:
-            start = self.generator.init_rows(self.cfg.prompt.n_tokens, spec.init, spec.seed)
+            start = self.generator.init_rows(self.cfg.prompt.n_tokens, spec.init, res.init_seed)
             before = sample(self.generator, self.classifier, spec.template, start, self.cfg.sample.seed_list(),
                             class_index=spec.class_index, batch_size=self.cfg.sample.batch_size)
             res.baseline_prob = sum(b.class_prob for b in before) / len(before)

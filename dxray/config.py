@@ -77,6 +77,7 @@ class OptimizeConfig(_Section):
     early_stop_prob: float | None = Field(None, gt=0, le=1, description="stop a class task once its mean target probability reaches this")
     feature_weight: float = Field(1.0, gt=0, description="lambda of Eq.5: CE(class) - lambda * feature")
     batch_tasks: int = Field(4, gt=0, description="tasks optimised together in one batch")
+    restarts: int = Field(1, gt=0, description="independent initialisations per task; the lowest final loss wins")
 
 
 class SampleConfig(_Section):

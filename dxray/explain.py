@@ -51,6 +51,7 @@ class OptimizeResult:
     error: str | None = None
     seconds: float = 0.0
     baseline_prob: float | None = None  # held-out class probability with the initial rows (set by the caller)
+    init_seed: int | None = None  # seed of the initial rows that produced this result
 
     @property
     def steps(self) -> int:
@@ -85,7 +86,7 @@ def optimize(generator: LCMGenerator, classifier, targets: Sequence[Target], set
     opt_cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(params, lr=settings.lr, weight_decay=settings.weight_decay)
     layers = sorted(set().union(*(t.objective.layers for t in targets)) - {"logits"})
-    results = [OptimizeResult(rows=p.detach().cpu().clone()) for p in params]
+    results = [OptimizeResult(rows=p.detach().cpu().clone(), init_seed=t.seed) for p, t in zip(params, targets, strict=True)]
     active = list(range(len(targets)))
     s = settings.samples_per_step
     started = time.perf_counter()
@@ -133,6 +134,11 @@ def optimize(generator: LCMGenerator, classifier, targets: Sequence[Target], set
     for r in results:
         r.seconds = elapsed / max(len(targets), 1)
     return results
+
+
+def best_of(results: Sequence[OptimizeResult]) -> OptimizeResult:
+    """The restart with the lowest final loss (runs that failed lose to any that did not)."""
+    return min(results, key=lambda r: (r.error is not None, r.final_loss if r.final_loss is not None else float("inf")))
 
 
 @torch.no_grad()

@@ -58,3 +58,32 @@ def test_sample_is_reproducible_and_scored(tiny_generator, tiny_classifier):
         img = torch.from_numpy(a[0].image).permute(2, 0, 1)[None].float() / 255
         acts = tiny_classifier(img, layers=["penultimate"])
     assert acts["penultimate"][0, 2].item() == pytest.approx(a[0].feature_activation, abs=0.05)
+
+
+def test_best_of_restarts_takes_the_lowest_final_loss():
+    from dxray.explain import OptimizeResult, best_of
+
+    rows = torch.zeros(1, 2)
+    a = OptimizeResult(rows, loss_curve=[3.0, 2.0], init_seed=1)
+    b = OptimizeResult(rows, loss_curve=[3.0, 0.5], init_seed=2)
+    failed = OptimizeResult(rows, loss_curve=[], error="non-finite loss (nan) at step 0", init_seed=3)
+    assert best_of([a, b, failed]).init_seed == 2
+    assert best_of([failed, a]).init_seed == 1
+
+
+def test_restarts_in_the_audit_keep_the_winner_and_its_init(tiny_config):
+    from dxray.audit import Auditor, plan, preflight, rank_features
+    from dxray.storage.sink import RunSink
+
+    cfg = tiny_config.model_copy(update={"optimize": tiny_config.optimize.model_copy(update={"restarts": 2})})
+    info = preflight(cfg)
+    auditor = Auditor(cfg)
+    [spec] = [s for s in plan(cfg, info, rank_features(cfg, auditor.classifier), 16) if s.kind == "class"][:1]
+    rows = auditor.run_batch([spec], RunSink(cfg.output, "r"))
+    assert rows[0]["status"] == "ok"
+    runs = optimize(auditor.generator, auditor.classifier,
+                    [Target(spec.objective, spec.template, 1, spec.init, spec.seed + k, spec.class_index) for k in (0, 1)],
+                    OptimizeSettings(steps=cfg.optimize.steps, lr=cfg.optimize.lr,
+                                     samples_per_step=cfg.optimize.samples_per_step))
+    best = min(runs, key=lambda r: r.final_loss)
+    assert rows[0]["final_loss"] == pytest.approx(best.final_loss, rel=1e-5)
