@@ -15,6 +15,8 @@ from dxray.objectives import class_ce
 from dxray.toyworld import render
 
 TOY_YAML = ROOT / "jobs" / "configs" / "toyworld.yaml"
+# Training the world is ~5 min on an idle 2-core machine; allow for a busy one.
+pytestmark = pytest.mark.timeout(1800)
 HELD_OUT = list(range(100, 116))  # never used while optimising (training seeds are >= 2**31)
 
 
