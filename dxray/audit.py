@@ -69,15 +69,7 @@ def classifier_kwargs(cfg: Config) -> dict:
 
 
 def classifier_spec(cfg: Config) -> str:
-    if cfg.classifier.spec == "tiny":
-        from dxray.tiny import ensure_tiny_classifier
-
-        return f"hf:{ensure_tiny_classifier(cfg.cache_dir)}"
-    if cfg.classifier.spec == "toyworld":
-        from dxray.toyworld.train import ensure_toyworld
-
-        return f"hf:{ensure_toyworld(cfg.cache_dir) / 'classifier'}"
-    return cfg.classifier.spec
+    return classifiers.resolve_alias(cfg.classifier.spec, cfg.cache_dir)
 
 
 def preflight(cfg: Config) -> classifiers.ClassifierInfo:
@@ -343,7 +335,7 @@ def run(cfg: Config, progress: ProgressHook | None = None) -> RunSummary:
         sink.write_table("classes", classes, part="all")
         summary.spurious = sum(v["verdict"] == "spurious" for v in verdicts)
         summary.verdicts = len(verdicts)
-    tables = {name: sink.read_table(name) for name in TABLES}
+    tables |= {name: sink.read_table(name) for name in TABLES if name not in tables}  # the small derived ones
     sink.write_manifest({
         "run_id": run_id, "dxray_command": "explain", "config": redact(cfg.model_dump(mode="json")),
         "versions": package_versions(),

@@ -27,7 +27,7 @@ IMAGENET_SIZE = (224, 224)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HEAD_NAMES = ("fc", "classifier", "head", "heads", "last_linear")  # usual final-layer attributes
-ALIASES: dict[str, Callable[[], str]] = {}  # bare name -> function returning the real spec
+ALIASES: dict[str, Callable[[str | None], str]] = {}  # bare name -> f(cache_dir) returning the real spec
 _IDENT = re.compile(r"[A-Za-z_][\w.]*")
 _HF_HUB_KEYS = ("revision", "local_files_only", "token", "cache_dir", "subfolder")
 
@@ -252,8 +252,7 @@ BUILDERS: dict[str, Callable[..., _Built]] = {
 
 
 def _build(spec: str, weights: str | None, kwargs: dict | None, meta: bool, allow_pickle: bool = False) -> _Built:
-    if spec in ALIASES:
-        spec = ALIASES[spec]()
+    spec = resolve_alias(spec)
     scheme, sep, ref = spec.partition(":")
     if sep and ref and scheme in BUILDERS:
         builder = BUILDERS[scheme]
@@ -410,16 +409,21 @@ class Classifier(nn.Module):
         return {"logits": logits, **{n: acts[n] for n in wanted}}
 
 
-def _tiny_spec() -> str:
+def resolve_alias(spec: str, cache_dir: str | None = None) -> str:
+    """The real spec behind a bare alias such as ``tiny`` (models built into ``cache_dir`` on first use)."""
+    return ALIASES[spec](cache_dir) if spec in ALIASES else spec
+
+
+def _tiny_spec(cache_dir: str | None) -> str:
     from dxray.tiny import ensure_tiny_classifier
 
-    return f"hf:{ensure_tiny_classifier()}"
+    return f"hf:{ensure_tiny_classifier(cache_dir)}"
 
 
-def _toyworld_spec() -> str:
+def _toyworld_spec(cache_dir: str | None) -> str:
     from dxray.toyworld.train import ensure_toyworld
 
-    return f"hf:{ensure_toyworld() / 'classifier'}"
+    return f"hf:{ensure_toyworld(cache_dir) / 'classifier'}"
 
 
 ALIASES["tiny"] = _tiny_spec  # tiny random classifier, built on first use

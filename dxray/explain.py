@@ -126,12 +126,11 @@ def optimize(generator: LCMGenerator, classifier, targets: Sequence[Target], set
                 params[i].grad = None
             opt.step()
         active = still
-        for i in range(len(targets)):
-            results[i].rows = params[i].detach().cpu().clone()
         if on_step is not None:
             on_step(step, results)
     elapsed = time.perf_counter() - started
-    for r in results:
+    for r, p in zip(results, params, strict=True):
+        r.rows = p.detach().cpu().clone()  # stopped tasks got no update after stopping: their rows are the ones that did
         r.seconds = elapsed / max(len(targets), 1)
     return results
 

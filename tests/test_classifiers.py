@@ -178,7 +178,7 @@ def test_preprocess_resizes_normalises_and_is_differentiable(tv):
 def test_callable_spec_and_aliases(monkeypatch):
     clf = load_classifier("torchvision.models:resnet18", kwargs={"num_classes": 4}, input_size=32)
     assert clf(images(1, 32, 32))["logits"].shape == (1, 4)
-    monkeypatch.setitem(classifiers.ALIASES, "mini", lambda: "torchvision.models:resnet18")
+    monkeypatch.setitem(classifiers.ALIASES, "mini", lambda cache_dir: "torchvision.models:resnet18")
     info = describe("mini", kwargs={"num_classes": 4}, class_names=list("abcd"))
     assert (info.spec, info.num_classes, info.class_names) == ("mini", 4, list("abcd"))
 
