@@ -153,6 +153,35 @@ class VerdictConfig(_Section):
     delta: float = Field(0.3, ge=0, le=1, description="a feature is core when its mean object fraction r >= delta")
 
 
+class StorageConfig(_Section):
+    """Where the S3 client connects. Credentials never go here: they come from the environment
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE) or an instance role."""
+
+    endpoint_url: str | None = Field(None, description="S3 endpoint, e.g. http://127.0.0.1:8333 (default: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else AWS)")
+    region: str | None = Field(None, description="S3 region (default: AWS_REGION or AWS_DEFAULT_REGION)")
+    path_style: bool | None = Field(None, description="path-style addressing; default: on with a custom endpoint, off on AWS")
+    retry_seconds: float = Field(120.0, ge=0, description="keep retrying a failed storage call with backoff for this long")
+    connect_timeout: float = Field(5.0, gt=0, description="seconds to wait for a connection to the endpoint")
+    request_timeout: float = Field(60.0, gt=0, description="seconds to wait for one request")
+
+
+class ClusterConfig(_Section):
+    """How `dxray audit` lays the work out on Ray."""
+
+    address: str | None = Field(None, description="Ray address ('auto', ray://HOST:10001); default: RAY_ADDRESS, else a local Ray is started")
+    local_gpus: int | None = Field(None, ge=0, description="GPUs a local Ray advertises (logical ones allowed); default: those torch sees")
+    local_cpus: int | None = Field(None, gt=0, description="CPUs a local Ray advertises; default: all")
+    explainers: int | None = Field(None, gt=0, description="explainer actors; default: one per gpus_per_explainer of the cluster's GPUs (1 on a CPU-only cluster)")
+    gpus_per_explainer: float = Field(1.0, ge=0, description="GPUs pinned by each explainer actor (fractional allowed)")
+    cpus_per_explainer: float = Field(1.0, ge=0, description="CPUs reserved by each explainer actor")
+    segmenters: int = Field(1, ge=0, description="segmenter actors (Grounding DINO + SAM)")
+    gpus_per_segmenter: float = Field(0.0, ge=0, description="GPUs per segmenter actor (fractional: shares a GPU with an explainer; 0 = CPU)")
+    cpus_per_segmenter: float = Field(0.0, ge=0, description="CPUs reserved by each segmenter actor")
+    in_flight_per_actor: int = Field(2, gt=0, description="batches queued on each explainer at once (bounds memory; keeps the GPU busy)")
+    task_retries: int = Field(3, ge=0, description="times a batch is re-submitted after its actor died")
+    log_every_s: float = Field(30.0, gt=0, description="seconds between summary lines in the job log")
+
+
 class Config(_Section):
     output: str = Field("dxray-out", description="local folder or s3://bucket/prefix")
     run_id: str | None = Field(None, description="run folder name; default derived from the config, so a re-run resumes")
@@ -167,6 +196,8 @@ class Config(_Section):
     targets: TargetsConfig = Field(default_factory=TargetsConfig)
     segment: SegmentConfig = Field(default_factory=SegmentConfig)
     verdict: VerdictConfig = Field(default_factory=VerdictConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @field_validator("run_id")
     @classmethod
@@ -177,7 +208,7 @@ class Config(_Section):
 
     def fingerprint(self) -> str:
         """Hash of everything that defines the results (not where they go)."""
-        data = self.model_dump(mode="json", exclude={"output", "run_id", "device", "cache_dir"})
+        data = self.model_dump(mode="json", exclude={"output", "run_id", "device", "cache_dir", "storage", "cluster"})
         data["optimize"].pop("batch_tasks")
         data["sample"].pop("batch_size")
         data["segment"].pop("batch_size")

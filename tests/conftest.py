@@ -43,3 +43,14 @@ def tiny_config(tmp_path, cache_dir):
 
     return load_config(TINY_YAML, [f"output={tmp_path / 'out'}", f"cache_dir={cache_dir}",
                                                   "optimize.steps=2", "sample.k=2", "device=cpu"])
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the session: 4 logical CPUs and 2 logical GPUs on this CPU machine."""
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, configure_logging=False, namespace="dxray-tests")
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,40 @@
+"""Connect to a Ray cluster, or start a local one (the embedded default)."""
+
+from __future__ import annotations
+
+import os
+
+from dxray.config import ClusterConfig
+from dxray.errors import DxrayError
+
+
+def _local_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # torch missing or CUDA broken: a CPU-only local cluster
+        return 0
+
+
+def connect(cluster: ClusterConfig, address: str | None = None) -> str:
+    """Join the cluster at ``address`` (argument, then ``cluster.address``, then RAY_ADDRESS), or start a
+    local Ray. Returns a one-word description: 'local' or the address. Re-uses an initialised Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return "existing"
+    address = address or cluster.address or os.environ.get("RAY_ADDRESS") or None
+    # A fresh local cluster turns token auth on by default; dxray's local cluster is private to this process.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    kwargs = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+            return address
+        gpus = cluster.local_gpus if cluster.local_gpus is not None else _local_gpus()
+        ray.init(num_cpus=cluster.local_cpus, num_gpus=gpus, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DxrayError(f"cannot connect to Ray at {address or 'a new local cluster'}: {first}") from None
+    return "local"
