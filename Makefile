@@ -19,14 +19,14 @@ test: install
 	$(BIN)/pytest
 
 # The planted-bias toy world, end to end: trains the world on first use (~5 min on 2 cores),
-# audits it, and scores the audit against the planted truth.
+# audits it on a local Ray (the embedded default), and scores the audit against the planted truth.
 demo: install
-	@run=$$($(BIN)/dxray explain jobs/configs/toyworld.yaml output=$(OUT)) && \
+	@run=$$($(BIN)/dxray audit jobs/configs/toyworld.yaml output=$(OUT)) && \
 	$(BIN)/dxray toyworld check "$$run" && echo "outputs: $$run"
 
 # The plumbing preset: tiny random models (seconds).
 demo-tiny: install
-	$(BIN)/dxray explain jobs/configs/tiny.yaml output=$(OUT)
+	$(BIN)/dxray audit jobs/configs/tiny.yaml output=$(OUT)
 
 bench: install
 	$(BIN)/python benchmarks/sampler.py --size tiny

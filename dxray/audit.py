@@ -16,13 +16,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dxray import classifiers, features, objectives
-from dxray.config import Config
+from dxray.config import Config, StorageConfig
 from dxray.errors import DxrayError
-from dxray.explain import OptimizeResult, OptimizeSettings, Target, best_of, optimize, sample
+from dxray.explain import (
+    OptimizeResult,
+    OptimizeSettings,
+    Sample,
+    Target,
+    best_of,
+    optimize,
+    sample,
+)
 from dxray.features import RankedFeature
 from dxray.generator import check_model_ref
 from dxray.objectives import Objective
 from dxray.storage import package_versions, redact
+from dxray.storage.fs import check_output
 from dxray.storage.images import encode_png, thumbnail_png
 from dxray.storage.schemas import TABLES
 from dxray.storage.sink import RunSink
@@ -106,6 +115,7 @@ def preflight(cfg: Config) -> classifiers.ClassifierInfo:
                 check_model_ref(ref, what)
         for c in t.classes:
             detection_prompt(cfg.segment.prompts.get(c, info.class_names[c]))
+    check_output(cfg.output, cfg.storage)
     return info
 
 
@@ -204,8 +214,33 @@ def _task_row(run_id: str, spec: TaskSpec, cfg: Config, res: OptimizeResult | No
 ProgressHook = Callable[[str, dict], None]
 
 
-class Auditor:
-    """Loads the models once, then runs batches of tasks and writes their rows."""
+@dataclass
+class Outcome:
+    """What the explainer made of one task: its best optimisation result and held-out samples."""
+
+    spec: TaskSpec
+    result: OptimizeResult | None
+    samples: list[Sample]
+    error: str | None
+
+
+@dataclass
+class Finished:
+    """A task ready to commit once its images are scored: the task row, its sample rows (images
+    already written) and the detection prompt (None: nothing to score)."""
+
+    task_row: dict
+    sample_rows: list[dict]
+    prompt: str | None
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+class Explainer:
+    """Generator + classifier pinned on one device: optimises and samples tasks. No table I/O, so
+    the same object serves the in-process audit and a Ray actor."""
 
     def __init__(self, cfg: Config, generator=None, classifier=None):
         from dxray.generator import LCMGenerator
@@ -219,22 +254,9 @@ class Auditor:
         self.classifier = classifier or classifiers.load_classifier(
             classifier_spec(cfg), **classifier_kwargs(cfg), input_size=c.input_size, final_layer=c.final_layer,
             device=self.generator.device, allow_pickle=c.allow_pickle)
-        self.segmenter = None
-        if cfg.segment.enabled:
-            from dxray.segment import Segmenter
 
-            s = cfg.segment
-            if s.detector == "toyworld":  # the toy world's exact colour segmenter, same interface
-                from dxray.toyworld.segmenter import WorldSegmenter
-
-                self.segmenter = WorldSegmenter()
-            else:
-                self.segmenter = Segmenter(s.detector, s.sam, device=self.generator.device,
-                                           box_threshold=s.box_threshold, text_threshold=s.text_threshold,
-                                           batch_size=s.batch_size, cache_dir=cfg.cache_dir)
-
-    def run_batch(self, specs: list[TaskSpec], sink: RunSink, on_step=None) -> list[dict]:
-        """Optimise and sample a batch; write samples then task rows per task. Returns the task rows."""
+    def explain(self, specs: list[TaskSpec], on_step=None) -> list[Outcome]:
+        """Optimise the batch together, then sample each task; a failure becomes the task's error."""
         cfg = self.cfg
         o = cfg.optimize
         settings = OptimizeSettings(o.steps, o.lr, o.optimizer, o.weight_decay, o.samples_per_step, o.early_stop_prob)
@@ -243,76 +265,207 @@ class Auditor:
                    for s in specs for k in range(r)]
         try:
             runs = optimize(self.generator, self.classifier, targets, settings, on_step=on_step)
-            results = [best_of(runs[i * r:(i + 1) * r]) for i in range(len(specs))]
         except DxrayError:
             raise
         except Exception as err:  # one failing batch must not lose the rest of the run
-            results = [None] * len(specs)
-            batch_error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        else:
-            batch_error = None
-        rows = []
-        for spec, res in zip(specs, results, strict=True):
-            error = batch_error or (res.error if res else None)
+            return [Outcome(s, None, [], _one_line(err)) for s in specs]
+        outcomes = []
+        for i, spec in enumerate(specs):
+            res = best_of(runs[i * r:(i + 1) * r])
+            samples: list[Sample] = []
+            error = res.error
             if error is None:
                 try:
-                    self._write_samples(spec, res, sink)
+                    samples = self._sample(spec, res)
                 except Exception as err:
-                    error = f"sampling failed: {type(err).__name__}: {err}"
-            row = _task_row(sink.run_id, spec, cfg, res, error)
-            sink.write_table("tasks", [row], part=spec.task_id)
-            rows.append(row)
+                    error = f"sampling failed: {_one_line(err)}"
+            outcomes.append(Outcome(spec, res, samples, error))
+        return outcomes
+
+    def _sample(self, spec: TaskSpec, res: OptimizeResult) -> list[Sample]:
+        s = self.cfg.sample
+        feature = (spec.layer, spec.feature_index) if spec.layer else None
+        samples = sample(self.generator, self.classifier, spec.template, res.rows, s.seed_list(),
+                         class_index=spec.class_index, feature=feature, batch_size=s.batch_size)
+        if s.baseline and spec.class_index is not None:
+            start = self.generator.init_rows(self.cfg.prompt.n_tokens, spec.init, res.init_seed)
+            before = sample(self.generator, self.classifier, spec.template, start, s.seed_list(),
+                            class_index=spec.class_index, batch_size=s.batch_size)
+            res.baseline_prob = sum(b.class_prob for b in before) / len(before)
+        return samples
+
+
+def load_segmenter(cfg: Config, device="cpu"):
+    """The configured scorer: Grounding DINO + SAM, or the toy world's exact segmenter (same interface)."""
+    s = cfg.segment
+    if s.detector == "toyworld":
+        from dxray.toyworld.segmenter import WorldSegmenter
+
+        return WorldSegmenter()
+    from dxray.segment import Segmenter
+
+    return Segmenter(s.detector, s.sam, device=device, box_threshold=s.box_threshold,
+                     text_threshold=s.text_threshold, batch_size=s.batch_size, cache_dir=cfg.cache_dir)
+
+
+def scoring_prompt(cfg: Config, spec: TaskSpec) -> str | None:
+    """Grounding DINO prompt for the task's images; None when they are not scored."""
+    if not cfg.segment.enabled or spec.class_index is None:
+        return None
+    from dxray.segment import detection_prompt
+
+    return detection_prompt(cfg.segment.prompts.get(spec.class_index, spec.class_name))
+
+
+def package(outcome: Outcome, cfg: Config, sink: RunSink) -> tuple[Finished, list]:
+    """Write the task's full-size images and build its rows; returns the rows and the images to score."""
+    spec = outcome.spec
+    prompt = scoring_prompt(cfg, spec) if outcome.error is None else None
+    rows = []
+    for s in outcome.samples:
+        uri = sink.write_bytes(f"images/{spec.task_id}/{s.seed:010d}.png", encode_png(s.image))
+        rows.append({
+            "run_id": sink.run_id, "task_id": spec.task_id, "class_index": spec.class_index,
+            "feature_index": spec.feature_index, "seed": s.seed, "image_uri": uri,
+            "thumbnail": thumbnail_png(s.image), "width": s.image.shape[1], "height": s.image.shape[0],
+            "class_prob": s.class_prob, "feature_activation": s.feature_activation, "detection_prompt": prompt,
+        })
+    task_row = _task_row(sink.run_id, spec, cfg, outcome.result, outcome.error)
+    images = [s.image for s in outcome.samples] if prompt else []
+    return Finished(task_row, rows, prompt), images
+
+
+def score(segmenter, images: list, prompt: str) -> list[dict]:
+    """Segmentation columns of each image."""
+    return [{"object_fraction": g.object_fraction, "mask_rle": g.mask_rle, "boxes": g.boxes, "box_scores": g.box_scores}
+            for g in segmenter(images, [prompt] * len(images))]
+
+
+def commit(sink: RunSink, done: Finished, scores: list[dict] | None = None, error: str | None = None) -> dict:
+    """Samples first, the task row last: a task row on storage means the task is complete."""
+    row = dict(done.task_row)
+    if error is not None:
+        row |= {"status": "error", "error": error}
+    if row["status"] == "ok":
+        rows = [r | s for r, s in zip(done.sample_rows, scores, strict=True)] if scores else done.sample_rows
+        if rows:
+            sink.write_table("samples", rows, part=row["task_id"])
+    sink.write_table("tasks", [row], part=row["task_id"])
+    return row
+
+
+class Auditor:
+    """The in-process audit: an explainer and a segmenter in this process."""
+
+    def __init__(self, cfg: Config, generator=None, classifier=None):
+        self.cfg = cfg
+        self.explainer = Explainer(cfg, generator, classifier)
+        self.generator, self.classifier = self.explainer.generator, self.explainer.classifier
+        self.segmenter = load_segmenter(cfg, self.generator.device) if cfg.segment.enabled else None
+
+    def run_batch(self, specs: list[TaskSpec], sink: RunSink, on_step=None) -> list[dict]:
+        """Optimise and sample a batch; write samples then task rows per task. Returns the task rows."""
+        rows = []
+        for outcome in self.explainer.explain(specs, on_step=on_step):
+            scores, error = None, None
+            try:
+                done, images = package(outcome, self.cfg, sink)
+                if images:
+                    scores = score(self.segmenter, images, done.prompt)
+            except DxrayError:
+                raise
+            except Exception as err:
+                done = Finished(_task_row(sink.run_id, outcome.spec, self.cfg, outcome.result, None), [], None)
+                error = f"sampling failed: {_one_line(err)}"
+            rows.append(commit(sink, done, scores, error))
         return rows
 
-    def _write_samples(self, spec: TaskSpec, res: OptimizeResult, sink: RunSink) -> None:
-        feature = (spec.layer, spec.feature_index) if spec.layer else None
-        samples = sample(self.generator, self.classifier, spec.template, res.rows, self.cfg.sample.seed_list(),
-                         class_index=spec.class_index, feature=feature, batch_size=self.cfg.sample.batch_size)
-        if self.cfg.sample.baseline and spec.class_index is not None:
-            start = self.generator.init_rows(self.cfg.prompt.n_tokens, spec.init, res.init_seed)
-            before = sample(self.generator, self.classifier, spec.template, start, self.cfg.sample.seed_list(),
-                            class_index=spec.class_index, batch_size=self.cfg.sample.batch_size)
-            res.baseline_prob = sum(b.class_prob for b in before) / len(before)
-        scores = [None] * len(samples)
-        prompt = None
-        if self.segmenter is not None and spec.class_index is not None:
-            from dxray.segment import detection_prompt
 
-            prompt = detection_prompt(self.cfg.segment.prompts.get(spec.class_index, spec.class_name))
-            scores = self.segmenter([s.image for s in samples], [prompt] * len(samples))
-        rows = []
-        for s, seg in zip(samples, scores, strict=True):
-            uri = sink.write_bytes(f"images/{spec.task_id}/{s.seed:010d}.png", encode_png(s.image))
-            rows.append({
-                "run_id": sink.run_id, "task_id": spec.task_id, "class_index": spec.class_index,
-                "feature_index": spec.feature_index, "seed": s.seed, "image_uri": uri,
-                "thumbnail": thumbnail_png(s.image), "width": s.image.shape[1], "height": s.image.shape[0],
-                "class_prob": s.class_prob, "feature_activation": s.feature_activation,
-                "detection_prompt": prompt,
-                **({"object_fraction": seg.object_fraction, "mask_rle": seg.mask_rle, "boxes": seg.boxes,
-                    "box_scores": seg.box_scores} if seg is not None else {}),
-            })
-        sink.write_table("samples", rows, part=spec.task_id)
+def open_sink(cfg: Config, run_id: str | None = None) -> RunSink:
+    return RunSink(cfg.output, run_id or cfg.resolved_run_id(), storage=cfg.storage)
+
+
+def committed(sink: RunSink) -> set[str]:
+    """Tasks already complete in the run (status ok); a failed task is tried again on the next run."""
+    table = sink.read_table("tasks")
+    if table is None:
+        return set()
+    return {t for t, status in zip(table["task_id"].to_pylist(), table["status"].to_pylist(), strict=True)
+            if status == "ok"}
+
+
+@dataclass
+class Prepared:
+    """A planned run: the sink, the feature ranking and the tasks still to do."""
+
+    sink: RunSink
+    info: classifiers.ClassifierInfo
+    ranking: list[RankedFeature]
+    specs: list[TaskSpec]
+    todo: list[TaskSpec]
+    started: datetime
+
+    def summary(self) -> RunSummary:
+        return RunSummary(self.sink.run_id, self.sink.uri(""), len(self.specs), len(self.specs) - len(self.todo))
+
+
+def prepare(cfg: Config, info: classifiers.ClassifierInfo, classifier=None,
+            ranking: list[RankedFeature] | None = None, started: datetime | None = None) -> Prepared:
+    """Rank features (unless given), write the ranking, plan every task and drop the committed ones."""
+    sink = open_sink(cfg)
+    if ranking is None:
+        ranking = rank_features(cfg, classifier)
+    sink.write_table("feature_ranking", features.ranking_rows(sink.run_id, ranking, info.class_names), part="all")
+    specs = plan(cfg, info, ranking, info.feature_dim)
+    done = committed(sink)
+    return Prepared(sink, info, ranking, specs, [s for s in specs if s.task_id not in done], started or datetime.now(UTC))
+
+
+def count(summary: RunSummary, row: dict) -> None:
+    if row["status"] == "ok":
+        summary.ok += 1
+    else:
+        summary.failed += 1
+        summary.errors.append(f"{row['task_id']}: {row['error']}")
+
+
+def finalize(cfg: Config, p: Prepared, summary: RunSummary, command: str, device: str, extra: dict | None = None) -> None:
+    """Verdicts and classes from the stored tables, then the manifest, written last."""
+    sink = p.sink
+    tables = {name: sink.read_table(name) for name in ("tasks", "samples")}
+    summary.samples = tables["samples"].num_rows if tables["samples"] is not None else 0
+    if cfg.segment.enabled and tables["tasks"] is not None and tables["samples"] is not None:
+        verdicts, classes = decide(tables["tasks"], tables["samples"], cfg.verdict.delta, sink.run_id)
+        sink.write_table("verdicts", verdicts, part="all")
+        sink.write_table("classes", classes, part="all")
+        summary.spurious = sum(v["verdict"] == "spurious" for v in verdicts)
+        summary.verdicts = len(verdicts)
+    tables |= {name: sink.read_table(name) for name in TABLES if name not in tables}  # the small derived ones
+    sink.write_manifest({
+        "run_id": sink.run_id, "dxray_command": command, "config": redact(cfg.model_dump(mode="json")),
+        "versions": package_versions(),
+        "models": {"generator": cfg.generator.model, "lora": cfg.generator.lora, "tiny_vae": cfg.generator.tiny_vae,
+                   "classifier": cfg.classifier.spec, "classifier_weights": cfg.classifier.weights},
+        "feature_source": sorted({r.source for r in p.ranking}), "device": device,
+        "started": p.started.isoformat(), "finished": datetime.now(UTC).isoformat(),
+        "rows": {name: (t.num_rows if t is not None else 0) for name, t in tables.items()},
+        "tasks": {"planned": summary.planned, "skipped": summary.skipped, "ok": summary.ok, "failed": summary.failed},
+        **(extra or {}),
+    })
 
 
 def run(cfg: Config, progress: ProgressHook | None = None) -> RunSummary:
     """Run the whole audit in this process (the embedded default: no cluster needed)."""
     started = datetime.now(UTC)
     info = preflight(cfg)
-    run_id = cfg.resolved_run_id()
-    sink = RunSink(cfg.output, run_id)
-    done = sink.committed_task_ids()
     auditor = Auditor(cfg)
-    ranking = rank_features(cfg, auditor.classifier)
-    sink.write_table("feature_ranking", features.ranking_rows(run_id, ranking, info.class_names), part="all")
-    specs = plan(cfg, info, ranking, auditor.classifier.final_weight.shape[1])
-    todo = [s for s in specs if s.task_id not in done]
-    summary = RunSummary(run_id, sink.uri(""), len(specs), len(specs) - len(todo))
+    p = prepare(cfg, info, auditor.classifier, started=started)
+    summary = p.summary()
     emit = progress or (lambda event, data: None)
-    emit("plan", {"planned": len(specs), "skipped": summary.skipped, "todo": len(todo), "root": summary.root})
+    emit("plan", {"planned": len(p.specs), "skipped": summary.skipped, "todo": len(p.todo), "root": summary.root})
     size = cfg.optimize.batch_tasks
-    for start in range(0, len(todo), size):
-        batch = todo[start:start + size]
+    for start in range(0, len(p.todo), size):
+        batch = p.todo[start:start + size]
         names = ", ".join(f"{s.kind}:{s.class_index if s.kind != 'neuron' else s.layer}" for s in batch)
 
         def on_step(step, results, names=names):
@@ -320,39 +473,17 @@ def run(cfg: Config, progress: ProgressHook | None = None) -> RunSummary:
             emit("step", {"step": step + 1, "steps": cfg.optimize.steps, "tasks": names,
                           "loss": sum(losses) / len(losses) if losses else float("nan")})
 
-        for row in auditor.run_batch(batch, sink, on_step=on_step):
-            if row["status"] == "ok":
-                summary.ok += 1
-            else:
-                summary.failed += 1
-                summary.errors.append(f"{row['task_id']}: {row['error']}")
+        for row in auditor.run_batch(batch, p.sink, on_step=on_step):
+            count(summary, row)
             emit("task", row)
-    tables = {name: sink.read_table(name) for name in ("tasks", "samples")}
-    summary.samples = tables["samples"].num_rows if tables["samples"] is not None else 0
-    if cfg.segment.enabled and tables["tasks"] is not None and tables["samples"] is not None:
-        verdicts, classes = decide(tables["tasks"], tables["samples"], cfg.verdict.delta, run_id)
-        sink.write_table("verdicts", verdicts, part="all")
-        sink.write_table("classes", classes, part="all")
-        summary.spurious = sum(v["verdict"] == "spurious" for v in verdicts)
-        summary.verdicts = len(verdicts)
-    tables |= {name: sink.read_table(name) for name in TABLES if name not in tables}  # the small derived ones
-    sink.write_manifest({
-        "run_id": run_id, "dxray_command": "explain", "config": redact(cfg.model_dump(mode="json")),
-        "versions": package_versions(),
-        "models": {"generator": cfg.generator.model, "lora": cfg.generator.lora, "tiny_vae": cfg.generator.tiny_vae,
-                   "classifier": cfg.classifier.spec, "classifier_weights": cfg.classifier.weights},
-        "feature_source": sorted({r.source for r in ranking}), "device": str(auditor.generator.device),
-        "started": started.isoformat(), "finished": datetime.now(UTC).isoformat(),
-        "rows": {name: (t.num_rows if t is not None else 0) for name, t in tables.items()},
-        "tasks": {"planned": summary.planned, "skipped": summary.skipped, "ok": summary.ok, "failed": summary.failed},
-    })
+    finalize(cfg, p, summary, "explain", str(auditor.generator.device))
     return summary
 
 
-def open_run(run: str) -> RunSink:
+def open_run(run: str, storage: StorageConfig | None = None) -> RunSink:
     """The sink of an existing run folder (local path or URI ending in the run id)."""
     parent, _, run_id = run.rstrip("/").rpartition("/")
-    sink = RunSink(parent or ".", run_id)
+    sink = RunSink(parent or ".", run_id, storage=storage)
     if sink.read_table("tasks") is None:
         raise DxrayError(f"no run found at {run} (expected a tasks/ table inside)")
     return sink

@@ -40,6 +40,7 @@ class ClassifierInfo:
     num_classes: int
     class_names: list[str]
     layer_names: list[str]
+    feature_dim: int = 0  # inputs of the final linear layer (penultimate features)
 
 
 @dataclass
@@ -310,7 +311,8 @@ def describe(spec: str, *, weights: str | None = None, kwargs: dict | None = Non
     built = _build(spec, weights, kwargs, meta=True)
     _, final = _find_final(built.model, None, built.num_classes)
     n = built.num_classes or final.out_features
-    return ClassifierInfo(spec, n, _class_names(class_names, built.class_names, n), _layer_names(built.model))
+    return ClassifierInfo(spec, n, _class_names(class_names, built.class_names, n), _layer_names(built.model),
+                          final.in_features)
 
 
 def load_classifier(spec: str, *, weights: str | None = None, kwargs: dict | None = None,

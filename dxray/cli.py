@@ -77,6 +77,62 @@ def explain(
             summary = run(cfg, progress=progress)
     except DxrayError as e:
         _fail(str(e))
+    _report(summary)
+
+
+@app.command()
+def audit(
+    config: Annotated[Path, typer.Argument(help="YAML config (see jobs/configs/)")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. output=s3://bucket/audits cluster.explainers=8")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray address (default: RAY_ADDRESS, else start a local Ray)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar (summary lines still go to the log)")] = False,
+) -> None:
+    """Run the audit on Ray: explainer actors per GPU, segmenter actors, resumable.
+
+    Example: dxray audit jobs/configs/tiny.yaml output=s3://bucket/audits --address auto
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    try:
+        from dxray.audit import preflight
+        from dxray.config import load_config
+
+        cfg = load_config(config, overrides or [])
+        _quiet_libraries()
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+        preflight(cfg)  # fail fast, before Ray starts or any model is loaded
+        from dxray.distributed.audit import run_distributed
+
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+        with Progress(*columns, console=err, disable=quiet, transient=False) as bar:
+            tasks_bar = bar.add_task("tasks", total=None, info="starting Ray")
+            failed = 0
+
+            def progress(event: str, data: dict) -> None:
+                nonlocal failed
+                if event == "plan":
+                    bar.update(tasks_bar, total=data["todo"], info=f"{data['skipped']} already done; starting actors")
+                elif event == "actors":
+                    bar.update(tasks_bar, info=f"{data['explainers']} explainer(s), {data['segmenters']} segmenter(s)")
+                elif event == "task":
+                    failed += data["status"] != "ok"
+                    bar.update(tasks_bar, advance=1, info=f"{failed} failed" if failed else "")
+
+            summary = run_distributed(cfg, address=address, progress=progress)
+    except DxrayError as e:
+        _fail(str(e))
+    _report(summary)
+
+
+def _report(summary) -> None:
     err.print(f"run {summary.run_id}: {summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped "
               f"(already done), {summary.samples} samples, {summary.spurious} of {summary.verdicts} features "
               f"spurious → {summary.root}", highlight=False, soft_wrap=True)
@@ -107,6 +163,47 @@ def redecide(
         table.add_row(str(c["class_index"]), c["class_name"] or "", str(c["n_spurious"]), str(c["n_features"]),
                       "-" if r is None else f"{r:.3f}")
     Console().print(table)
+
+
+@app.command("rank-features")
+def rank_features_cmd(
+    config: Annotated[Path, typer.Argument(help="YAML config (see jobs/configs/)")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. targets.feature_images.path=DIR")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray address (default: cluster.address, RAY_ADDRESS, else a local Ray)")] = None,
+    actors: Annotated[int | None, typer.Option(min=1, help="classifier actors (default: cluster.explainers, else one per GPU share, else 1)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False,
+) -> None:
+    """Rank each class's top-k features by W[c,f] x mean activation over an image folder, on Ray Data;
+    writes the feature_ranking table (read it back with targets.feature_source=table)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    try:
+        from dxray.config import load_config
+        from dxray.distributed.rank import check, quiet_logs, rank_features_distributed
+
+        cfg = load_config(config, overrides or [])
+        check(cfg)  # fail fast, before Ray starts or a model loads
+        quiet_logs()
+        columns = [TextColumn("images"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+                   TimeRemainingColumn()]
+        with Progress(*columns, console=err, disable=quiet) as bar:
+            images = bar.add_task("images", total=None)
+            result = rank_features_distributed(cfg, address=address, actors=actors,
+                                               progress=lambda done, total: bar.update(images, completed=done, total=total))
+    except DxrayError as e:
+        _fail(str(e))
+    sources = sorted({r.source for r in result.ranked})
+    err.print(f"ranked {len({r.class_index for r in result.ranked})} classes from {result.images} images with "
+              f"{result.actors} actor(s) in {result.seconds:.1f} s ({', '.join(sources)}) → {result.table}",
+              highlight=False, soft_wrap=True)
+    print(result.table)
 
 
 @app.command()

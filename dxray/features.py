@@ -13,7 +13,6 @@ import math
 import posixpath
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dxray.errors import DxrayError
+from dxray.storage.fs import filesystem
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -57,10 +57,8 @@ def rank_by_activation(weight: Tensor, mean_activation: Tensor, class_index: int
 
 
 def _filesystem(where: str) -> tuple[pafs.FileSystem, str]:
-    try:
-        if "://" in where:
-            return pafs.FileSystem.from_uri(where)
-        return pafs.LocalFileSystem(), str(Path(where).expanduser().resolve())
+    try:  # S3 endpoint, region and addressing from the environment (AWS_ENDPOINT_URL, AWS_REGION)
+        return filesystem(where)
     except (OSError, ValueError) as err:  # pyarrow.ArrowInvalid is a ValueError
         raise DxrayError(f"cannot open {where}: {' '.join(str(err).split())[:200]}") from None
 

@@ -89,21 +89,25 @@ def tiny_classifier(num_labels: int = 2, names: list[str] | None = None, seed: i
 
 
 def _build_once(target: Path, build) -> Path:
-    """Build into a temporary sibling and rename, so a crash never leaves half a model."""
+    """Build into a temporary sibling and rename, so a crash never leaves half a model. A file lock
+    makes concurrent builders (several Ray actors on a fresh cache) wait for the first one instead
+    of replacing a finished folder while another process is loading it."""
+    from filelock import FileLock
+
     if (target / ".complete").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(tmp)
-        (tmp / ".complete").touch()
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    except OSError:
-        if not (target / ".complete").exists():  # lost a race with another builder: theirs is fine
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if (target / ".complete").exists():  # built by another process while we waited
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            build(tmp)
+            (tmp / ".complete").touch()
+            shutil.rmtree(target, ignore_errors=True)  # a crashed build's leftovers, never a finished one
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

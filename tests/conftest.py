@@ -46,11 +46,41 @@ def tiny_config(tmp_path, cache_dir):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One real local Ray for the session: 4 logical CPUs and 2 logical GPUs on this CPU machine."""
+def ray_local(s3):
+    """One real local Ray for the session: 4 logical CPUs and 2 logical GPUs on this CPU machine.
+    Started after the S3 server so its workers inherit the credentials, as a node's environment or
+    instance role provides them on a cluster."""
     import ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, configure_logging=False, namespace="dxray-tests")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """One real S3 server (SeaweedFS, tests/s3server.py) for the session, with its bucket made and
+    AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL / AWS_REGION set in os.environ
+    (restored afterwards). The server has .bucket, .endpoint_url, .access_key, .secret_key, .env(),
+    .client() and .stop() / .start() / .restart() (same ports and data: for outage tests)."""
+    from s3server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    server.start()
+    overrides = {**server.env(), "AWS_EC2_METADATA_DISABLED": "true"}
+    cleared = ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION")
+    saved = {k: os.environ.get(k) for k in (*overrides, *cleared)}
+    try:
+        server.make_bucket()
+        for k in cleared:
+            os.environ.pop(k, None)
+        os.environ.update(overrides)
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

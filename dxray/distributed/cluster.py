@@ -25,13 +25,14 @@ def connect(cluster: ClusterConfig, address: str | None = None) -> str:
     if ray.is_initialized():
         return "existing"
     address = address or cluster.address or os.environ.get("RAY_ADDRESS") or None
-    # A fresh local cluster turns token auth on by default; dxray's local cluster is private to this process.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     kwargs = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
     try:
         if address:
             ray.init(address=address, **kwargs)
             return address
+        # A fresh local cluster turns token auth on by default; this one lives and dies with this
+        # process and listens on this machine only, so it runs without (an explicit setting wins).
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         gpus = cluster.local_gpus if cluster.local_gpus is not None else _local_gpus()
         ray.init(num_cpus=cluster.local_cpus, num_gpus=gpus, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as err:

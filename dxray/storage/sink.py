@@ -11,27 +11,34 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+import uuid
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from dxray.config import StorageConfig
+from dxray.storage.fs import filesystem as resolve_filesystem
+from dxray.storage.fs import retrying
 from dxray.storage.schemas import TABLES, to_table
 
 
-def resolve_output(output: str) -> tuple[pafs.FileSystem, str]:
+def resolve_output(output: str, storage: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI such as s3://bucket/prefix."""
-    if "://" in output:
-        return pafs.FileSystem.from_uri(output)
-    return pafs.LocalFileSystem(), str(Path(output).expanduser().resolve())
+    return resolve_filesystem(output, storage)
 
 
 class RunSink:
-    def __init__(self, output: str, run_id: str, filesystem: pafs.FileSystem | None = None):
+    """Writes one run. Cheap to build in any process (a Ray actor builds its own from
+    ``(output, run_id, storage)``); it holds no credentials, the S3 client finds them itself.
+    Every storage call is retried on transient errors for ``storage.retry_seconds``."""
+
+    def __init__(self, output: str, run_id: str, filesystem: pafs.FileSystem | None = None,
+                 storage: StorageConfig | None = None):
+        self.storage = storage or StorageConfig()
         if filesystem is None:
-            filesystem, base = resolve_output(output)
+            filesystem, base = resolve_output(output, self.storage)
         else:
             base = output.rstrip("/")
         self.fs = filesystem
@@ -43,19 +50,37 @@ class RunSink:
         path = f"{self.root}/{rel}".rstrip("/")
         return f"{self.fs.type_name}://{path}" if self.fs.type_name != "local" else path
 
+    def _retry(self, call, what: str, rel: str):
+        return retrying(call, deadline_s=self.storage.retry_seconds, what=f"{what} {self.uri(rel)}")
+
     def _dir(self, path: str) -> None:
         parent = path.rsplit("/", 1)[0]
-        if parent not in self._made:
+        # Object stores have no folders to make (a key implies its prefix): save the round trips.
+        if parent not in self._made and self.fs.type_name != "s3":
             self.fs.create_dir(parent, recursive=True)
-            self._made.add(parent)
+        self._made.add(parent)
 
     def _atomic(self, rel: str, write) -> str:
+        """Write under a hidden temporary name, then move into place; retried as one unit, so a
+        retry rewrites the temporary file and moves it again (S3's move is copy + delete: the
+        final name only ever holds a whole file, and a second move overwrites, never duplicates)."""
         path = f"{self.root}/{rel}"
         folder, name = path.rsplit("/", 1)
-        tmp = f"{folder}/.{name}.{os.getpid()}.tmp"
-        self._dir(path)
-        write(tmp)
-        self.fs.move(tmp, path)
+        tmp = f"{folder}/.{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+
+        def attempt() -> None:
+            self._dir(path)
+            try:
+                write(tmp)
+                self.fs.move(tmp, path)
+            except BaseException:
+                try:  # best effort: a leftover hidden temp is skipped by every reader anyway
+                    self.fs.delete_file(tmp)
+                except Exception:
+                    pass
+                raise
+
+        self._retry(attempt, "writing", rel)
         return self.uri(rel)
 
     def write_bytes(self, rel: str, data: bytes) -> str:
@@ -71,9 +96,13 @@ class RunSink:
 
     def read_table(self, name: str) -> pa.Table | None:
         folder = f"{self.root}/{name}"
-        if self.fs.get_file_info(folder).type != pafs.FileType.Directory:
-            return None
-        return ds.dataset(folder, filesystem=self.fs, format="parquet", schema=TABLES[name]).to_table()
+
+        def read() -> pa.Table | None:
+            if self.fs.get_file_info(folder).type != pafs.FileType.Directory:
+                return None
+            return ds.dataset(folder, filesystem=self.fs, format="parquet", schema=TABLES[name]).to_table()
+
+        return self._retry(read, "reading", name)
 
     def committed_task_ids(self) -> set[str]:
         table = self.read_table("tasks")

@@ -1,0 +1,79 @@
+"""Model holders for Ray: load in ``__init__``, work in methods on plain data.
+
+They are plain classes (unit-testable without a cluster); the scheduler wraps them with
+``ray.remote``. Neither assumes CUDA: ``device: auto`` takes the GPU Ray assigned, if any.
+"""
+
+from __future__ import annotations
+
+import os
+
+from dxray.audit import (
+    Explainer,
+    Finished,
+    TaskSpec,
+    _one_line,
+    _task_row,
+    load_segmenter,
+    package,
+    score,
+)
+from dxray.config import Config
+from dxray.storage.sink import RunSink
+
+
+def _quiet() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    for lib in (dlog, tlog):
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+
+
+class ExplainerActor:
+    """Generator + classifier pinned on one device for the actor's lifetime. Optimises a batch of
+    tasks, writes their full-size images, and returns (rows, images to score) as two objects so the
+    images travel to a segmenter through the object store, never through the driver."""
+
+    def __init__(self, cfg: Config, run_id: str):
+        _quiet()
+        self.cfg = cfg
+        self.explainer = Explainer(cfg)
+        self.sink = RunSink(cfg.output, run_id, storage=cfg.storage)
+
+    def ready(self) -> str:
+        return str(self.explainer.generator.device)
+
+    def run(self, specs: list[TaskSpec]) -> tuple[list[Finished], list[list]]:
+        finished, images = [], []
+        for outcome in self.explainer.explain(specs):
+            try:
+                done, imgs = package(outcome, self.cfg, self.sink)
+            except Exception as err:  # the image store failed for this task: record it, keep the batch
+                row = _task_row(self.sink.run_id, outcome.spec, self.cfg, outcome.result,
+                                f"writing images failed: {_one_line(err)}")
+                done, imgs = Finished(row, [], None), []
+            finished.append(done)
+            images.append(imgs)
+        return finished, images
+
+
+class SegmenterActor:
+    """Grounding DINO + SAM (or the toy world's exact segmenter): scores the images of a batch."""
+
+    def __init__(self, cfg: Config):
+        _quiet()
+        from dxray.generator import resolve_device
+
+        self.segmenter = load_segmenter(cfg, resolve_device(cfg.device))
+
+    def ready(self) -> bool:
+        return True
+
+    def score(self, images: list[list], prompts: list[str | None]) -> list[list[dict] | None]:
+        """Per task: the segmentation columns of each image, or None when the task is not scored."""
+        # Arrays from the object store are read-only views; the processors want writable ones.
+        return [score(self.segmenter, [i.copy() for i in imgs], p) if p and imgs else None
+                for imgs, p in zip(images, prompts, strict=True)]

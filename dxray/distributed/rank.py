@@ -1,0 +1,300 @@
+"""Top-k features per class over a large image folder, on Ray Data.
+
+The same ranking as :func:`dxray.features.rank_from_images` (W[c, f] × mean penultimate
+activation of f over the images of c), with the images spread over a pool of stateful
+actors: each actor loads the classifier once, and reduces every batch to per-class partial
+sums (class, count, sum of activations), so only a few vectors per batch reach the driver,
+never one per image. The driver adds them up, ranks, and writes the ``feature_ranking``
+table, which a later audit reads with ``targets.feature_source=table``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dxray import audit, classifiers, features
+from dxray.config import Config
+from dxray.errors import DxrayError
+from dxray.features import ImageFolder, RankedFeature
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int], None]  # (images done, images in all)
+NO_CLASS = -1  # the row a batch returns when none of its images counts for an audited class
+
+
+@dataclass(frozen=True)
+class RankResult:
+    ranked: list[RankedFeature]
+    table: str  # the feature_ranking dataset folder (local path or URI)
+    root: str  # the run folder it lives in
+    images: int  # images listed (unreadable ones included)
+    actors: int
+    seconds: float
+
+
+def check(cfg: Config) -> classifiers.ClassifierInfo:
+    """Every check that needs no model weights and no cluster; raises a one-line DxrayError."""
+    t = cfg.targets
+    if t.feature_source != "images":
+        raise DxrayError(f"rank-features reads images: set targets.feature_source=images "
+                         f"(and targets.feature_images.path), got {t.feature_source!r}")
+    if not t.top_k:
+        raise DxrayError("targets.top_k is 0: nothing to rank")
+    info = classifiers.describe(audit.classifier_spec(cfg), **audit.classifier_kwargs(cfg))
+    bad = [c for c in t.classes if not 0 <= c < info.num_classes]
+    if bad:
+        raise DxrayError(f"targets.classes: class index {bad[0]} out of range; "
+                         f"the classifier has classes 0..{info.num_classes - 1}")
+    features.check_image_folder(audit.image_folder(cfg), t.classes, t.feature_images.select)
+    return info
+
+
+def list_images(folder: ImageFolder, classes: list[int], select: str, limit: int | None) -> list[dict]:
+    """Rows (path, folder_class): ``labelled`` reads the audited classes' folders, ``predicted`` every
+    class folder (its images count for the predicted class); the first ``limit`` images of each."""
+    folders = folder.class_folders()
+    todo = sorted(folders.items()) if select == "predicted" else [(c, folders[c]) for c in classes if c in folders]
+    try:
+        with ThreadPoolExecutor(max_workers=16) as pool:  # one listing request per folder: overlap them
+            listed = list(pool.map(lambda item: folder._images_in(item[1], limit), todo))
+    except OSError as err:
+        raise DxrayError(f"cannot list feature image folder {folder.root}: {' '.join(str(err).split())[:200]}") from None
+    return [{"path": p, "folder_class": c} for (c, _), paths in zip(todo, listed, strict=True) for p in paths]
+
+
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as tlog
+    except ImportError:
+        return
+    tlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+
+
+def quiet_logs() -> None:
+    """For a command with its own progress bar: Ray Data's console shows warnings only (its full log
+    stays in the session's ray-data.log) and model loads show no bars."""
+    import ray.data  # noqa: F401  (configures its loggers on import)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(logging.WARNING)
+    _quiet_transformers()
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DxrayError(f"device {name!r} requested but CUDA is not available on this Ray worker")
+    return dev
+
+
+class ClassActivationSums:
+    """Ray Data stateful UDF: a batch of (path, folder_class) rows -> one row per audited class met in it
+    (class_index, count, sum of penultimate activations in float64, seen = images in the batch)."""
+
+    def __init__(self, cfg: Config, folder: ImageFolder, classes: list[int], select: str):
+        _quiet_transformers()  # every actor's load-time bars would reach the driver's log
+        c = cfg.classifier
+        self.classifier = classifiers.load_classifier(
+            audit.classifier_spec(cfg), **audit.classifier_kwargs(cfg), input_size=c.input_size,
+            final_layer=c.final_layer, device=_device(cfg.device), allow_pickle=c.allow_pickle)
+        self.folder, self.classes, self.select = folder, list(classes), select
+        self.size = tuple(self.classifier.input_size)
+        self.dim = self.classifier.final_weight.shape[1]
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        paths = [str(p) for p in batch["path"]]
+        labels = [int(c) for c in batch["folder_class"]]
+        sums: dict[int, torch.Tensor] = {}
+        counts: dict[int, int] = {}
+
+        def add(c: int, acts: torch.Tensor) -> None:
+            if len(acts):
+                sums[c] = sums.get(c, 0) + acts.sum(0)
+                counts[c] = counts.get(c, 0) + len(acts)
+
+        if self.select == "labelled":  # unreadable images are skipped: keep each folder's images together
+            groups = {c: [p for p, k in zip(paths, labels, strict=True) if k == c]
+                      for c in dict.fromkeys(labels) if c in self.classes}
+        else:
+            groups = {NO_CLASS: paths}
+        for label, group in groups.items():
+            for pred, acts in features._activations(self.classifier, self.folder, group, len(group), self.size):
+                if label != NO_CLASS:
+                    add(label, acts)
+                else:
+                    for c in self.classes:
+                        add(c, acts[pred == c])
+        order = sorted(sums) or [NO_CLASS]
+        return {
+            "class_index": np.array(order, dtype=np.int64),
+            "count": np.array([counts.get(c, 0) for c in order], dtype=np.int64),
+            "sum": np.stack([sums[c].numpy() if c in sums else np.zeros(self.dim) for c in order]).astype(np.float64),
+            "seen": np.array([len(paths)] + [0] * (len(order) - 1), dtype=np.int64),
+        }
+
+
+def _rank(weight: torch.Tensor, classes: list[int], sums: dict[int, np.ndarray], counts: dict[int, int],
+          k: int, select: str) -> list[RankedFeature]:
+    """The ranking of :func:`features.rank_from_images` from the summed activations (same fallback)."""
+    ranked: list[RankedFeature] = []
+    for c in classes:
+        n = counts.get(c, 0)
+        if n:
+            mean = (torch.from_numpy(sums[c]) / n).float()
+            ranked += features.rank_by_activation(weight, mean, c, k, f"images-{select}", n)
+        else:
+            how = "predicted as" if select == "predicted" else "labelled"
+            log.warning("no images %s class %d; ranking its features by weight alone", how, c)
+            ranked += [RankedFeature(r.class_index, r.feature_index, r.rank, r.importance,
+                                     f"weights (no images {how} {c})", 0)
+                       for r in features.rank_by_weights(weight, c, k)]
+    return ranked
+
+
+def _user_error(err: BaseException) -> DxrayError:
+    """The DxrayError inside a Ray/Ray Data exception chain, else a one-line summary."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DxrayError):
+            return DxrayError(str(e))
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    first = next((line for line in str(err).splitlines() if line.strip()), "")
+    return DxrayError(f"feature ranking failed on Ray: {type(err).__name__}: {first[:300]}")
+
+
+def default_actors(cfg: Config, cluster_gpus: float) -> int:
+    """``cluster.explainers``, else one per ``gpus_per_explainer`` of the cluster's GPUs, else 1."""
+    cl = cfg.cluster
+    if cl.explainers:
+        return cl.explainers
+    if cluster_gpus and cl.gpus_per_explainer:
+        return max(1, int(cluster_gpus // cl.gpus_per_explainer))
+    return 1
+
+
+def rank_features_distributed(cfg: Config, *, address: str | None = None, actors: int | None = None,
+                              progress: Progress | None = None) -> RankResult:
+    """Rank the top-k features of every class in ``targets.classes`` from ``targets.feature_images`` on
+    Ray Data and write the ``feature_ranking`` table of the run. Joins the cluster at ``address`` (else
+    ``cluster.address`` / RAY_ADDRESS), or starts a local Ray; re-uses an initialised one."""
+    import ray
+
+    from dxray.distributed.cluster import connect
+    from dxray.storage.sink import RunSink
+
+    started = time.monotonic()
+    info = check(cfg)
+    t, fi = cfg.targets, cfg.targets.feature_images
+    if actors is not None and actors < 1:
+        raise DxrayError(f"actors must be >= 1, got {actors}")
+    folder = audit.image_folder(cfg)
+    rows = list_images(folder, t.classes, fi.select, fi.max_per_class)
+    cfg = cfg.model_copy(update={"cache_dir": str(_cache_root(cfg.cache_dir))})  # workers build tiny models there
+    classifier = classifiers.load_classifier(  # on the driver, for W (and to fail before any actor starts)
+        audit.classifier_spec(cfg), **audit.classifier_kwargs(cfg), input_size=cfg.classifier.input_size,
+        final_layer=cfg.classifier.final_layer, device="cpu", allow_pickle=cfg.classifier.allow_pickle)
+    weight = classifier.final_weight.detach().float().cpu()
+    del classifier
+
+    how = connect(cfg.cluster, address)
+    try:
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        n_batches = math.ceil(len(rows) / fi.batch_size)
+        pool = max(1, min(actors or default_actors(cfg, gpus), n_batches))
+        sums, counts, done = _run(cfg, dataclasses.replace(folder), rows, pool, gpus, progress)
+    finally:
+        if how != "existing":
+            ray.shutdown()
+    if done != len(rows):
+        raise DxrayError(f"feature ranking saw {done} of {len(rows)} images; a batch was lost")
+    ranked = _rank(weight, t.classes, sums, counts, t.top_k, fi.select)
+    sink = RunSink(cfg.output, cfg.resolved_run_id(), storage=cfg.storage)
+    sink.write_table("feature_ranking", features.ranking_rows(sink.run_id, ranked, info.class_names), part="all")
+    return RankResult(ranked, sink.uri("feature_ranking"), sink.uri(""), len(rows), pool,
+                      time.monotonic() - started)
+
+
+def _cache_root(cache_dir: str | None):
+    from dxray.tiny import cache_root
+
+    return cache_root(cache_dir)
+
+
+def _run(cfg: Config, folder: ImageFolder, rows: list[dict], pool: int, gpus: float,
+         progress: Progress | None) -> tuple[dict[int, np.ndarray], dict[int, int], int]:
+    import ray.data
+    from ray.util.debug import log_once
+
+    t, fi, cl = cfg.targets, cfg.targets.feature_images, cfg.cluster
+    ctx = ray.data.DataContext.get_current()
+    bars = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False  # the caller shows its own (and Ray Data need not warn it is off)
+    log_once("ray_data_progress_manager_disabled")
+    sums: dict[int, np.ndarray] = {}
+    counts: dict[int, int] = {}
+    done = 0
+    if progress:
+        progress(0, len(rows))
+    try:
+        ds = ray.data.from_items(rows, override_num_blocks=min(math.ceil(len(rows) / fi.batch_size), 4096))
+        partial = ds.map_batches(
+            ClassActivationSums, batch_size=fi.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=pool),
+            fn_constructor_kwargs={"cfg": cfg, "folder": folder, "classes": list(t.classes), "select": fi.select},
+            **_resources(cl.gpus_per_explainer if gpus else 0, cl.cpus_per_explainer))
+        for batch in partial.iter_batches(batch_size=None, batch_format="numpy"):
+            for c, n, s, seen in zip(batch["class_index"], batch["count"], batch["sum"], batch["seen"], strict=True):
+                if c != NO_CLASS:
+                    sums[int(c)] = sums[int(c)] + s if int(c) in sums else np.array(s, dtype=np.float64)
+                    counts[int(c)] = counts.get(int(c), 0) + int(n)
+                done += int(seen)
+            if progress:
+                progress(done, len(rows))
+    except DxrayError:
+        raise
+    except Exception as err:  # a Ray Data / actor failure: one line, the user's error if there is one
+        raise _user_error(err) from None
+    finally:
+        ctx.enable_progress_bars = bars
+    return sums, counts, done
+
+
+def _resources(num_gpus: float, num_cpus: float) -> dict:
+    """Per-actor resources; a GPU actor reserves 1 CPU by default (Ray Data warns when both are given)."""
+    if num_gpus and num_cpus == 1:
+        return {"num_gpus": num_gpus}
+    return {"num_gpus": num_gpus, "num_cpus": num_cpus}
+
+
+def progress_printer(every_s: float = 30.0, out=None) -> Progress:
+    """A progress callback for job logs: one line at the start, every ``every_s`` seconds, and at the end."""
+    last = [-math.inf]
+    started = time.monotonic()
+
+    def show(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done in (0, total) or now - last[0] >= every_s:
+            last[0] = now
+            rate = done / max(now - started, 1e-9)
+            print(f"feature ranking: {done}/{total} images ({rate:.1f}/s)", file=out or sys.stderr, flush=True)
+
+    return show

@@ -1,0 +1,224 @@
+"""The audit on a real local Ray (logical GPUs on this CPU machine), writing to a real S3 server.
+
+Faults are made for real: an explainer actor is killed, the driver is interrupted, the S3
+server is stopped and restarted on the same data.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pyarrow.dataset as ds
+import pytest
+from conftest import ROOT, TINY_YAML
+
+from dxray.config import load_config
+
+pytestmark = pytest.mark.timeout(900)
+FAST = ["optimize.steps=2", "sample.k=2", "device=cpu", "cluster.log_every_s=2"]
+
+
+def _config(output, cache_dir, *extra):
+    return load_config(TINY_YAML, [f"output={output}", f"cache_dir={cache_dir}", *FAST, *extra])
+
+
+def _tasks(root, fs=None):
+    return ds.dataset(f"{root}/tasks", format="parquet", filesystem=fs).to_table().to_pylist()
+
+
+def _expected(cfg):
+    """The plan, computed independently of the run: classes x (class task + top-k features) x templates."""
+    t = cfg.targets
+    per_class = (1 if t.class_task else 0) + t.top_k
+    return len(t.classes) * per_class * len(cfg.prompt.templates)
+
+
+def test_audit_writes_every_table_to_s3_readable_by_pyarrow_polars_duckdb(ray_local, s3, cache_dir):
+    from s3server import count_rows
+
+    from dxray.distributed.audit import run_distributed
+    from dxray.storage.fs import filesystem
+
+    cfg = _config(f"s3://{s3.bucket}/audits", cache_dir)
+    summary = run_distributed(cfg)
+    n = _expected(cfg)
+    assert (summary.planned, summary.ok, summary.failed) == (n, n, 0)
+    root = f"s3://{s3.bucket}/audits/{summary.run_id}"
+    k = cfg.sample.k
+    for engine in ("pyarrow", "polars", "duckdb"):
+        assert count_rows(s3, f"{root}/tasks", engine) == n, engine
+        assert count_rows(s3, f"{root}/samples", engine) == n * k, engine
+        assert count_rows(s3, f"{root}/verdicts", engine) == len(cfg.targets.classes) * cfg.targets.top_k, engine
+        assert count_rows(s3, f"{root}/classes", engine) == len(cfg.targets.classes), engine
+    fs, path = filesystem(root, cfg.storage)
+    samples = ds.dataset(f"{path}/samples", filesystem=fs).to_table(columns=["image_uri", "object_fraction"]).to_pylist()
+    assert all(s["object_fraction"] is not None for s in samples)
+    some = samples[0]["image_uri"]
+    assert some.startswith(f"s3://{s3.bucket}/audits/{summary.run_id}/images/")
+    with fs.open_input_stream(some.removeprefix("s3://")) as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    manifest = fs.open_input_stream(f"{path}/manifest.json").read().decode()
+    assert s3.secret_key not in manifest and s3.access_key not in manifest
+    assert '"dxray_command": "audit"' in manifest
+
+
+def test_killed_explainer_actor_is_replaced_and_every_task_runs_once(ray_local, tmp_path, cache_dir):
+    from dxray.distributed.audit import run_distributed
+
+    cfg = _config(tmp_path / "out", cache_dir, "optimize.batch_tasks=1", "targets.top_k=2",
+                  "cluster.in_flight_per_actor=2")
+    events = []
+    killed = []
+
+    def progress(event, data):
+        events.append(event)
+        if event == "task" and not killed:  # the first commit: both explainers have work queued
+            actor = ray_local.get_actor(f"dxray-explainer-{cfg.resolved_run_id()}-0")
+            ray_local.kill(actor, no_restart=False)  # a real crash; Ray restarts the actor
+            killed.append(time.monotonic())
+
+    summary = run_distributed(cfg, progress=progress)
+    assert killed and "retry" in events
+    n = _expected(cfg)
+    assert (summary.ok, summary.failed) == (n, 0)
+    tasks = _tasks(summary.root)
+    ids = [t["task_id"] for t in tasks]
+    assert len(ids) == len(set(ids)) == n
+    samples = ds.dataset(f"{summary.root}/samples").to_table(columns=["task_id", "seed"]).to_pylist()
+    pairs = [(s["task_id"], s["seed"]) for s in samples]
+    assert len(pairs) == len(set(pairs)) == n * cfg.sample.k
+
+
+def _cli(*args, cache, env=None):
+    full = dict(os.environ, DXRAY_CACHE=str(cache), PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled", **(env or {}))
+    full.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "dxray", *args], cwd=ROOT, env=full, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def test_interrupted_driver_resumes_without_duplicates_or_recomputation(tmp_path, cache_dir):
+    out = tmp_path / "out"
+    args = ["audit", str(TINY_YAML), f"output={out}", f"cache_dir={cache_dir}", *FAST, "optimize.batch_tasks=1",
+            "targets.top_k=2", "cluster.local_gpus=1", "cluster.local_cpus=2", "--quiet"]
+    first = _cli(*args, cache=cache_dir)
+    deadline = time.monotonic() + 400
+    tasks_dir = None
+    while time.monotonic() < deadline and first.poll() is None:
+        parts = list(out.glob("run-*/tasks/part-*.parquet"))
+        if parts:
+            tasks_dir = parts[0].parent
+            break
+        time.sleep(0.2)
+    assert tasks_dir is not None, first.communicate()
+    os.killpg(first.pid, signal.SIGINT)  # Ctrl-C to the whole process group, as a terminal does
+    first.communicate(timeout=120)
+    before = {p.name: p.stat().st_mtime_ns for p in tasks_dir.glob("part-*.parquet")}
+    cfg = _config(out, cache_dir, "targets.top_k=2")
+    n = _expected(cfg)
+    assert 0 < len(before) < n, "the interrupt came too late to test a resume"
+    second = _cli(*args, cache=cache_dir)
+    stdout, stderr = second.communicate(timeout=600)
+    assert second.returncode == 0, stderr
+    assert f"{len(before)} skipped" in stderr
+    after = {p.name: p.stat().st_mtime_ns for p in tasks_dir.glob("part-*.parquet")}
+    assert all(after[name] == mtime for name, mtime in before.items())  # committed tasks were not recomputed
+    tasks = _tasks(tasks_dir.parent)
+    assert len(tasks) == len({t["task_id"] for t in tasks}) == n and all(t["status"] == "ok" for t in tasks)
+    samples = ds.dataset(tasks_dir.parent / "samples").to_table(columns=["task_id", "seed"]).to_pylist()
+    assert len({(s["task_id"], s["seed"]) for s in samples}) == len(samples) == n * 2
+
+
+def test_s3_outage_mid_run_loses_nothing(ray_local, s3, cache_dir):
+    from dxray.distributed.audit import run_distributed
+
+    cfg = _config(f"s3://{s3.bucket}/outage", cache_dir, "optimize.batch_tasks=1", "targets.top_k=2",
+                  "storage.retry_seconds=120")
+    outage = []
+
+    def progress(event, data):
+        if event == "task" and not outage:
+            s3.stop()  # mid-run: later commits and image writes hit a dead endpoint
+            outage.append(threading.Timer(5.0, s3.start))
+            outage[0].start()
+
+    summary = run_distributed(cfg, progress=progress)
+    outage[0].join()
+    n = _expected(cfg)
+    assert outage and (summary.ok, summary.failed) == (n, 0)
+    from dxray.storage.fs import filesystem
+
+    fs, path = filesystem(summary.root, cfg.storage)
+    assert len(_tasks(path, fs)) == n
+    assert ds.dataset(f"{path}/samples", filesystem=fs).count_rows() == n * cfg.sample.k
+
+
+@pytest.mark.parametrize("case", ["bad-key", "no-bucket", "wrong-credentials"])
+def test_bad_input_is_one_line_before_any_model_or_ray(case, s3, tmp_path, cache_dir):
+    args = ["audit", str(TINY_YAML), f"output=s3://{s3.bucket}/x", f"cache_dir={cache_dir}", "--quiet"]
+    env = {}
+    if case == "bad-key":
+        args.append("optimize.stpes=3")
+    elif case == "no-bucket":
+        args[2] = "output=s3://no-such-bucket-dxray/x"
+    else:
+        env = {"AWS_SECRET_ACCESS_KEY": "wrong-secret-0123456789"}
+    started = time.monotonic()
+    proc = _cli(*args, cache=cache_dir, env=env)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    expect = {"bad-key": "optimize.stpes", "no-bucket": "no-such-bucket-dxray", "wrong-credentials": "credentials"}[case]
+    assert expect in lines[0]
+    assert "wrong-secret" not in stderr and s3.secret_key not in stderr
+    assert time.monotonic() - started < 60
+    assert not stdout
+
+
+def test_ray_job_submit_runs_the_audit_on_a_started_cluster(tmp_path, cache_dir):
+    """`ray start --head` on loopback, `ray job submit ... python jobs/audit.py`, SUCCEEDED, output checked."""
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    port = 6390 + os.getpid() % 500
+    dash = 8300 + os.getpid() % 500
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", DXRAY_CACHE=str(cache_dir))
+    env.pop("RAY_ADDRESS", None)
+    temp = tmp_path / "ray"
+    start = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                            f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+                            "--num-cpus=2", "--num-gpus=1", f"--temp-dir={temp}", "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stderr
+    try:
+        out = tmp_path / "out"
+        job = subprocess.run([ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+                              "--", sys.executable, "jobs/audit.py", str(TINY_YAML), f"output={out}",
+                              f"cache_dir={cache_dir}", *FAST],
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "SUCCEEDED" in job.stdout + job.stderr
+        [root] = list(out.glob("run-*"))
+        cfg = _config(out, cache_dir)
+        assert len(_tasks(root)) == _expected(cfg)
+        assert (root / "manifest.json").is_file()
+    finally:
+        _stop_cluster(temp)
+
+
+def _stop_cluster(temp) -> None:
+    """Stop only the cluster under ``temp`` (``ray stop`` would also stop this session's own Ray)."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if str(temp) in " ".join(p.info["cmdline"] or []):
+                procs.append(p)
+                p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for p in alive:
+        p.kill()
