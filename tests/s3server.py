@@ -141,6 +141,8 @@ class S3Server:
                 *(f"-{name}.port={port}" for name, port in p.items())]
 
     def start(self, timeout: float = 30.0) -> S3Server:
+        """Start (or restart) the server. Call it from a long-lived thread: the child gets SIGTERM
+        when the *thread* that started it exits (PR_SET_PDEATHSIG), so a Timer thread kills it."""
         if self.proc is not None and self.proc.poll() is None:
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)

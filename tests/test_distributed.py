@@ -5,10 +5,12 @@ server is stopped and restarted on the same data.
 """
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 
 import pyarrow.dataset as ds
@@ -140,12 +142,14 @@ def test_s3_outage_mid_run_loses_nothing(ray_local, s3, cache_dir):
 
     def progress(event, data):
         if event == "task" and not outage:
-            s3.stop()  # mid-run: later commits and image writes hit a dead endpoint
-            outage.append(threading.Timer(5.0, s3.start))
-            outage[0].start()
+            # Mid-run, on the driver's thread: for 5 s, commits (on their threads) and the actors'
+            # image writes hit a dead endpoint; then the server comes back on the same data.
+            s3.stop()
+            time.sleep(5.0)
+            s3.start()
+            outage.append(True)
 
     summary = run_distributed(cfg, progress=progress)
-    outage[0].join()
     n = _expected(cfg)
     assert outage and (summary.ok, summary.failed) == (n, 0)
     from dxray.storage.fs import filesystem
@@ -185,7 +189,7 @@ def test_ray_job_submit_runs_the_audit_on_a_started_cluster(tmp_path, cache_dir)
     dash = 8300 + os.getpid() % 500
     env = dict(os.environ, RAY_AUTH_MODE="disabled", DXRAY_CACHE=str(cache_dir))
     env.pop("RAY_ADDRESS", None)
-    temp = tmp_path / "ray"
+    temp = tempfile.mkdtemp(prefix="dxr-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     start = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
                             f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
                             "--num-cpus=2", "--num-gpus=1", f"--temp-dir={temp}", "--disable-usage-stats"],
@@ -193,18 +197,29 @@ def test_ray_job_submit_runs_the_audit_on_a_started_cluster(tmp_path, cache_dir)
     assert start.returncode == 0, start.stderr
     try:
         out = tmp_path / "out"
-        job = subprocess.run([ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-                              "--", sys.executable, "jobs/audit.py", str(TINY_YAML), f"output={out}",
-                              f"cache_dir={cache_dir}", *FAST],
-                             env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(30):  # the head's job agent comes up a few seconds after `ray start` returns
+            job = subprocess.run([ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir",
+                                  str(ROOT), "--", sys.executable, "jobs/audit.py", str(TINY_YAML), f"output={out}",
+                                  f"cache_dir={cache_dir}", *FAST],
+                                 env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in job.stderr:
+                break
+            time.sleep(2)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        assert "SUCCEEDED" in job.stdout + job.stderr
+        [job_id] = set(re.findall(r"raysubmit_\w+", job.stdout + job.stderr))
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
+        assert client.get_job_status(job_id) == JobStatus.SUCCEEDED
+        logs = client.get_job_logs(job_id)
+        assert "dxray: 4/4 tasks finished (0 failed" in logs  # the summary line reaches `ray job logs`
         [root] = list(out.glob("run-*"))
         cfg = _config(out, cache_dir)
         assert len(_tasks(root)) == _expected(cfg)
         assert (root / "manifest.json").is_file()
     finally:
         _stop_cluster(temp)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _stop_cluster(temp) -> None:
