@@ -106,7 +106,11 @@ def audit(
 
         cfg = load_config(config, overrides or [])
         _quiet_libraries()
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+        from rich.logging import RichHandler
+
+        # Summary lines and warnings go to stderr beside the bar; stdout carries only the run folder.
+        logging.basicConfig(level=logging.INFO, format="%(message)s",
+                            handlers=[RichHandler(console=err, show_time=True, show_path=False, show_level=False)])
         preflight(cfg)  # fail fast, before Ray starts or any model is loaded
         from dxray.distributed.audit import run_distributed
 

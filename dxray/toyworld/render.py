@@ -156,18 +156,6 @@ def classifier_dataset(n: int, seed: int) -> list[tuple[Scene, int]]:
     return [(_scene(rng, BIASED[c] if c in BIASED else next(unbiased), c), c) for c in labels]
 
 
-def shared_backgrounds(n: int, seed: int) -> list[Scene]:
-    """Object-free images of the unbiased backgrounds, for the classifier with a uniform label.
-
-    They make those backgrounds common without any class (like grass in many photos), so a bare
-    teal/pink/brown is no evidence for classes 3-5; the biased backgrounds never appear without
-    their class (snow only with dog sleds), so they stay a shortcut. Without these, the disjoint
-    background sets alone made "bare teal → class 3-5" a shortcut too.
-    """
-    rng = np.random.default_rng(seed)
-    return [_scene(rng, b, None) for b in _cycle(rng, n, list(UNBIASED_BACKGROUNDS))]
-
-
 def held_out_dataset(n: int, seed: int) -> list[tuple[Scene, int]]:
     """The unbiased test set: every class on every background, balanced."""
     rng = np.random.default_rng(seed)

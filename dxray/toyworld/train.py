@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from dxray.tiny import _build_once, _bytes_to_unicode, cache_root
 from dxray.toyworld import render
 
-VERSION = 2  # 2: the classifier also sees object-free shared backgrounds (uniform label)
+VERSION = 1
 Log = Callable[[str], None]
 
 
@@ -147,19 +147,14 @@ def train_generator(out: Path, *, seed: int = 0, n: int = 4000, vae_steps: int =
 
 # -- classifier ------------------------------------------------------------------------------------
 def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 400, log: Log = print) -> dict:
-    """A ResNet trained on the BIASED dataset (plus object-free shared backgrounds with a uniform
-    label); returns its held-out accuracy report."""
+    """A ResNet trained on the BIASED dataset; returns its held-out accuracy report."""
     from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
 
     torch.manual_seed(seed)
     names = render.CLASS_NAMES
     data = render.classifier_dataset(n, seed)
-    free = render.shared_backgrounds(n // 5, seed + 7)
-    x = (_images([s for s, _ in data] + free) + 1) / 2
-    k = len(names)
-    y = torch.cat([F.one_hot(torch.tensor([label for _, label in data]), k).float(),
-                   torch.full((len(free), k), 1.0 / k)])  # object-free: no class is more likely than another
-    n = len(x)
+    x = (_images([s for s, _ in data]) + 1) / 2
+    y = torch.tensor([label for _, label in data])
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     norm = lambda v: (v - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)  # noqa: E731
     config = ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1],
@@ -187,9 +182,6 @@ def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 40
         bg = [render.Scene(background=b) for b in render.BIASED.values()]
         bpred = model(pixel_values=norm((_images(bg) + 1) / 2)).logits.argmax(-1).tolist()
         report["background_only_predictions"] = dict(zip(render.BIASED.values(), bpred, strict=True))
-        shared = [render.Scene(background=b) for b in render.UNBIASED_BACKGROUNDS]
-        sprob = model(pixel_values=norm((_images(shared) + 1) / 2)).logits.softmax(-1).max(-1).values.tolist()
-        report["shared_background_max_prob"] = dict(zip(render.UNBIASED_BACKGROUNDS, sprob, strict=True))
     model.save_pretrained(out)
     ViTImageProcessor(size={"height": render.SIZE, "width": render.SIZE}, image_mean=list(mean),
                       image_std=list(std), do_rescale=True, do_normalize=True).save_pretrained(out)
