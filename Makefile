@@ -32,6 +32,7 @@ bench: install
 	$(BIN)/python benchmarks/sampler.py --size tiny
 	$(BIN)/python benchmarks/segment.py --model tiny --images 32 --size 128
 	$(BIN)/python benchmarks/sampler.py --size sd15 --resolution 256 --checkpointing
+	$(BIN)/python benchmarks/scheduler.py
 
 lint: install
 	$(BIN)/ruff check dxray tests benchmarks jobs

@@ -39,6 +39,8 @@ class SimulatedExplainer:
     """Returns finished task rows after ``work`` seconds per task (0: no-op)."""
 
     def __init__(self, work: float):
+        import dxray.audit  # noqa: F401  (imports torch: done before timing starts, as a real actor's load)
+
         self.work = work
 
     def ready(self) -> bool:
@@ -154,7 +156,7 @@ def parquet_writes(parts: int, rows_per_part: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", type=int, default=200, help="tasks for the overhead figure")
-    ap.add_argument("--scale-tasks", type=int, default=64, help="tasks for each scaling point")
+    ap.add_argument("--scale-tasks", type=int, default=128, help="tasks for each scaling point")
     ap.add_argument("--work", type=float, default=0.5, help="simulated seconds of work per task")
     ap.add_argument("--counts", default="1,2,4,8")
     ap.add_argument("--parts", type=int, default=50)

@@ -237,3 +237,21 @@ def _stop_cluster(temp) -> None:
     _, alive = psutil.wait_procs(procs, timeout=20)
     for p in alive:
         p.kill()
+
+
+def test_audit_ranks_features_over_an_image_folder_on_ray(ray_local, tmp_path, cache_dir):
+    """feature_source=images: the audit ranks on Ray Data, writes the ranking, then explains those features."""
+    from test_rank_distributed import write_images
+
+    from dxray.distributed.audit import run_distributed
+
+    write_images(tmp_path / "imgs", folders=2, per_folder=3)
+    cfg = _config(tmp_path / "out", cache_dir, "targets.feature_source=images",
+                  f"targets.feature_images.path={tmp_path / 'imgs'}", "targets.feature_images.select=labelled")
+    summary = run_distributed(cfg)
+    assert (summary.ok, summary.failed) == (_expected(cfg), 0)
+    ranking = ds.dataset(f"{summary.root}/feature_ranking").to_table().to_pylist()
+    assert {(r["class_index"], r["source"], r["n_images"]) for r in ranking} == {(0, "images-labelled", 3),
+                                                                               (1, "images-labelled", 3)}
+    features = {(t["class_index"], t["feature_index"]) for t in _tasks(summary.root) if t["kind"] == "feature"}
+    assert features == {(r["class_index"], r["feature_index"]) for r in ranking}
