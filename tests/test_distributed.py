@@ -18,6 +18,7 @@ import pytest
 from conftest import ROOT, TINY_YAML
 
 from dxray.config import load_config
+from dxray.errors import DxrayError
 
 pytestmark = pytest.mark.timeout(900)
 FAST = ["optimize.steps=2", "sample.k=2", "device=cpu", "cluster.log_every_s=2"]
@@ -255,3 +256,27 @@ def test_audit_ranks_features_over_an_image_folder_on_ray(ray_local, tmp_path, c
                                                                                (1, "images-labelled", 3)}
     features = {(t["class_index"], t["feature_index"]) for t in _tasks(summary.root) if t["kind"] == "feature"}
     assert features == {(r["class_index"], r["feature_index"]) for r in ranking}
+
+
+@pytest.mark.parametrize(("gpus", "overrides", "expected"), [
+    (8, ["cluster.gpus_per_explainer=0.75", "cluster.gpus_per_segmenter=0.25"], 8),  # one per GPU, segmenter in a leftover
+    (8, ["cluster.gpus_per_explainer=0.5", "cluster.gpus_per_segmenter=0.25"], 15),  # two per GPU, one gives way
+    (2, ["cluster.gpus_per_explainer=1"], 2),  # CPU segmenter (the default)
+    (4, ["cluster.gpus_per_explainer=1", "cluster.gpus_per_segmenter=0.5", "cluster.segmenters=2"], 3),
+    (4, ["cluster.gpus_per_explainer=2"], 2),
+    (0, [], 1),  # CPU-only cluster: one CPU explainer
+    (8, ["cluster.explainers=3"], 3),  # explicit (an autoscaling cluster)
+])
+def test_layout_packs_explainers_per_gpu(gpus, overrides, expected, tmp_path):
+    from dxray.distributed.audit import layout
+
+    n, _ = layout(load_config(TINY_YAML, [f"output={tmp_path}", *overrides]), gpus)
+    assert n == expected
+
+
+def test_layout_with_no_room_is_a_one_line_error(tmp_path):
+    from dxray.distributed.audit import layout
+
+    cfg = load_config(TINY_YAML, [f"output={tmp_path}", "cluster.gpus_per_explainer=1", "cluster.gpus_per_segmenter=0.25"])
+    with pytest.raises(DxrayError, match="no room for an explainer"):
+        layout(cfg, 1)

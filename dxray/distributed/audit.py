@@ -20,16 +20,37 @@ log = logging.getLogger("dxray")
 
 
 def layout(cfg: Config, cluster_gpus: float) -> tuple[int, float]:
-    """(explainer count, GPUs per explainer): one per ``gpus_per_explainer`` of the cluster's GPUs,
-    after the segmenters' share; a CPU-only cluster gets one CPU explainer unless told otherwise."""
+    """(explainer count, GPUs per explainer): as many explainers of ``gpus_per_explainer`` as fit beside
+    the segmenters. A fractional request must fit on one GPU (Ray never splits an actor across GPUs),
+    so packing is per GPU. A CPU-only cluster gets one CPU explainer unless told otherwise."""
+    import math
+
     c = cfg.cluster
     gpe = c.gpus_per_explainer if cluster_gpus > 0 else 0.0
     if c.explainers is not None:
         return c.explainers, gpe
     if gpe == 0:
         return 1, 0.0
-    free = cluster_gpus - (c.segmenters * c.gpus_per_segmenter if cfg.segment.enabled else 0)
-    n = int(free / gpe + 1e-9)
+    gpus = int(cluster_gpus + 1e-9)
+    segs = c.segmenters if cfg.segment.enabled and c.gpus_per_segmenter > 0 else 0
+    gps = c.gpus_per_segmenter
+    if gpe >= 1:
+        n = int((gpus - math.ceil(segs * gps - 1e-9)) / gpe + 1e-9)
+    else:
+        per = [int(1 / gpe + 1e-9)] * gpus  # explainers on each GPU
+        free = [1 - k * gpe for k in per]
+        for _ in range(segs):  # each segmenter into a GPU's leftover, else in place of an explainer
+            fits = [g for g in range(gpus) if free[g] + 1e-9 >= gps]
+            if not fits:
+                g = max(range(gpus), key=lambda g: (per[g], free[g]), default=None)
+                if g is None or per[g] == 0:
+                    break
+                per[g] -= 1
+                free[g] += gpe
+                fits = [g] if free[g] + 1e-9 >= gps else []
+            if fits:
+                free[fits[0]] -= gps
+        n = sum(per)
     if n < 1:
         raise DxrayError(f"cluster has {cluster_gpus:g} GPU(s): no room for an explainer of {gpe:g} GPU beside "
                          f"{c.segmenters} segmenter(s) of {c.gpus_per_segmenter:g}; lower cluster.gpus_per_explainer "
