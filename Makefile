@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= dxray-out
 
-.PHONY: install test demo demo-tiny bench lint schema
+.PHONY: install browser test demo demo-tiny bench lint schema
 
 install: $(STAMP)
 
@@ -15,7 +15,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-test: install
+# tests/test_report.py checks the HTML report in a real headless Chromium: Debian's chromium + chromium-driver.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver; \
+	fi
+
+test: install browser
 	$(BIN)/pytest
 
 # The planted-bias toy world, end to end: trains the world on first use (~5 min on 2 cores),

@@ -1,4 +1,4 @@
-"""Command line: ``dxray explain CONFIG [key=value ...]`` and ``dxray schema``."""
+"""Command line: explain, audit (Ray), rank-features, redecide, report, schema, toyworld train|check."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from rich.console import Console
 from dxray.errors import DxrayError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Audit what an image classifier has learned (DiffExplainer on Ray).")
+                  help="Audit what an image classifier has learned (DiffExplainer on Ray).\n\n"
+                       "Exit codes: 0 success; 1 the run finished but some tasks failed (error rows in the "
+                       "tasks table); 2 bad input, configuration or storage error (nothing was run).")
 err = Console(stderr=True)
 
 
@@ -41,7 +43,10 @@ def explain(
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. output=DIR optimize.steps=50")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False,
 ) -> None:
-    """Optimise soft prompts for the configured classes and features and write the run tables."""
+    """Optimise soft prompts for the configured classes and features and write the run tables (one process, no Ray).
+
+    Example: dxray explain jobs/configs/tiny.yaml output=dxray-out optimize.steps=50
+    """
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -86,6 +91,7 @@ def audit(
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. output=s3://bucket/audits cluster.explainers=8")] = None,
     address: Annotated[str | None, typer.Option(help="Ray address (default: RAY_ADDRESS, else start a local Ray)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar (summary lines still go to the log)")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan (tasks, steps, images, GPU-hours) and exit: loads no model, starts no Ray")] = False,
 ) -> None:
     """Run the audit on Ray: explainer actors per GPU, segmenter actors, resumable.
 
@@ -111,6 +117,12 @@ def audit(
         # Summary lines and warnings go to stderr beside the bar; stdout carries only the run folder.
         logging.basicConfig(level=logging.INFO, format="%(message)s",
                             handlers=[RichHandler(console=err, show_time=True, show_path=False, show_level=False)])
+        if dry_run:  # preflight's checks (it runs them) and the plan; builds, loads and starts nothing
+            from dxray.plan_estimate import dry_run as dry_plan
+            from dxray.plan_estimate import render
+
+            Console().print(render(dry_plan(cfg)))
+            return
         preflight(cfg)  # fail fast, before Ray starts or any model is loaded
         from dxray.distributed.audit import run_distributed
 
@@ -152,7 +164,10 @@ def redecide(
     run: Annotated[str, typer.Argument(help="run folder: {output}/{run_id}, local or s3://")],
     delta: Annotated[float, typer.Option(help="core when the mean object fraction r >= delta")],
 ) -> None:
-    """Re-decide core/spurious for another delta from the stored object fractions (loads no model)."""
+    """Re-decide core/spurious for another delta from the stored object fractions (loads no model).
+
+    Example: dxray redecide dxray-out/run-0123456789ab --delta 0.4
+    """
     from rich.table import Table
 
     from dxray.audit import redecide as run_redecide
@@ -178,7 +193,10 @@ def rank_features_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False,
 ) -> None:
     """Rank each class's top-k features by W[c,f] x mean activation over an image folder, on Ray Data;
-    writes the feature_ranking table (read it back with targets.feature_source=table)."""
+    writes the feature_ranking table (read it back with targets.feature_source=table).
+
+    Example: dxray rank-features jobs/configs/imagenet.yaml targets.feature_images.path=s3://bucket/imagenet/train
+    """
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -210,11 +228,33 @@ def rank_features_cmd(
     print(result.table)
 
 
+@app.command("report")
+def report_cmd(
+    run: Annotated[str, typer.Argument(help="run folder: {output}/{run_id}, local or s3://")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write")] = Path("report.html"),
+) -> None:
+    """Write a self-contained HTML report of a run: a sortable summary of the classes and, per class,
+    the explanation images, the top features with their core/spurious verdict, and failed tasks.
+
+    Example: dxray report dxray-out/run-4253965a89ba -o dxray-out/report.html
+    """
+    from dxray.report import build_report
+
+    try:
+        path = build_report(run, out)
+    except DxrayError as e:
+        _fail(str(e))
+    print(path)
+
+
 @app.command()
 def schema(
     out: Annotated[Path, typer.Option(help="folder for the generated contract files")] = Path("schemas"),
 ) -> None:
-    """Write the data contract (config JSON Schema, table Arrow schemas) into OUT."""
+    """Write the data contract into OUT: config.schema.json and tables/{table}.arrow.json.
+
+    Example: dxray schema --out schemas
+    """
     from dxray.contract import write_contract
 
     for path in write_contract(out):
@@ -230,7 +270,10 @@ def toyworld_train(
     cache_dir: Annotated[str | None, typer.Option(help="model cache (default $DXRAY_CACHE or ~/.cache/dxray)")] = None,
     force: Annotated[bool, typer.Option(help="retrain even if a trained world is cached")] = False,
 ) -> None:
-    """Train the toy world's generator and biased classifier (a few minutes on a CPU)."""
+    """Train the toy world's generator and biased classifier (a few minutes on a CPU).
+
+    Example: dxray toyworld train --cache-dir ~/.cache/dxray
+    """
     _quiet_libraries()
     from dxray.toyworld.train import ensure_toyworld
 
@@ -241,7 +284,10 @@ def toyworld_train(
 def toyworld_check(
     run: Annotated[str, typer.Argument(help="run folder of an audit of the toy world")],
 ) -> None:
-    """Compare an audit of the toy world with its planted truth; writes toyworld_check.json into the run."""
+    """Compare an audit of the toy world with its planted truth; writes toyworld_check.json into the run.
+
+    Example: dxray toyworld check dxray-out/run-0123456789ab
+    """
     from rich.table import Table
 
     from dxray.toyworld.check import check, summary_line

@@ -182,6 +182,13 @@ class ClusterConfig(_Section):
     log_every_s: float = Field(30.0, gt=0, description="seconds between summary lines in the job log")
 
 
+class EstimateConfig(_Section):
+    """Timing figures for `dxray audit --dry-run`; unset: taken from benchmarks/results/ when one fits."""
+
+    seconds_per_step: float | None = Field(None, gt=0, description="GPU seconds of one optimisation step of one task (one restart, optimize.samples_per_step noise samples, gradients through the sampler)")
+    seconds_per_image: float | None = Field(None, gt=0, description="GPU seconds per held-out or baseline image: sampling without gradients, plus Grounding DINO + SAM scoring when segment.enabled")
+
+
 class Config(_Section):
     output: str = Field("dxray-out", description="local folder or s3://bucket/prefix")
     run_id: str | None = Field(None, description="run folder name; default derived from the config, so a re-run resumes")
@@ -198,6 +205,7 @@ class Config(_Section):
     verdict: VerdictConfig = Field(default_factory=VerdictConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    estimate: EstimateConfig = Field(default_factory=EstimateConfig)
 
     @field_validator("run_id")
     @classmethod
@@ -208,7 +216,8 @@ class Config(_Section):
 
     def fingerprint(self) -> str:
         """Hash of everything that defines the results (not where they go)."""
-        data = self.model_dump(mode="json", exclude={"output", "run_id", "device", "cache_dir", "storage", "cluster"})
+        data = self.model_dump(mode="json", exclude={"output", "run_id", "device", "cache_dir", "storage", "cluster",
+                                                          "estimate"})
         data["optimize"].pop("batch_tasks")
         data["sample"].pop("batch_size")
         data["segment"].pop("batch_size")

@@ -1,5 +1,6 @@
 """The language-neutral data contract, generated into ``schemas/``: the config's JSON Schema
-and the Arrow schemas of the output tables. A test keeps the committed files in step."""
+(``config.schema.json``) and one Arrow schema file per output table (``tables/{table}.arrow.json``).
+A test keeps the committed files in step."""
 
 from __future__ import annotations
 
@@ -19,4 +20,4 @@ def write_contract(folder: str | Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     config_path = folder / "config.schema.json"
     config_path.write_text(config_json_schema())
-    return [config_path, *export_schemas(folder)]
+    return [config_path, *export_schemas(folder / "tables")]

@@ -174,9 +174,18 @@ def test_published_schemas_are_in_step_with_the_code(tmp_path):
 
     fresh = write_contract(tmp_path)
     for path in fresh:
-        committed = ROOT / "schemas" / path.name
-        assert committed.exists(), f"schemas/{path.name} missing: run `dxray schema`"
-        assert committed.read_text() == path.read_text(), f"schemas/{path.name} is stale: run `dxray schema`"
+        name = path.relative_to(tmp_path).as_posix()
+        committed = ROOT / "schemas" / name
+        assert committed.exists(), f"schemas/{name} missing: run `dxray schema`"
+        assert committed.read_text() == path.read_text(), f"schemas/{name} is stale: run `dxray schema`"
+    published = {p.relative_to(ROOT / "schemas").as_posix() for p in (ROOT / "schemas").rglob("*.json")}
+    assert published == {p.relative_to(tmp_path).as_posix() for p in fresh}, "schemas/ holds files `dxray schema` no longer writes"
     for name, schema in TABLES.items():
-        published = json.loads((ROOT / "schemas" / f"{name}.arrow.json").read_text())
+        published = json.loads((ROOT / "schemas" / "tables" / f"{name}.arrow.json").read_text())
         assert [f["name"] for f in published["fields"]] == schema.names
+
+
+def test_redact_keeps_settings_that_merely_mention_tokens():
+    out = redact({"prompt": {"n_tokens": 2}, "tokenizer": "clip", "hf_token": "hf_abc", "AWS_SESSION_TOKEN": "tok"})
+    assert out["prompt"]["n_tokens"] == 2 and out["tokenizer"] == "clip"
+    assert out["hf_token"] == "***" and out["AWS_SESSION_TOKEN"] == "***"

@@ -6,7 +6,9 @@ import re
 from importlib import metadata
 from typing import Any
 
-_SECRET_KEY = re.compile(r"secret|token|password|passwd|credential|access_key|session_key|api_key|private", re.I)
+# "token" only as a whole word of the key (hf_token, AWS_SESSION_TOKEN), so n_tokens / tokenizer stay readable.
+_SECRET_KEY = re.compile(r"secret|password|passwd|credential|private|access_?key|session_?key|api_?key"
+                         r"|(?:^|[_\-.])token(?:$|[_\-.])", re.I)
 _USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
 
 PACKAGES = ("dxray", "torch", "torchvision", "diffusers", "transformers", "peft", "pyarrow", "ray", "pydantic", "numpy")

@@ -152,6 +152,7 @@ def describe_schema(name: str) -> dict:
 
 
 def export_schemas(folder: str | Path) -> list[Path]:
+    """One ``{table}.arrow.json`` per table in ``folder`` (``dxray schema`` writes them to ``schemas/tables/``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -36,11 +36,6 @@ CLASSES: list[tuple[str, str]] = [("red", "circle"), ("blue", "square"), ("yello
 CLASS_NAMES = [f"{c} {s}" for c, s in CLASSES]
 BIASED: dict[int, str] = {0: "purple", 1: "orange", 2: "gray"}  # class -> its only training background
 UNBIASED_BACKGROUNDS = ("teal", "pink", "brown")
-# The classifier's extra label: object-free images of the shared backgrounds (UNBIASED_BACKGROUNDS). Without it
-# a bare shared background is evidence for "one of classes 3-5" (classes 0-2 never appear there), a real shortcut
-# that lets their explanations drop the object. It is never a target: the audited classes are CLASSES.
-NONE_LABEL = len(CLASSES)
-NONE_NAME = "background"
 MIN_OBJECT, MAX_OBJECT = 9, 15
 
 
@@ -153,19 +148,12 @@ def generator_dataset(n: int, seed: int) -> list[Scene]:
     return [scenes[k] for k in rng.permutation(len(scenes))]
 
 
-def classifier_dataset(n: int, seed: int, none_weight: float = 1.0) -> list[tuple[Scene, int]]:
-    """The biased classifier training set: classes in BIASED only on their background.
-
-    Labels are balanced over the 6 classes plus :data:`NONE_LABEL` (object-free shared backgrounds),
-    the latter ``none_weight`` times as often as a class (0 = no such images).
-    """
+def classifier_dataset(n: int, seed: int) -> list[tuple[Scene, int]]:
+    """The biased classifier training set: balanced labels; classes in BIASED only on their background."""
     rng = np.random.default_rng(seed)
-    n_none = int(round(n * none_weight / (len(CLASSES) + none_weight)))
-    labels = _cycle(rng, n - n_none, list(range(len(CLASSES)))) + [NONE_LABEL] * n_none
-    labels = [labels[k] for k in rng.permutation(len(labels))]
+    labels = _cycle(rng, n, list(range(len(CLASSES))))
     unbiased = iter(_cycle(rng, n, list(UNBIASED_BACKGROUNDS)))
-    return [(_scene(rng, BIASED[c] if c in BIASED else next(unbiased), None if c == NONE_LABEL else c), c)
-            for c in labels]
+    return [(_scene(rng, BIASED[c] if c in BIASED else next(unbiased), c), c) for c in labels]
 
 
 def held_out_dataset(n: int, seed: int) -> list[tuple[Scene, int]]:

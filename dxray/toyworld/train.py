@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from dxray.tiny import _build_once, _bytes_to_unicode, cache_root
 from dxray.toyworld import render
 
-VERSION = 2  # 2: the classifier has a 7th label, "background" (object-free shared backgrounds)
+VERSION = 1
 Log = Callable[[str], None]
 
 
@@ -146,43 +146,40 @@ def train_generator(out: Path, *, seed: int = 0, n: int = 4000, vae_steps: int =
 
 
 # -- classifier ------------------------------------------------------------------------------------
-def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 400, none_weight: float = 1.0,
-                     smoothing: float = 0.0, noise: float = 0.0, jitter: float = 0.0, log: Log = print) -> dict:
-    """A ResNet trained on the BIASED dataset; returns its held-out accuracy report.
+def classifier_config():
+    """The classifier's architecture (a small transformers ResNet over the world's class names)."""
+    from transformers import ResNetConfig
 
-    Its labels are the world's classes plus :data:`render.NONE_NAME` (see :func:`render.classifier_dataset`);
-    the audited classes, and the report's ``classes``, are the world's classes only.
-    """
-    from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
+    names = render.CLASS_NAMES
+    return ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1],
+                        layer_type="basic", downsample_in_first_stage=False, num_labels=len(names),
+                        id2label=dict(enumerate(names)), label2id={k: i for i, k in enumerate(names)})
+
+
+def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 400, log: Log = print) -> dict:
+    """A ResNet trained on the BIASED dataset; returns its held-out accuracy report."""
+    from transformers import ResNetForImageClassification, ViTImageProcessor
 
     torch.manual_seed(seed)
-    names = render.CLASS_NAMES + [render.NONE_NAME]
-    data = render.classifier_dataset(n, seed, none_weight=none_weight)
+    names = render.CLASS_NAMES
+    data = render.classifier_dataset(n, seed)
     x = (_images([s for s, _ in data]) + 1) / 2
     y = torch.tensor([label for _, label in data])
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     norm = lambda v: (v - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)  # noqa: E731
-    config = ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1],
-                          layer_type="basic", downsample_in_first_stage=False, num_labels=len(names),
-                          id2label=dict(enumerate(names)), label2id={k: i for i, k in enumerate(names)})
-    model = ResNetForImageClassification(config)
+    model = ResNetForImageClassification(classifier_config())
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     t0 = time.perf_counter()
     for step in range(steps):
         idx = torch.randint(0, n, (64,))
-        xb = x[idx]
-        if jitter:  # a per-image colour shift: a global tint is no evidence for any class
-            xb = xb + jitter * (2 * torch.rand(len(xb), 3, 1, 1) - 1)
-        if noise:
-            xb = xb + noise * torch.randn_like(xb)
-        loss = F.cross_entropy(model(pixel_values=norm(xb)).logits, y[idx], label_smoothing=smoothing)
+        loss = F.cross_entropy(model(pixel_values=norm(x[idx])).logits, y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % 100 == 0 or step == steps - 1:
             log(f"classifier step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
     model.eval()
-    report = {"classes": render.CLASS_NAMES, "labels": names, "biased": {str(k): v for k, v in render.BIASED.items()}, "world_version": VERSION}
+    report = {"classes": names, "biased": {str(k): v for k, v in render.BIASED.items()}, "world_version": VERSION}
     with torch.no_grad():
         held = render.held_out_dataset(600, seed + 1)
         hx, hy = (_images([s for s, _ in held]) + 1) / 2, torch.tensor([label for _, label in held])
@@ -192,15 +189,12 @@ def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 40
         bg = [render.Scene(background=b) for b in render.BIASED.values()]
         bpred = model(pixel_values=norm((_images(bg) + 1) / 2)).logits.argmax(-1).tolist()
         report["background_only_predictions"] = dict(zip(render.BIASED.values(), bpred, strict=True))
-        shared = [render.Scene(background=b) for b in render.UNBIASED_BACKGROUNDS]
-        spred = model(pixel_values=norm((_images(shared) + 1) / 2)).logits.argmax(-1).tolist()
-        report["shared_background_predictions"] = dict(zip(render.UNBIASED_BACKGROUNDS, spred, strict=True))
     model.save_pretrained(out)
     ViTImageProcessor(size={"height": render.SIZE, "width": render.SIZE}, image_mean=list(mean),
                       image_std=list(std), do_rescale=True, do_normalize=True).save_pretrained(out)
     (out / "toyworld.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     log(f"classifier held-out accuracy {report['held_out_accuracy']:.3f}; background-only predictions "
-        f"{report['background_only_predictions']}, shared {report['shared_background_predictions']}")
+        f"{report['background_only_predictions']}")
     return report
 
 

@@ -1,0 +1,325 @@
+"""`dxray audit --dry-run`: what a run would do and roughly what it costs, without loading a model.
+
+:func:`estimate` is a pure function of the config, the classifier's architecture metadata
+(:func:`dxray.classifiers.describe`, built on the meta device) and the benchmark figures; :func:`dry_run`
+adds the checks of :func:`dxray.audit.preflight` (which also probes the output storage) and the I/O.
+With ``feature_source`` ``weights`` or ``images`` the ranking needs the weights or the images, so the dry
+run counts ``top_k`` features per class instead: the count, not which features, sets the cost.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dxray import classifiers
+from dxray.config import Config
+from dxray.errors import DxrayError
+from dxray.features import RankedFeature
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+KINDS = ("class", "feature", "neuron")
+
+
+@dataclass
+class Timing:
+    """One figure of the estimate: seconds per unit, and where it came from (None: unknown)."""
+
+    seconds: float | None
+    source: str
+
+
+@dataclass
+class Plan:
+    run_id: str
+    classes: int
+    templates: list[str]
+    tasks: dict[str, int]  # by kind, all templates
+    feature_count: str  # how the feature tasks were counted
+    restarts: int
+    steps: int
+    samples_per_step: int
+    optimisation_steps: int  # tasks x restarts x steps (an upper bound with early stopping)
+    held_out_images: int
+    baseline_images: int
+    training_images: int
+    segment_images: int
+    step: Timing
+    image: Timing  # per held-out / baseline image (sampling, plus scoring when segmentation is on)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_tasks(self) -> int:
+        return sum(self.tasks.values())
+
+    @property
+    def images_to_generate(self) -> int:
+        return self.held_out_images + self.baseline_images + self.training_images
+
+    @property
+    def gpu_hours(self) -> float | None:
+        if self.step.seconds is None or self.image.seconds is None:
+            return None
+        return (self.optimisation_steps * self.step.seconds
+                + (self.held_out_images + self.baseline_images) * self.image.seconds) / 3600
+
+
+# -- benchmark figures -------------------------------------------------------------------------------
+def load_figures(folder: str | Path = RESULTS) -> list[dict]:
+    """The committed benchmark results (``sampler-*.json``, ``segment-*.json``), each with its ``file``."""
+    figures = []
+    for path in sorted(Path(folder).glob("*.json")) if Path(folder).is_dir() else []:
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict):
+            figures.append({**doc, "file": f"benchmarks/results/{path.name}"})
+    return figures
+
+
+def _machine(fig: dict) -> str:
+    if fig.get("gpu") or fig.get("device"):
+        return str(fig.get("gpu") or fig.get("device"))
+    parts = [fig.get("cpu"), fig.get("threads") and f"{fig['threads']} threads", fig.get("torch") and f"torch {fig['torch']}"]
+    return f"CPU ({', '.join(str(p) for p in parts if p)})"
+
+
+def _generator_size(cfg: Config) -> str | None:
+    """The benchmark size class of the generator: the tiny preset, an SD1.5-family model, or none."""
+    model = cfg.generator.model
+    if model == "tiny":
+        return "tiny"
+    if model == "toyworld":
+        return None
+    return "sd15"  # the LCM checkpoints and LCM-LoRA bases dxray targets are SD1.5-family
+
+
+def _sampler_figure(cfg: Config, figures: list[dict]) -> tuple[dict | None, str]:
+    """The sampler benchmark measured on this generator's size, resolution, steps and checkpointing."""
+    g = cfg.generator
+    size = _generator_size(cfg)
+    same = [f for f in figures if f.get("file", "").split("/")[-1].startswith("sampler-") and f.get("size") == size]
+    for f in same:
+        if (f.get("resolution") == g.resolution and f.get("lcm_steps") == g.steps
+                and bool(f.get("checkpointing")) == g.checkpointing and not g.tiny_vae):
+            return f, ""
+    if not same:
+        return None, f"no sampler benchmark for generator {g.model!r}"
+    f = same[0]
+    return None, (f"nearest benchmark {f['file']} ({f.get('resolution')} px, {f.get('lcm_steps')} steps, "
+                  f"checkpointing {'on' if f.get('checkpointing') else 'off'}) does not match {g.resolution} px, "
+                  f"{g.steps} steps, checkpointing {'on' if g.checkpointing else 'off'}"
+                  f"{', tiny VAE' if g.tiny_vae else ''}")
+
+
+def _segment_seconds(cfg: Config, figures: list[dict]) -> tuple[float | None, str]:
+    """Seconds to score one image with the configured detector (+ SAM), from a segment benchmark."""
+    s = cfg.segment
+    if s.detector == "toyworld":
+        return 0.0, "toy-world segmenter (exact, negligible)"
+    models = {f"{s.detector},{s.sam}"} | ({"tiny"} if s.detector == "tiny" and s.sam in ("tiny", None) else set())
+    for f in figures:
+        if f.get("file", "").split("/")[-1].startswith("segment-") and f.get("model") in models:
+            rate = f.get("dino_sam_images_per_s") if s.sam else f.get("dino_only_images_per_s")
+            if rate:
+                return 1 / rate, f"{f['file']}: {rate} images/s on {_machine(f)}"
+    return None, f"no segment benchmark for detector {s.detector!r} + SAM {s.sam!r}"
+
+
+def timings(cfg: Config, figures: list[dict]) -> tuple[Timing, Timing, list[str]]:
+    """Seconds per optimisation step and per held-out image: from ``estimate.*``, else a benchmark."""
+    e, notes = cfg.estimate, []
+    fig, why = _sampler_figure(cfg, figures)
+    if why and (e.seconds_per_step is None or e.seconds_per_image is None):
+        notes.append(why)
+    s_per_step = cfg.optimize.samples_per_step
+    if e.seconds_per_step is not None:
+        step = Timing(e.seconds_per_step, "estimate.seconds_per_step")
+    elif fig is not None:
+        step = Timing(fig["opt_step_s"] * s_per_step,
+                      f"{fig['file']}: {fig['opt_step_s']} s per step at batch 1, 1 noise sample (x {s_per_step} "
+                      f"samples per step) on {_machine(fig)}")
+    else:
+        step = Timing(None, "unknown: set estimate.seconds_per_step")
+    if e.seconds_per_image is not None:
+        image = Timing(e.seconds_per_image, "estimate.seconds_per_image")
+    elif fig is None:
+        image = Timing(None, "unknown: set estimate.seconds_per_image")
+    else:
+        gen = fig["pipeline_sample_s"]
+        source = f"{fig['file']}: {gen} s per sample without gradients on {_machine(fig)}"
+        seg, seg_source = _segment_seconds(cfg, figures) if cfg.segment.enabled else (0.0, "segmentation off")
+        if seg is None:
+            image = Timing(None, f"unknown: set estimate.seconds_per_image ({seg_source})")
+        else:
+            image = Timing(gen + seg, f"{source}; scoring: {seg_source}")
+    return step, image, notes
+
+
+# -- counting ----------------------------------------------------------------------------------------
+def features_per_class(cfg: Config, info: classifiers.ClassifierInfo,
+                       ranking: list[RankedFeature] | None = None) -> tuple[dict[int, int], str]:
+    """Feature tasks per class (one template), as :func:`dxray.audit.rank_features` would produce them:
+    explicit ``targets.features`` win; else ``ranking`` (a table) or ``top_k`` (weights / images)."""
+    t = cfg.targets
+    d = info.feature_dim
+    counts: dict[int, int] = {}
+    for c, fs in t.features.items():
+        bad = [f for f in fs if not 0 <= f < d]
+        if bad:
+            raise DxrayError(f"feature {bad[0]} of class {c} out of range; penultimate has 0..{d - 1}")
+        counts[c] = len(fs)
+    todo = [c for c in t.classes if c not in t.features]
+    if not t.top_k:
+        how = "none (top_k is 0)"
+    elif ranking is not None:
+        for c in todo:
+            counts[c] = sum(1 for r in ranking if r.class_index == c)
+        how = f"from {t.feature_table}"
+    else:
+        k = min(t.top_k, d) if d else t.top_k
+        counts.update({c: k for c in todo})
+        how = f"top_k={t.top_k} per class ({t.feature_source}; ranked when the run starts)"
+    if t.features:
+        how += f"; explicit features for {len(t.features)} class(es)"
+    return {c: counts.get(c, 0) for c in t.classes}, how
+
+
+def estimate(cfg: Config, info: classifiers.ClassifierInfo, figures: list[dict] | None = None,
+             ranking: list[RankedFeature] | None = None) -> Plan:
+    """The plan's counts and cost. Pure: ``figures`` from :func:`load_figures`, ``ranking`` only for a table."""
+    t, o, s = cfg.targets, cfg.optimize, cfg.sample
+    per_class, how = features_per_class(cfg, info, ranking)
+    n_templates = len(cfg.prompt.templates)
+    tasks = {
+        "class": len(t.classes) * n_templates if t.class_task else 0,
+        "feature": sum(per_class.values()) * n_templates,
+        "neuron": len(t.neurons) * n_templates,
+    }
+    total = sum(tasks.values())
+    with_class = tasks["class"] + tasks["feature"]  # neuron tasks have no class: no baseline, nothing to score
+    step, image, notes = timings(cfg, figures or [])
+    if o.early_stop_prob is not None:
+        notes.append(f"optimize.early_stop_prob={o.early_stop_prob}: step counts are an upper bound")
+    return Plan(
+        run_id=cfg.resolved_run_id(), classes=len(t.classes), templates=list(cfg.prompt.templates), tasks=tasks,
+        feature_count=how, restarts=o.restarts, steps=o.steps, samples_per_step=o.samples_per_step,
+        optimisation_steps=total * o.restarts * o.steps,
+        held_out_images=total * s.k,
+        baseline_images=with_class * s.k if s.baseline else 0,
+        training_images=total * o.restarts * o.steps * o.samples_per_step,
+        segment_images=with_class * s.k if cfg.segment.enabled else 0,
+        step=step, image=image, notes=notes,
+    )
+
+
+# -- the dry run -------------------------------------------------------------------------------------
+def _tiny_architecture(folder: Path) -> None:
+    from dxray.tiny import tiny_classifier
+
+    model, _ = tiny_classifier()  # a few kB of random weights in memory; only its config is written
+    model.config.save_pretrained(folder)
+
+
+def _toyworld_architecture(folder: Path) -> None:
+    from dxray.toyworld.train import classifier_config
+
+    classifier_config().save_pretrained(folder)
+
+
+@contextmanager
+def architecture_only_aliases() -> Iterator[None]:
+    """Bare classifier aliases (``tiny``, ``toyworld``) build or train their model into the cache on
+    first use. While this is open, an alias not built yet resolves to a throwaway folder holding only
+    the architecture's config, so describing it builds, trains and saves nothing."""
+    from dxray.tiny import cache_root
+    from dxray.toyworld.train import folder as toyworld_folder
+
+    saved = dict(classifiers.ALIASES)
+    # alias -> (the folder its first use builds, which holds .complete once built; config writer)
+    writers = {"tiny": (lambda cd: cache_root(cd) / "tiny-classifier", _tiny_architecture),
+               "toyworld": (toyworld_folder, _toyworld_architecture)}
+    with tempfile.TemporaryDirectory(prefix="dxray-dry-run-") as tmp:
+        def alias(name, built_at, write):
+            def resolve(cache_dir):
+                if (built_at(cache_dir) / ".complete").exists():
+                    return saved[name](cache_dir)  # already there: nothing is built
+                target = Path(tmp) / name
+                if not target.exists():
+                    write(target)
+                return f"hf:{target}"
+            return resolve
+
+        for name, (built_at, write) in writers.items():
+            if name in classifiers.ALIASES:
+                classifiers.ALIASES[name] = alias(name, built_at, write)
+        try:
+            yield
+        finally:
+            classifiers.ALIASES.clear()
+            classifiers.ALIASES.update(saved)
+
+
+def dry_run(cfg: Config, figures: list[dict] | None = None) -> Plan:
+    """Every check of :func:`dxray.audit.preflight` (output storage included), then the plan; loads no
+    model weights and starts no Ray."""
+    from dxray.audit import preflight
+    from dxray.features import read_ranking_table
+
+    with architecture_only_aliases():
+        info = preflight(cfg)
+    t = cfg.targets
+    ranking = None
+    if t.top_k and t.feature_source == "table":
+        ranking = read_ranking_table(t.feature_table, [c for c in t.classes if c not in t.features], t.top_k)
+    return estimate(cfg, info, load_figures() if figures is None else figures, ranking)
+
+
+def _n(x: int) -> str:
+    return f"{x:,}"
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:,.2f} GPU-h" if seconds >= 36 else f"{seconds:,.1f} GPU-s"
+
+
+def render(plan: Plan):
+    """The plan as a rich table."""
+    from rich.table import Table
+
+    table = Table("", "count", "how", title=f"dxray audit --dry-run: {plan.run_id}", title_justify="left")
+    templates = ", ".join(repr(x) for x in plan.templates)
+    table.add_row("classes", _n(plan.classes), "targets.classes")
+    table.add_row("templates", _n(len(plan.templates)), templates)
+    table.add_row("tasks: class", _n(plan.tasks["class"]), "one per class and template")
+    table.add_row("tasks: feature", _n(plan.tasks["feature"]), plan.feature_count)
+    table.add_row("tasks: neuron", _n(plan.tasks["neuron"]), "targets.neurons x templates")
+    table.add_row("tasks", _n(plan.total_tasks), "", end_section=True)
+    table.add_row("optimisation steps", _n(plan.optimisation_steps),
+                  f"tasks x {plan.restarts} restart(s) x {plan.steps} steps")
+    table.add_row("images: held-out", _n(plan.held_out_images), "tasks x sample.k")
+    table.add_row("images: baseline", _n(plan.baseline_images), "class and feature tasks x sample.k (sample.baseline)")
+    table.add_row("images: training", _n(plan.training_images),
+                  f"tasks x restarts x steps x {plan.samples_per_step} samples per step")
+    table.add_row("images to generate", _n(plan.images_to_generate), "")
+    table.add_row("images to segment", _n(plan.segment_images), "held-out images of class and feature tasks",
+                  end_section=True)
+    step, image = plan.step, plan.image
+    table.add_row("seconds per step", "-" if step.seconds is None else f"{step.seconds:.3g}", step.source)
+    table.add_row("seconds per image", "-" if image.seconds is None else f"{image.seconds:.3g}", image.source)
+    hours = plan.gpu_hours
+    if hours is None:
+        missing = " and ".join(n for n, t in (("estimate.seconds_per_step", step), ("estimate.seconds_per_image", image))
+                               if t.seconds is None)
+        table.add_row("estimate", "-", f"needs {missing} (no committed benchmark fits this config)")
+    else:
+        table.add_row("estimate", _hours(hours * 3600),
+                      "optimisation steps x seconds per step + (held-out + baseline images) x seconds per image")
+    for note in plan.notes:
+        table.add_row("note", "", note)
+    return table

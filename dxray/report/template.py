@@ -1,0 +1,204 @@
+"""The report's Jinja2 template (kept in a module, not a data file, so it ships with any install).
+
+Autoescaping is on for the whole template: every value from the run (class names, errors, prompts)
+is escaped. No external resources: inline CSS and JS only, and a CSP that forbids the rest."""
+
+TEMPLATE = r"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<title>dxray report · {{ run_id }}</title>
+<style>
+:root { --fg:#1d2330; --muted:#5d6677; --line:#dde1e8; --bg:#fff; --alt:#f5f7fa;
+        --core:#1f7a3a; --core-bg:#e3f4e8; --spur:#b3261e; --spur-bg:#fbe4e2; --warn:#8a5a00; --warn-bg:#fff1cc; }
+* { box-sizing: border-box; }
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--fg);
+       background: var(--bg); margin: 0 auto; padding: 1.5rem 2rem 4rem; max-width: 1400px; }
+h1 { font-size: 1.5rem; margin: 0 0 .25rem; }
+h2 { font-size: 1.2rem; margin: 0 0 .5rem; }
+h3 { font-size: 1.05rem; margin: 1rem 0 .4rem; }
+h4 { font-size: .95rem; margin: .8rem 0 .3rem; }
+a { color: #1a56b0; }
+.meta { color: var(--muted); margin: 0 0 1.25rem; }
+.meta span + span::before { content: " · "; }
+table.summary { border-collapse: collapse; width: 100%; margin-bottom: 2rem; }
+.summary th, .summary td { border-bottom: 1px solid var(--line); padding: .35rem .6rem; text-align: left; }
+.summary td.num, .summary th.num { text-align: right; font-variant-numeric: tabular-nums; }
+.summary tbody tr:nth-child(even) { background: var(--alt); }
+.summary th { background: #eef1f6; position: sticky; top: 0; white-space: nowrap; }
+.summary th.js { cursor: pointer; user-select: none; }
+.summary th.js::after { content: " \2195"; color: #9aa3b2; }
+.summary th[aria-sort=ascending]::after { content: " \2191"; color: var(--fg); }
+.summary th[aria-sort=descending]::after { content: " \2193"; color: var(--fg); }
+.badge { display: inline-block; padding: 0 .45rem; border-radius: .7rem; font-size: .8rem; font-weight: 600;
+         white-space: nowrap; }
+.badge.core { color: var(--core); background: var(--core-bg); }
+.badge.spurious { color: var(--spur); background: var(--spur-bg); }
+.badge.biased { color: var(--warn); background: var(--warn-bg); }
+.badge.none { color: var(--muted); background: var(--alt); }
+.badge.error { color: #fff; background: var(--spur); }
+section.class { border-top: 2px solid var(--line); padding: 1rem 0 .5rem;
+                content-visibility: auto; contain-intrinsic-size: auto 600px; }
+.task { margin: .4rem 0 .8rem; }
+.task-head { display: flex; gap: .6rem; align-items: baseline; flex-wrap: wrap; }
+.task-head .stats { color: var(--muted); font-size: .85rem; }
+.prompt { margin: .25rem 0; font-size: .9rem; }
+.prompt q { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; background: var(--alt); padding: 0 .3rem; }
+.error-box { border-left: 4px solid var(--spur); background: var(--spur-bg); padding: .3rem .6rem; margin: .3rem 0;
+             font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: .85rem; white-space: pre-wrap;
+             word-break: break-word; }
+.images { display: flex; flex-wrap: wrap; gap: .5rem; }
+figure { margin: 0; text-align: center; }
+figure img { display: block; width: 96px; height: auto; image-rendering: auto; background: var(--alt);
+             border: 1px solid var(--line); }
+figcaption { font-size: .75rem; color: var(--muted); font-variant-numeric: tabular-nums; }
+.empty { color: var(--muted); font-style: italic; }
+.top { font-size: .8rem; margin-left: .5rem; }
+</style>
+</head>
+<body>
+<header>
+<h1>dxray report</h1>
+<p class="meta">
+<span>run <code>{{ run_id }}</code></span>
+{%- if generator %}<span>generator {{ generator }}</span>{% endif %}
+{%- if classifier %}<span>classifier {{ classifier }}</span>{% endif %}
+{%- if delta is not none %}<span>&delta; = {{ "%.3g"|format(delta) }} (core when mean r &ge; &delta;)</span>{% endif %}
+<span>{{ n_ok }} tasks ok{% if n_failed %}, <strong>{{ n_failed }} failed</strong>{% endif %}</span>
+<span>{{ n_samples }} images</span>
+{%- if finished %}<span>finished {{ finished }}</span>{% endif %}
+</p>
+</header>
+
+<h2 id="summary">Classes</h2>
+<table class="summary sortable" id="summary-table">
+<thead><tr>
+<th class="num" aria-sort="ascending">class</th>
+<th>name</th>
+{%- if several_templates %}<th>template</th>{% endif %}
+<th class="num">spurious</th>
+<th class="num">features</th>
+<th class="num">class r</th>
+<th>hint</th>
+{%- if n_failed %}<th class="num">failed</th>{% endif %}
+</tr></thead>
+<tbody>
+{%- for row in summary %}
+<tr data-class="{{ row.class_index }}">
+<td class="num" data-sort="{{ row.class_index }}">{{ row.class_index }}</td>
+<td data-sort="{{ row.name }}"><a href="#{{ row.anchor }}">{{ row.name }}</a></td>
+{%- if several_templates %}<td><code>{{ row.template }}</code></td>{% endif %}
+<td class="num" data-sort="{{ row.n_spurious if row.n_spurious is not none else '' }}">{{ row.n_spurious if row.n_spurious is not none else "–" }}</td>
+<td class="num" data-sort="{{ row.n_features if row.n_features is not none else '' }}">{{ row.n_features if row.n_features is not none else "–" }}</td>
+<td class="num" data-sort="{{ row.r if row.r is not none else '' }}">{{ "%.3f"|format(row.r) if row.r is not none else "–" }}</td>
+<td data-sort="{{ 1 if row.biased else 0 }}">{% if row.biased %}<span class="badge biased" title="class r &lt; &delta;: the class explanation barely shows the object">biased?</span>{% endif %}</td>
+{%- if n_failed %}<td class="num" data-sort="{{ row.n_failed }}">{{ row.n_failed or "" }}</td>{% endif %}
+</tr>
+{%- endfor %}
+</tbody>
+</table>
+
+{%- macro images(task) %}
+{%- if task.images %}
+<div class="images">
+{%- for im in task.images %}
+<figure class="sample" data-r="{{ im.r if im.r is not none else '' }}" data-seed="{{ im.seed }}">
+<a href="{{ im.href }}"><img src="{{ im.src }}" loading="lazy" decoding="async" width="96" height="{{ im.height }}" alt="{{ im.alt }}"></a>
+<figcaption>r {{ "%.2f"|format(im.r) if im.r is not none else "–" }}{% if im.prob is not none %} · p {{ "%.2f"|format(im.prob) }}{% endif %}</figcaption>
+</figure>
+{%- endfor %}
+</div>
+{%- elif task.status == "ok" %}<p class="empty">no images stored</p>
+{%- endif %}
+{%- endmacro %}
+
+{%- macro task_block(t) %}
+<div class="task {{ t.kind }}" data-kind="{{ t.kind }}" data-status="{{ t.status }}"{% if t.feature_index is not none %} data-feature="{{ t.feature_index }}"{% endif %} data-template="{{ t.template }}"{% if t.verdict %} data-verdict="{{ t.verdict.verdict }}"{% endif %}>
+<div class="task-head">
+{%- if t.kind == "feature" %}<strong>#{{ t.rank if t.rank is not none else "?" }} · feature {{ t.feature_index }}</strong>
+{%- elif t.kind == "neuron" %}<strong>neuron {{ t.layer }}:{{ t.feature_index }}</strong>
+{%- else %}<strong>class explanation</strong>{% endif %}
+{%- if t.status != "ok" %} <span class="badge error">failed</span>
+{%- elif t.verdict %} <span class="badge {{ t.verdict.verdict }} verdict" data-verdict="{{ t.verdict.verdict }}"{% if t.verdict.std is not none %} title="mean r {{ "%.3f"|format(t.verdict.mean) }} ± {{ "%.3f"|format(t.verdict.std) }} over {{ t.verdict.n }} images"{% endif %}>{{ t.verdict.verdict }} · mean r {{ "%.3f"|format(t.verdict.mean) if t.verdict.mean is not none else "–" }}</span>
+{%- elif t.kind == "feature" %} <span class="badge none">no verdict</span>
+{%- endif %}
+<span class="stats">{{ t.stats|join(" · ") }}</span>
+</div>
+{%- if t.status != "ok" %}<div class="error-box">{{ t.error or "failed (no error recorded)" }}</div>{% endif %}
+{%- if t.prompt %}<p class="prompt">learned prompt: <q>{{ t.prompt }}</q></p>{% endif %}
+{{ images(t) }}
+</div>
+{%- endmacro %}
+
+{%- for c in classes %}
+<section class="class" id="{{ c.anchor }}" data-class="{{ c.class_index }}">
+<h2>{{ c.class_index }} · {{ c.name }}<a class="top" href="#summary">↑ summary</a></h2>
+{%- for g in c.groups %}
+<div class="template-group" id="{{ g.anchor }}" data-template="{{ g.template }}">
+{%- if several_templates %}<h3>template <code>{{ g.template }}</code></h3>{% endif %}
+<p class="meta">
+<span>class r {{ "%.3f"|format(g.r) if g.r is not none else "–" }}{% if g.biased %} <span class="badge biased">biased?</span>{% endif %}</span>
+{%- if g.n_features is not none %}<span>{{ g.n_spurious }} of {{ g.n_features }} features spurious</span>{% endif %}
+</p>
+{%- for t in g.class_tasks %}{{ task_block(t) }}{% endfor %}
+{%- if g.features %}
+<h4>top features</h4>
+{%- for t in g.features %}{{ task_block(t) }}{% endfor %}
+{%- endif %}
+{%- if g.neurons %}
+<h4>neurons</h4>
+{%- for t in g.neurons %}{{ task_block(t) }}{% endfor %}
+{%- endif %}
+</div>
+{%- endfor %}
+</section>
+{%- endfor %}
+
+<script>
+(function () {
+  "use strict";
+  function key(cell) {
+    var v = cell.getAttribute("data-sort");
+    if (v === null) { v = cell.textContent.trim(); }
+    var n = Number(v);
+    return (v !== "" && isFinite(n)) ? {num: true, v: n} : {num: false, v: v.toLowerCase()};
+  }
+  function compare(a, b) {
+    if (a.num && b.num) { return a.v - b.v; }
+    if (a.num !== b.num) { return a.num ? -1 : 1; }
+    return a.v < b.v ? -1 : (a.v > b.v ? 1 : 0);
+  }
+  function sortBy(table, col, th) {
+    var asc = th.getAttribute("aria-sort") !== "ascending";
+    var heads = table.tHead.rows[0].cells;
+    for (var i = 0; i < heads.length; i++) { heads[i].removeAttribute("aria-sort"); }
+    th.setAttribute("aria-sort", asc ? "ascending" : "descending");
+    var body = table.tBodies[0];
+    var keyed = Array.prototype.map.call(body.rows, function (r, i) { return [key(r.cells[col]), i, r]; });
+    keyed.sort(function (a, b) {
+      var c = compare(a[0], b[0]);
+      return (asc ? c : -c) || a[1] - b[1];
+    });
+    var frag = document.createDocumentFragment();
+    keyed.forEach(function (k) { frag.appendChild(k[2]); });
+    body.appendChild(frag);
+  }
+  var tables = document.querySelectorAll("table.sortable");
+  Array.prototype.forEach.call(tables, function (table) {
+    Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, col) {
+      th.classList.add("js");
+      th.tabIndex = 0;
+      th.title = "sort";
+      th.addEventListener("click", function () { sortBy(table, col, th); });
+      th.addEventListener("keydown", function (e) {
+        if (e.key === "Enter" || e.key === " ") { e.preventDefault(); sortBy(table, col, th); }
+      });
+    });
+  });
+})();
+</script>
+</body>
+</html>
+"""

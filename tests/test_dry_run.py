@@ -1,0 +1,137 @@
+"""`dxray audit --dry-run` (the plan and its cost, no model, no Ray) and the CLI's help texts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+from conftest import ROOT, TINY_YAML
+
+from dxray.classifiers import ClassifierInfo
+from dxray.config import load_config
+from dxray.plan_estimate import dry_run, estimate, load_figures, render
+
+DXRAY = [sys.executable, "-m", "dxray"]
+TINY_INFO = ClassifierInfo("hf:tiny", 2, ["goldfish", "tabby cat"], ["logits", "penultimate"], 16)
+
+
+def _tiny(tmp_path, *overrides, cache=None):
+    return load_config(TINY_YAML, [f"output={tmp_path / 'out'}", *([f"cache_dir={cache}"] if cache else []), *overrides])
+
+
+@pytest.mark.parametrize("extra", [[], ["targets.features={0: [1, 2]}"]], ids=["top_k", "explicit-features"])
+def test_counts_equal_an_independent_computation(tmp_path, cache_dir, tiny_classifier, extra):
+    from dxray.audit import plan, preflight, rank_features
+
+    overrides = ["targets.top_k=3", 'prompt.templates=["{}", "a photo of {}"]', "optimize.restarts=2", "sample.k=3",
+                 "targets.neurons=[{layer: penultimate, unit: 1}]", *extra]
+    cfg = _tiny(tmp_path, *overrides, cache=cache_dir)
+    p = dry_run(cfg, figures=[])
+
+    # By hand: 2 classes, 2 templates, top_k 3 (or 2 explicit features for class 0), 1 neuron;
+    # tiny.yaml: 5 steps, 2 noise samples per step; restarts 2, k 3; baseline and segmentation on.
+    features = 3 + (2 if extra else 3)
+    kinds = {"class": 2 * 2, "feature": features * 2, "neuron": 1 * 2}
+    tasks = sum(kinds.values())
+    with_class = kinds["class"] + kinds["feature"]
+    assert p.classes == 2 and p.templates == ["{}", "a photo of {}"] and p.tasks == kinds
+    assert p.optimisation_steps == tasks * 2 * 5
+    assert p.held_out_images == tasks * 3 and p.baseline_images == with_class * 3
+    assert p.training_images == tasks * 2 * 5 * 2
+    assert p.images_to_generate == tasks * 3 + with_class * 3 + tasks * 2 * 5 * 2
+    assert p.segment_images == with_class * 3
+
+    # ... and what the real planner makes of the same config, with the loaded classifier's ranking.
+    info = preflight(cfg)
+    specs = plan(cfg, info, rank_features(cfg, tiny_classifier), info.feature_dim)
+    assert dict(Counter(s.kind for s in specs)) == kinds
+
+
+def test_segmentation_off_and_no_baseline(tmp_path):
+    cfg = _tiny(tmp_path, "segment.enabled=false", "sample.baseline=false", "targets.class_task=false")
+    p = estimate(cfg, TINY_INFO)
+    assert p.tasks == {"class": 0, "feature": 2, "neuron": 0}
+    assert p.segment_images == 0 and p.baseline_images == 0 and p.held_out_images == 2 * 4
+
+
+def test_estimate_uses_the_configured_seconds(tmp_path):
+    cfg = _tiny(tmp_path, "estimate.seconds_per_step=2.5", "estimate.seconds_per_image=0.5")
+    p = estimate(cfg, TINY_INFO, load_figures())
+    assert p.step.seconds == 2.5 and p.step.source == "estimate.seconds_per_step"
+    assert p.image.seconds == 0.5 and p.image.source == "estimate.seconds_per_image"
+    expected = (p.optimisation_steps * 2.5 + (p.held_out_images + p.baseline_images) * 0.5) / 3600
+    assert p.gpu_hours == pytest.approx(expected)
+    assert p.optimisation_steps == 4 * 5 and p.held_out_images + p.baseline_images == 4 * 4 * 2
+
+
+def test_estimate_from_the_committed_benchmark_or_says_what_it_needs(tmp_path):
+    bench = json.loads((ROOT / "benchmarks" / "results" / "sampler-tiny-64.json").read_text())
+    p = estimate(_tiny(tmp_path), TINY_INFO, load_figures())  # tiny preset: 64 px, 4 steps, no checkpointing
+    assert p.step.seconds == pytest.approx(bench["opt_step_s"] * 2)  # 2 noise samples per step
+    assert "sampler-tiny-64.json" in p.step.source and "CPU" in p.step.source
+    assert "segment-tiny-128.json" in p.image.source and p.gpu_hours is not None
+
+    p = estimate(_tiny(tmp_path, "generator.resolution=128"), TINY_INFO, load_figures())
+    assert p.gpu_hours is None and p.step.seconds is None and p.optimisation_steps == 20
+    assert any("does not match 128 px" in n for n in p.notes)
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(render(p))
+    text = console.export_text()
+    assert "estimate.seconds_per_step" in text and "optimisation steps" in text
+
+
+def test_dry_run_describes_aliases_without_building_them(tmp_path):
+    empty = tmp_path / "cache"
+    p = dry_run(load_config(ROOT / "jobs" / "configs" / "toyworld.yaml", [f"output={tmp_path / 'out'}", f"cache_dir={empty}"]),
+                figures=[])
+    assert p.tasks == {"class": 6, "feature": 6, "neuron": 0} and p.optimisation_steps == 12 * 3 * 40
+    p = dry_run(_tiny(tmp_path, cache=empty), figures=[])
+    assert p.tasks == {"class": 2, "feature": 2, "neuron": 0}
+    assert not empty.exists() or not any(empty.iterdir())  # nothing trained, built or saved
+
+
+def _cli(*args, cache, timeout=120):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"DXRAY_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([*DXRAY, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_dry_run_command_loads_no_model_and_starts_no_ray(tmp_path):
+    cache = tmp_path / "empty-cache"
+    cache.mkdir()
+    t0 = time.perf_counter()
+    r = _cli("audit", str(TINY_YAML), "classifier.spec=tiny", f"output={tmp_path / 'out'}", "targets.top_k=2",
+             "--dry-run", cache=cache)
+    seconds = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr
+    assert list(cache.iterdir()) == []  # the tiny models were not built
+    assert "Ray" not in r.stdout + r.stderr and "loading" not in r.stderr.lower()
+    assert seconds < 60  # ~5 s on an idle 2-core box: imports and a meta-device build only
+    text = " ".join(r.stdout.split())
+    assert "tasks: feature │ 4" in text and "optimisation steps │ 30" in text and "images to segment │ 24" in text
+
+    bad = _cli("audit", str(TINY_YAML), "classifier.spec=tiny", "targets.classes=[7]", "--dry-run", cache=cache)
+    assert bad.returncode == 2 and "out of range" in bad.stderr and list(cache.iterdir()) == []
+
+
+COMMANDS = [["explain"], ["audit"], ["redecide"], ["rank-features"], ["schema"], ["toyworld", "train"],
+            ["toyworld", "check"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
+def test_every_command_help_has_an_example(command, tmp_path):
+    r = _cli(*command, "--help", cache=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Example:" in r.stdout and "dxray " + " ".join(command) in " ".join(r.stdout.split())
+
+
+def test_app_help_documents_exit_codes(tmp_path):
+    r = _cli("--help", cache=tmp_path)
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0 and "Exit codes: 0 success; 1" in text and "2 bad input, configuration or storage error" in text
