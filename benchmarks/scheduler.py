@@ -70,7 +70,8 @@ def _scheduled(n_actors: int, specs, work: float, sink, batch: int) -> float:
     ray.get([a.ready.remote() for a in actors])
     try:
         t0 = time.perf_counter()
-        rows = Scheduler(actors, [], _commit(sink), in_flight_per_actor=2, log_every_s=3600).run(specs, batch)
+        error_row = lambda spec, error: {"run_id": "bench", "task_id": spec.task_id, "status": "error", "error": error}  # noqa: E731
+        rows = Scheduler(actors, [], _commit(sink), error_row, in_flight_per_actor=2, log_every_s=3600).run(specs, batch)
         elapsed = time.perf_counter() - t0
     finally:
         for a in actors:

@@ -130,13 +130,19 @@ def image_folder(cfg: Config) -> features.ImageFolder:
     return features.ImageFolder(fi.path, wnids)
 
 
-def rank_features(cfg: Config, classifier) -> list[RankedFeature]:
-    """Top-k features of every audited class from the configured source (explicit lists win)."""
+ImageRanker = Callable[[list[int]], list[RankedFeature]]
+
+
+def rank_features(cfg: Config, classifier, image_ranker: ImageRanker | None = None) -> list[RankedFeature]:
+    """Top-k features of every audited class from the configured source (explicit lists win).
+    ``image_ranker`` ranks the given classes over the image folder (default: in this process)."""
     t = cfg.targets
     todo = [c for c in t.classes if c not in t.features]
     ranked: list[RankedFeature] = []
     if todo and t.top_k:
-        if t.feature_source == "images":
+        if t.feature_source == "images" and image_ranker is not None:
+            ranked = image_ranker(todo)
+        elif t.feature_source == "images":
             fi = t.feature_images
             ranked = features.rank_from_images(classifier, image_folder(cfg), todo, t.top_k, fi.select,
                                                fi.max_per_class, batch_size=fi.batch_size)
@@ -409,12 +415,11 @@ class Prepared:
         return RunSummary(self.sink.run_id, self.sink.uri(""), len(self.specs), len(self.specs) - len(self.todo))
 
 
-def prepare(cfg: Config, info: classifiers.ClassifierInfo, classifier=None,
-            ranking: list[RankedFeature] | None = None, started: datetime | None = None) -> Prepared:
-    """Rank features (unless given), write the ranking, plan every task and drop the committed ones."""
+def prepare(cfg: Config, info: classifiers.ClassifierInfo, classifier=None, image_ranker: ImageRanker | None = None,
+            started: datetime | None = None) -> Prepared:
+    """Rank features, write the ranking, plan every task and drop the committed ones."""
     sink = open_sink(cfg)
-    if ranking is None:
-        ranking = rank_features(cfg, classifier)
+    ranking = rank_features(cfg, classifier, image_ranker)
     sink.write_table("feature_ranking", features.ranking_rows(sink.run_id, ranking, info.class_names), part="all")
     specs = plan(cfg, info, ranking, info.feature_dim)
     done = committed(sink)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +13,7 @@ import typer
 from rich.console import Console
 
 from dxray.errors import DxrayError
+from dxray.quiet import quiet_libraries
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Audit what an image classifier has learned (DiffExplainer on Ray).\n\n"
@@ -20,21 +22,41 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 err = Console(stderr=True)
 
 
+@contextmanager
+def _task_bar(quiet: bool, first: str, infos: dict[str, Callable[[dict], str]]):
+    """A rich bar over the run's tasks, fed by the runner's progress events: 'plan' sets the total,
+    'task' advances it (counting failures); ``infos`` maps other events to the bar's info text."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=err, disable=quiet, transient=False) as bar:
+        tasks_bar = bar.add_task("tasks", total=None, info=first)
+        failed = 0
+
+        def progress(event: str, data: dict) -> None:
+            nonlocal failed
+            if event == "plan":
+                bar.update(tasks_bar, total=data["todo"])
+            if event == "task":
+                failed += data["status"] != "ok"
+                bar.update(tasks_bar, advance=1, info=f"{failed} failed" if failed else "")
+            elif event in infos:
+                bar.update(tasks_bar, info=infos[event](data))
+
+        yield progress
+
+
 def _fail(message: str) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
-
-
-def _quiet_libraries() -> None:
-    """Hide the libraries' load-time progress bars and advice; dxray reports its own progress."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    for lib in (dlog, tlog):
-        lib.disable_progress_bar()
-        lib.set_verbosity_error()
-    logging.getLogger("torch").setLevel(logging.ERROR)
 
 
 @app.command()
@@ -47,38 +69,16 @@ def explain(
 
     Example: dxray explain jobs/configs/tiny.yaml output=dxray-out optimize.steps=50
     """
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     try:
         from dxray.audit import preflight, run
         from dxray.config import load_config
 
         cfg = load_config(config, overrides or [])
-        _quiet_libraries()
+        quiet_libraries()
         preflight(cfg)  # fail fast, before any model is loaded
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-        with Progress(*columns, console=err, disable=quiet, transient=False) as bar:
-            tasks_bar = bar.add_task("tasks", total=None, info="loading models")
-            failed = 0
-
-            def progress(event: str, data: dict) -> None:
-                nonlocal failed
-                if event == "plan":
-                    bar.update(tasks_bar, total=data["todo"], info=f"{data['skipped']} already done")
-                elif event == "step":
-                    bar.update(tasks_bar, info=f"step {data['step']}/{data['steps']} loss {data['loss']:.3f} [{data['tasks']}]")
-                elif event == "task":
-                    failed += data["status"] != "ok"
-                    bar.update(tasks_bar, advance=1, info=f"{failed} failed" if failed else "")
-
+        infos = {"plan": lambda d: f"{d['skipped']} already done",
+                 "step": lambda d: f"step {d['step']}/{d['steps']} loss {d['loss']:.3f} [{d['tasks']}]"}
+        with _task_bar(quiet, "loading models", infos) as progress:
             summary = run(cfg, progress=progress)
     except DxrayError as e:
         _fail(str(e))
@@ -97,21 +97,13 @@ def audit(
 
     Example: dxray audit jobs/configs/tiny.yaml output=s3://bucket/audits --address auto
     """
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
     try:
         from dxray.audit import preflight
         from dxray.config import load_config
 
         cfg = load_config(config, overrides or [])
-        _quiet_libraries()
+        quiet_libraries()
         from rich.logging import RichHandler
 
         # Summary lines and warnings go to stderr beside the bar; stdout carries only the run folder.
@@ -126,22 +118,9 @@ def audit(
         preflight(cfg)  # fail fast, before Ray starts or any model is loaded
         from dxray.distributed.audit import run_distributed
 
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-        with Progress(*columns, console=err, disable=quiet, transient=False) as bar:
-            tasks_bar = bar.add_task("tasks", total=None, info="starting Ray")
-            failed = 0
-
-            def progress(event: str, data: dict) -> None:
-                nonlocal failed
-                if event == "plan":
-                    bar.update(tasks_bar, total=data["todo"], info=f"{data['skipped']} already done; starting actors")
-                elif event == "actors":
-                    bar.update(tasks_bar, info=f"{data['explainers']} explainer(s), {data['segmenters']} segmenter(s)")
-                elif event == "task":
-                    failed += data["status"] != "ok"
-                    bar.update(tasks_bar, advance=1, info=f"{failed} failed" if failed else "")
-
+        infos = {"plan": lambda d: f"{d['skipped']} already done; starting actors",
+                 "actors": lambda d: f"{d['explainers']} explainer(s), {d['segmenters']} segmenter(s)"}
+        with _task_bar(quiet, "starting Ray", infos) as progress:
             summary = run_distributed(cfg, address=address, progress=progress)
     except DxrayError as e:
         _fail(str(e))
@@ -274,7 +253,7 @@ def toyworld_train(
 
     Example: dxray toyworld train --cache-dir ~/.cache/dxray
     """
-    _quiet_libraries()
+    quiet_libraries()
     from dxray.toyworld.train import ensure_toyworld
 
     print(ensure_toyworld(cache_dir, log=lambda m: err.print(m, highlight=False), force=force))

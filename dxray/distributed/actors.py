@@ -6,8 +6,6 @@ They are plain classes (unit-testable without a cluster); the scheduler wraps th
 
 from __future__ import annotations
 
-import os
-
 from dxray.audit import (
     Explainer,
     Finished,
@@ -19,17 +17,8 @@ from dxray.audit import (
     score,
 )
 from dxray.config import Config
+from dxray.quiet import quiet_libraries
 from dxray.storage.sink import RunSink
-
-
-def _quiet() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    for lib in (dlog, tlog):
-        lib.disable_progress_bar()
-        lib.set_verbosity_error()
 
 
 class ExplainerActor:
@@ -38,7 +27,7 @@ class ExplainerActor:
     images travel to a segmenter through the object store, never through the driver."""
 
     def __init__(self, cfg: Config, run_id: str):
-        _quiet()
+        quiet_libraries()
         self.cfg = cfg
         self.explainer = Explainer(cfg)
         self.sink = RunSink(cfg.output, run_id, storage=cfg.storage)
@@ -64,7 +53,7 @@ class SegmenterActor:
     """Grounding DINO + SAM (or the toy world's exact segmenter): scores the images of a batch."""
 
     def __init__(self, cfg: Config):
-        _quiet()
+        quiet_libraries()
         from dxray.generator import resolve_device
 
         self.segmenter = load_segmenter(cfg, resolve_device(cfg.device))

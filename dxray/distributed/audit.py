@@ -64,28 +64,25 @@ def _check(cfg: Config) -> None:
                          "or segment.enabled=false")
 
 
-def _ranking(cfg: Config, info):
-    """The feature ranking: over the image folder with classifier actors (Ray Data) when the source
-    is images, else from the final layer's weights (or the table) on the driver's CPU."""
+def _ranking_inputs(cfg: Config):
+    """(image ranker, classifier) for ``audit.prepare``: classifier actors on Ray Data rank over the
+    image folder; weight ranking needs the final layer, loaded on the driver's CPU."""
     t = cfg.targets
-    if t.feature_source == "images" and t.top_k and any(c not in t.features for c in t.classes):
+    if t.feature_source == "images":
         from dxray.distributed.rank import rank_features_distributed
 
-        ranked = rank_features_distributed(cfg).ranked
-        from dxray.features import RankedFeature
+        def on_ray(todo: list[int]):
+            return [r for r in rank_features_distributed(cfg).ranked if r.class_index in todo]
 
-        explicit = [RankedFeature(c, f, r + 1, float("nan"), "config") for c, fs in t.features.items()
-                    for r, f in enumerate(fs)]
-        return [x for x in ranked if x.class_index not in t.features] + explicit, None
-    classifier = None
+        return on_ray, None
     if t.feature_source == "weights" and t.top_k:
         from dxray import classifiers
 
         c = cfg.classifier
-        classifier = classifiers.load_classifier(audit.classifier_spec(cfg), **audit.classifier_kwargs(cfg),
+        return None, classifiers.load_classifier(audit.classifier_spec(cfg), **audit.classifier_kwargs(cfg),
                                                  input_size=c.input_size, final_layer=c.final_layer, device="cpu",
                                                  allow_pickle=c.allow_pickle)
-    return None, classifier
+    return None, None
 
 
 def _pin_storage(cfg: Config) -> Config:
@@ -131,8 +128,8 @@ def run_distributed(cfg: Config, address: str | None = None, progress=None) -> a
     where = connect(cfg.cluster, address)
     gpus = float(ray.cluster_resources().get("GPU", 0))
     n, gpe = layout(cfg, gpus)
-    ranking, classifier = _ranking(cfg, info)
-    p = audit.prepare(cfg, info, classifier, ranking=ranking, started=started)
+    image_ranker, classifier = _ranking_inputs(cfg)
+    p = audit.prepare(cfg, info, classifier, image_ranker, started=started)
     summary = p.summary()
     emit("plan", {"planned": len(p.specs), "skipped": summary.skipped, "todo": len(p.todo), "root": summary.root,
                   "explainers": n, "cluster": where})
@@ -152,8 +149,8 @@ def run_distributed(cfg: Config, address: str | None = None, progress=None) -> a
             _first_ready(segmenters, "segmenter")
             emit("actors", {"explainers": n, "gpus_per_explainer": gpe, "segmenters": len(segmenters)})
             sched = Scheduler(explainers, segmenters, lambda done, scores, error: audit.commit(p.sink, done, scores, error),
-                              in_flight_per_actor=c.in_flight_per_actor, task_retries=c.task_retries,
-                              log_every_s=c.log_every_s, progress=emit, error_row=error_row_for(p.sink.run_id, cfg))
+                              error_row_for(p.sink.run_id, cfg), in_flight_per_actor=c.in_flight_per_actor, task_retries=c.task_retries,
+                              log_every_s=c.log_every_s, progress=emit)
             for row in sched.run(p.todo, cfg.optimize.batch_tasks):
                 audit.count(summary, row)
     finally:

@@ -26,6 +26,8 @@ from dxray import audit, classifiers, features
 from dxray.config import Config
 from dxray.errors import DxrayError
 from dxray.features import ImageFolder, RankedFeature
+from dxray.generator import resolve_device
+from dxray.quiet import quiet_libraries
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]  # (images done, images in all)
@@ -72,15 +74,6 @@ def list_images(folder: ImageFolder, classes: list[int], select: str, limit: int
     return [{"path": p, "folder_class": c} for (c, _), paths in zip(todo, listed, strict=True) for p in paths]
 
 
-def _quiet_transformers() -> None:
-    try:
-        from transformers.utils import logging as tlog
-    except ImportError:
-        return
-    tlog.disable_progress_bar()
-    tlog.set_verbosity_error()
-
-
 def quiet_logs() -> None:
     """For a command with its own progress bar: Ray Data's console shows warnings only (its full log
     stays in the session's ray-data.log) and model loads show no bars."""
@@ -89,16 +82,7 @@ def quiet_logs() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setLevel(logging.WARNING)
-    _quiet_transformers()
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DxrayError(f"device {name!r} requested but CUDA is not available on this Ray worker")
-    return dev
+    quiet_libraries()
 
 
 class ClassActivationSums:
@@ -106,11 +90,11 @@ class ClassActivationSums:
     (class_index, count, sum of penultimate activations in float64, seen = images in the batch)."""
 
     def __init__(self, cfg: Config, folder: ImageFolder, classes: list[int], select: str):
-        _quiet_transformers()  # every actor's load-time bars would reach the driver's log
+        quiet_libraries()  # every actor's load-time bars would reach the driver's log
         c = cfg.classifier
         self.classifier = classifiers.load_classifier(
             audit.classifier_spec(cfg), **audit.classifier_kwargs(cfg), input_size=c.input_size,
-            final_layer=c.final_layer, device=_device(cfg.device), allow_pickle=c.allow_pickle)
+            final_layer=c.final_layer, device=resolve_device(cfg.device), allow_pickle=c.allow_pickle)
         self.folder, self.classes, self.select = folder, list(classes), select
         self.size = tuple(self.classifier.input_size)
         self.dim = self.classifier.final_weight.shape[1]

@@ -114,9 +114,9 @@ def _system_failure(err: BaseException) -> bool:
 
 
 class Scheduler:
-    def __init__(self, explainers: Sequence, segmenters: Sequence, commit: Commit, *, in_flight_per_actor: int = 2,
-                 task_retries: int = 3, log_every_s: float = 30.0, progress: Progress | None = None,
-                 commit_threads: int = 8, error_row: Callable[[TaskSpec, str], dict] | None = None):
+    def __init__(self, explainers: Sequence, segmenters: Sequence, commit: Commit,
+                 error_row: Callable[[TaskSpec, str], dict], *, in_flight_per_actor: int = 2, task_retries: int = 3,
+                 log_every_s: float = 30.0, progress: Progress | None = None, commit_threads: int = 8):
         if not explainers:
             raise ValueError("the scheduler needs at least one explainer actor")
         self.explainers = list(explainers)
@@ -168,7 +168,7 @@ class Scheduler:
 
         def fail(specs: list[TaskSpec], why: str) -> None:
             for spec in specs:
-                submit_commit(Finished(self._error_row(spec, why), [], None), None, None)
+                submit_commit(Finished(self.error_row(spec, why), [], None), None, None)
 
         def retry_or_fail(batch: Batch, why: str) -> None:
             if batch.attempt < self.retries:
@@ -234,11 +234,6 @@ class Scheduler:
         self.progress("done", {"line": tally.line()})
         return rows
 
-    def _error_row(self, spec: TaskSpec, error: str) -> dict:
-        if self.error_row is not None:
-            return self.error_row(spec, error)
-        return {"task_id": spec.task_id, "status": "error", "error": error}
-
     def _on_explained(self, ref, p: _Pending, to_score, submit_commit, retry_or_fail) -> None:
         try:
             p.finished = ray.get(ref)
@@ -249,7 +244,7 @@ class Scheduler:
             else:  # the task code raised: every task of the batch gets the error row
                 message = _one_line(getattr(err, "cause", None) or err)
                 for spec in p.batch.specs:
-                    submit_commit(Finished(self._error_row(spec, message), [], None), None, None)
+                    submit_commit(Finished(self.error_row(spec, message), [], None), None, None)
             return
         scored = any(f.prompt for f in p.finished) and self.segmenters
         for f in p.finished:

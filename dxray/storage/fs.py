@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 
 from dxray.config import StorageConfig
 from dxray.errors import DxrayError
+from dxray.storage import redact
 
 log = logging.getLogger("dxray.storage")
 T = TypeVar("T")
@@ -126,7 +127,7 @@ def s3_filesystem(storage: StorageConfig | None = None, *, sdk_attempts: int | N
     if url:
         parts = urlsplit(url if "://" in url else f"https://{url}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise DxrayError(f"S3 endpoint {_strip_userinfo(url)!r} must look like http(s)://HOST[:PORT] "
+            raise DxrayError(f"S3 endpoint {redact(url)!r} must look like http(s)://HOST[:PORT] "
                              f"(from storage.endpoint_url, AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL)")
         # pyarrow: force_virtual_addressing=False means path-style whenever an endpoint is given.
         kw |= {"endpoint_override": parts.netloc.rpartition("@")[2], "scheme": parts.scheme,
@@ -148,7 +149,7 @@ def filesystem(output: str, storage: StorageConfig | None = None) -> tuple[pafs.
     if scheme.lower() == "s3" and "?" not in rest:
         bucket = rest.split("/", 1)[0]
         if "@" in bucket:
-            raise DxrayError(f"output {_strip_userinfo(output)}: credentials in the URI are not supported; "
+            raise DxrayError(f"output {redact(output)}: credentials in the URI are not supported; "
                              f"set {CREDENTIAL_VARS} instead")
         if not bucket:
             raise DxrayError(f"output {output!r} names no bucket (expected s3://bucket/prefix)")
@@ -156,11 +157,7 @@ def filesystem(output: str, storage: StorageConfig | None = None) -> tuple[pafs.
     try:
         return pafs.FileSystem.from_uri(output)
     except (OSError, ValueError) as err:  # pyarrow.ArrowInvalid is a ValueError
-        raise DxrayError(f"cannot open {_strip_userinfo(output)}: {_one_line(err, 200)}") from None
-
-
-def _strip_userinfo(uri: str) -> str:
-    return re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@\s]+@", r"\1***@", uri, flags=re.I)
+        raise DxrayError(f"cannot open {redact(output)}: {_one_line(err, 200)}") from None
 
 
 def check_output(output: str, storage: StorageConfig) -> None:
@@ -182,13 +179,13 @@ def check_output(output: str, storage: StorageConfig) -> None:
             f.write(b"dxray write check\n")
         fs.delete_file(probe)
 
-    where = _strip_userinfo(output)
+    where = redact(output)
     try:
         retrying(write_and_delete, deadline_s=min(storage.retry_seconds, CHECK_SECONDS), what=f"checking {where}")
     except DxrayError as err:
         if fs.type_name != "s3" or err.__cause__ is None:
             raise
-        endpoint = _strip_userinfo(endpoint_url(storage) or "the AWS default endpoint")
+        endpoint = redact(endpoint_url(storage) or "the AWS default endpoint")
         raise DxrayError(f"output {where}: cannot reach the S3 endpoint {endpoint} ({_one_line(err.__cause__, 120)}); "
                          f"is it running? It comes from storage.endpoint_url, else AWS_ENDPOINT_URL_S3 / "
                          f"AWS_ENDPOINT_URL") from None

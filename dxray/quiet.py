@@ -1,0 +1,18 @@
+"""Keep library chatter out of dxray's own progress output (CLI, Ray actors, Ray Data jobs)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+def quiet_libraries() -> None:
+    """Hide the libraries' load-time progress bars and advice; dxray reports its own progress."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    for lib in (dlog, tlog):
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+    logging.getLogger("torch").setLevel(logging.ERROR)
