@@ -186,9 +186,8 @@ def test_bad_input_is_one_line_before_any_model_or_ray(case, s3, tmp_path, cache
 def test_ray_job_submit_runs_the_audit_on_a_started_cluster(tmp_path, cache_dir):
     """`ray start --head` on loopback, `ray job submit ... python jobs/audit.py`, SUCCEEDED, output checked."""
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    from s3server import free_ports
-
-    port, dash = free_ports(2)  # never a port the session's own Ray already holds
+    port = 6390 + os.getpid() % 500
+    dash = 8300 + os.getpid() % 500
     env = dict(os.environ, RAY_AUTH_MODE="disabled", DXRAY_CACHE=str(cache_dir))
     env.pop("RAY_ADDRESS", None)
     temp = tempfile.mkdtemp(prefix="dxr-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
