@@ -193,7 +193,9 @@ def test_ray_job_submit_runs_the_audit_on_a_started_cluster(tmp_path, cache_dir)
     temp = tempfile.mkdtemp(prefix="dxr-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     start = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
                             f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-                            "--num-cpus=2", "--num-gpus=1", f"--temp-dir={temp}", "--disable-usage-stats"],
+                            "--num-cpus=2", "--num-gpus=1", f"--temp-dir={temp}", "--disable-usage-stats",
+                            # its own job-agent port: the session's Ray already holds the default 52365
+                            f"--dashboard-agent-listen-port={dash + 1}"],
                            env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stderr
     try:
