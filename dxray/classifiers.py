@@ -1,6 +1,7 @@
 """Image classifiers behind one interface: logits plus named activations, differentiable end to end.
 
-Specs are ``torchvision:NAME``, ``hf:ID_OR_PATH``, ``timm:NAME`` or ``module.path:callable``.
+Specs are ``torchvision:NAME``, ``hf:ID_OR_PATH``, ``timm:NAME``, ``robust-resnet50:PATH`` (a MadryLab
+``robustness`` checkpoint or its safetensors conversion) or ``module.path:callable``.
 Builders live in the plain dict ``BUILDERS`` (segment-anything ``build_sam.py`` style); each
 returns a ``_Built`` and never loads weights when asked for a ``meta`` build (``describe``).
 """
@@ -88,19 +89,35 @@ def _load_file(model: nn.Module, path: str, meta: bool, allow_pickle: bool) -> N
 
 def load_weights(model: nn.Module, path: str, allow_pickle: bool = False) -> None:
     """Load a .safetensors/.pt/.pth/.bin state dict (optionally nested, 'module.'-prefixed) into ``model``."""
+    state = read_state_dict(path, allow_pickle)
+    _fit(model, {k.removeprefix("module."): v for k, v in state.items()}, path)
+
+
+_PICKLE_HINT = "set allow_pickle=True (classifier.allow_pickle) only if you trust the file"
+
+
+def read_state_dict(path: str, allow_pickle: bool = False, pickle_hint: str = _PICKLE_HINT) -> dict[str, Tensor]:
+    """The tensors of a .safetensors/.pt/.pth/.bin checkpoint, unwrapped from 'state_dict'/'model';
+    never runs pickled code unless ``allow_pickle`` (``pickle_hint`` says how to allow it)."""
     p = _check_file(path)
     if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(p))
+        try:
+            state = load_file(str(p))
+        except SafetensorError as err:
+            raise DxrayError(f"cannot read checkpoint {path}: {_one_line(err, 150)}") from None
     else:
         try:
             state = torch.load(p, map_location="cpu", weights_only=not allow_pickle)
         except pickle.UnpicklingError as err:
             if allow_pickle:
                 raise DxrayError(f"cannot read checkpoint {path}: {_one_line(err, 150)}") from None
-            raise DxrayError(f"checkpoint {path} holds objects that weights_only loading refuses; set "
-                             f"allow_pickle=True (classifier.allow_pickle) only if you trust the file") from None
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))
+            what = f" ({found.group(1)})" if found else ""
+            raise DxrayError(f"checkpoint {path} holds objects that weights_only loading refuses{what}; "
+                             f"{pickle_hint}") from None
         except Exception as err:
             raise DxrayError(f"cannot read checkpoint {path}: {_one_line(err, 150)}") from None
     for key in ("state_dict", "model"):
@@ -110,7 +127,11 @@ def load_weights(model: nn.Module, path: str, allow_pickle: bool = False) -> Non
         state = state.state_dict()
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise DxrayError(f"checkpoint {path} holds no state dict of tensors (looked under 'state_dict' and 'model')")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def _fit(model: nn.Module, state: dict[str, Tensor], path: str) -> None:
+    """Load ``state`` into ``model``; every key must match."""
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:
@@ -245,10 +266,109 @@ def _build_callable(spec: str, weights: str | None, kwargs: dict, meta: bool, al
     return _Built(model)
 
 
+class InputNormalize(nn.Module):
+    """The ``robustness`` library's input layer: clamp to [0, 1], then (x - new_mean) / new_std."""
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        super().__init__()
+        self.register_buffer("new_mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1))
+        self.register_buffer("new_std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (torch.clamp(x, 0, 1) - self.new_mean) / self.new_std
+
+
+class RobustResNet50(nn.Module):
+    """A torchvision ResNet-50 behind the ``robustness`` library's ``InputNormalize`` (MadryLab ImageNet models,
+    e.g. the L2 eps=3 ``imagenet_l2_3_0.pt`` of Salient ImageNet). Layer names are torchvision's plus
+    ``normalizer``, so the state dict is the converted safetensors layout."""
+
+    def __init__(self, **kwargs):
+        from torchvision.models import resnet50
+
+        super().__init__()
+        self.normalizer = InputNormalize()
+        for name, child in resnet50(weights=None, **kwargs).named_children():
+            self.add_module(name, child)
+
+    def forward(self, x: Tensor) -> Tensor:  # torchvision's ResNet._forward_impl after the normaliser
+        x = self.maxpool(self.relu(self.bn1(self.conv1(self.normalizer(x)))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def robust_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A ``robustness`` checkpoint's ``model`` dict in ``RobustResNet50`` layout: ``module.``/``model.`` prefixes
+    stripped, the attacker's duplicate dropped, ``normalizer.new_mean/new_std`` kept (as 3x1x1)."""
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if key.startswith("attacker."):
+            continue
+        if key.startswith("normalizer."):
+            out[key] = value.reshape(3, 1, 1) if value.numel() == 3 else value
+        else:
+            out[key.removeprefix("model.")] = value
+    return out
+
+
+def _robust_pickle_hint(path: str) -> str:
+    return (f"set classifier.allow_pickle=true only if you trust the file, or convert it once: "
+            f"dxray convert-checkpoint {path} OUT.safetensors --allow-pickle")
+
+
+def _build_robust(path: str, weights: str | None, kwargs: dict, meta: bool, allow_pickle: bool) -> _Built:
+    from torchvision.models import ResNet50_Weights
+
+    if weights not in (None, "DEFAULT"):
+        raise DxrayError(f"classifier.weights must stay DEFAULT for robust-resnet50 (the checkpoint is the spec's "
+                         f"path), got {weights!r}")
+    if not Path(path).expanduser().is_file():
+        raise DxrayError(f"robust-resnet50 checkpoint not found: {path}")
+    with _meta_or_not(meta):
+        model = RobustResNet50(**kwargs)
+    if not meta:
+        state = robust_state_dict(read_state_dict(path, allow_pickle, _robust_pickle_hint(path)))
+        defaults = model.normalizer.state_dict()  # ImageNet mean/std, when the checkpoint has no normaliser
+        _fit(model, {**{f"normalizer.{k}": v for k, v in defaults.items()}, **state}, path)
+        if not bool((model.normalizer.new_std > 0).all()):
+            raise DxrayError(f"checkpoint {path}: normalizer.new_std must be positive, got "
+                             f"{model.normalizer.new_std.flatten().tolist()}")
+    n = model.fc.out_features
+    names = list(ResNet50_Weights.DEFAULT.meta["categories"]) if n == 1000 else None
+    # The normaliser is inside the model: Classifier.preprocess only resizes ((x - 0) / 1 is exact).
+    return _Built(model, n, names, IMAGENET_SIZE, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, allow_pickle: bool = False) -> dict[str, int | str]:
+    """Write a ``robustness`` checkpoint's network and normaliser as a safetensors file that
+    ``robust-resnet50:DST`` loads without unpickling; returns what was written."""
+    from safetensors.torch import save_file
+
+    src, dst = str(src), Path(dst).expanduser()
+    if dst.suffix != ".safetensors":
+        raise DxrayError(f"convert-checkpoint: DST must end in .safetensors, got {str(dst)!r}")
+    if dst.exists() and dst.resolve() == Path(src).expanduser().resolve():
+        raise DxrayError(f"convert-checkpoint: DST is the same file as SRC ({src})")
+    if not Path(src).expanduser().is_file():
+        raise DxrayError(f"convert-checkpoint: SRC not found: {src}")
+    hint = "pass --allow-pickle only if you trust the file"
+    state = robust_state_dict(read_state_dict(src, allow_pickle, hint))
+    norm = [k for k in state if k.startswith("normalizer.")]
+    if not state.keys() - set(norm):
+        raise DxrayError(f"checkpoint {src} holds no network weights (only {norm})")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(dst),
+              metadata={"format": "pt", "source": Path(src).name, "layout": "dxray robust-resnet50"})
+    return {"path": str(dst), "tensors": len(state), "normalizer": "from the checkpoint" if norm else "absent "
+            "(ImageNet mean/std when loaded)"}
+
+
 BUILDERS: dict[str, Callable[..., _Built]] = {
     "torchvision": _build_torchvision,
     "hf": _build_hf,
     "timm": _build_timm,
+    "robust-resnet50": _build_robust,
 }
 
 
@@ -261,7 +381,7 @@ def _build(spec: str, weights: str | None, kwargs: dict | None, meta: bool, allo
         builder, ref = _build_callable, spec
     else:
         raise DxrayError(f"unknown classifier spec {spec!r}; expected torchvision:NAME, hf:ID_OR_PATH, "
-                         f"timm:NAME or module.path:callable")
+                         f"timm:NAME, robust-resnet50:PATH or module.path:callable")
     try:
         return builder(ref, weights, dict(kwargs or {}), meta, allow_pickle)
     except TypeError as err:  # almost always a bad keyword in `kwargs`

@@ -170,12 +170,27 @@ def rank_features_cmd(
     address: Annotated[str | None, typer.Option(help="Ray address (default: cluster.address, RAY_ADDRESS, else a local Ray)")] = None,
     actors: Annotated[int | None, typer.Option(min=1, help="classifier actors (default: cluster.explainers, else one per GPU share, else 1)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False,
+    from_annotations: Annotated[str | None, typer.Option("--from-annotations", help="take the annotated top-5 from Salient ImageNet's discover_spurious_features.csv instead (no images, no Ray)")] = None,
 ) -> None:
-    """Rank each class's top-k features by W[c,f] x mean activation over an image folder, on Ray Data;
+    """Rank each class's top-k features by W[c,f] x mean activation over an image folder, on Ray Data
+    (or take them from Salient ImageNet's annotations with --from-annotations);
     writes the feature_ranking table (read it back with targets.feature_source=table).
 
     Example: dxray rank-features jobs/configs/imagenet.yaml targets.feature_images.path=s3://bucket/imagenet/train
     """
+    if from_annotations is not None:
+        try:
+            from dxray.agreement import write_annotation_ranking
+            from dxray.config import load_config
+
+            cfg = load_config(config, overrides or [])
+            table, n = write_annotation_ranking(cfg, from_annotations)
+        except DxrayError as e:
+            _fail(str(e))
+        err.print(f"took the annotated top-{cfg.targets.top_k} of {n} classes from {from_annotations} → {table}",
+                  highlight=False, soft_wrap=True)
+        print(table)
+        return
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -238,6 +253,99 @@ def schema(
 
     for path in write_contract(out):
         print(path)
+
+
+@app.command("convert-checkpoint")
+def convert_checkpoint_cmd(
+    src: Annotated[Path, typer.Argument(help="robustness-library checkpoint, e.g. imagenet_l2_3_0.pt")],
+    dst: Annotated[Path, typer.Argument(help="safetensors file to write (DST.safetensors)")],
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="unpickle SRC even where it holds objects beyond tensors (runs code from the file: only for a file you trust)")] = False,
+) -> None:
+    """Convert a MadryLab robustness checkpoint (the robust ResNet-50 of Salient ImageNet) into a safetensors file
+    that classifier.spec=robust-resnet50:DST loads without unpickling: the network weights (module.model. prefix
+    stripped, attacker copy dropped) plus the input normaliser's mean/std.
+
+    Example: dxray convert-checkpoint imagenet_l2_3_0.pt imagenet_l2_3_0.safetensors
+    """
+    from dxray.classifiers import convert_checkpoint
+
+    try:
+        info = convert_checkpoint(src, dst, allow_pickle=allow_pickle)
+    except DxrayError as e:
+        _fail(str(e))
+    err.print(f"wrote {info['tensors']} tensors, normaliser {info['normalizer']} → {info['path']}", highlight=False,
+              soft_wrap=True)
+    print(info["path"])
+
+
+@app.command("agreement")
+def agreement_cmd(
+    run: Annotated[str | None, typer.Argument(help="run folder ({output}/{run_id}, local or s3://) or a bare verdicts Parquet/CSV file")] = None,
+    annotations: Annotated[str, typer.Option(help="Salient ImageNet's discover_spurious_features.csv (MTurk results; not redistributable, get it from github.com/singlasahil14/salient_imagenet)")] = "",
+    class_metadata: Annotated[str | None, typer.Option(help="Salient ImageNet's class_metadata.csv (supercategory) or a CSV with class_index, animate; default: classes 0-397 are animate")] = None,
+    subset: Annotated[str | None, typer.Option(help="salient90: 15 classes for each number 0..5 of human-spurious top-5 features (seeded hash order, seed 0)")] = None,
+    deltas: Annotated[str | None, typer.Option(help="comma-separated deltas for the sweep over the stored r (default 0,0.1,...,1)")] = None,
+    print_classes: Annotated[bool, typer.Option("--print-classes", help="print the --subset classes as a list for targets.classes=[...] and exit")] = False,
+) -> None:
+    """Agreement of the run's core/spurious verdicts with the Salient ImageNet human labels, overall and per
+    animate/inanimate x unbiased/medium/biased group, plus a delta sweep; writes the agreement table and a PNG chart.
+
+    Example: dxray agreement dxray-out/run-0123456789ab --annotations discover_spurious_features.csv --subset salient90
+    """
+    from rich.table import Table
+
+    from dxray import agreement as ag
+
+    try:
+        if not annotations:
+            raise DxrayError("--annotations is required (Salient ImageNet's discover_spurious_features.csv)")
+        if print_classes:
+            if subset is None:
+                raise DxrayError("--print-classes needs --subset salient90")
+            if subset not in ag.SUBSETS:
+                raise DxrayError(f"--subset must be one of {', '.join(ag.SUBSETS)}, got {subset!r}")
+            groups = ag.class_groups(ag.read_annotations(annotations))
+            classes, short = ag.salient90(groups)
+            for k, n in short.items():
+                err.print(f"warning: only {n} classes with {k} spurious top-5 features (wanted {ag.SALIENT90_PER_COUNT})")
+            print("[" + ", ".join(map(str, classes)) + "]")
+            return
+        if run is None:
+            raise DxrayError("RUN is required: a run folder or a verdicts file")
+        result = ag.run_agreement(run, annotations, class_metadata, subset,
+                                  ag.parse_deltas(deltas) if deltas is not None else None)
+    except DxrayError as e:
+        _fail(str(e))
+    for k, n in result.shortfall.items():
+        err.print(f"warning: salient90 has only {n} classes with {k} spurious top-5 features (wanted {ag.SALIENT90_PER_COUNT})")
+    if result.missing:
+        err.print(f"warning: {len(result.missing)} subset classes have no verdicts in the run, e.g. {result.missing[:5]}")
+    if result.other_answers:
+        err.print(f"note: {result.other_answers} annotator answers other than main_object/separate_object/background "
+                  f"counted as not spurious")
+    if result.unlabelled:
+        err.print(f"note: {result.unlabelled} verdict pairs have no human label (not the annotated top-5)")
+    template = ag.chart_template(result.rows)
+    stored = [r for r in result.rows if r["stored"] and r["template"] == template]
+    pct = lambda r: "-" if r["agreement"] is None else f"{100 * r['agreement']:.1f}%"  # noqa: E731
+    table = Table("animacy", "bias", "classes", "pairs", "agreement", "human spurious", "dxray spurious",
+                  title=f"{result.subset}: stored verdicts, delta {'-' if stored[0]['delta'] is None else stored[0]['delta']}" if stored else result.subset)
+    for r in stored:
+        table.add_row(r["animacy"], r["bias"], str(r["n_classes"]), str(r["n_pairs"]), pct(r),
+                      str(r["n_human_spurious"]), str(r["n_dxray_spurious"]))
+    out = Console()
+    out.print(table)
+    sweep = [r for r in result.rows if not r["stored"] and r["template"] == template and r["bias"] == "all"]
+    if sweep:
+        by_delta: dict[float, dict[str, str]] = {}
+        for r in sweep:
+            by_delta.setdefault(r["delta"], {})[r["animacy"]] = pct(r)
+        st = Table("delta", "all", "animate", "inanimate", title="delta sweep over the stored r")
+        for d, cells in by_delta.items():
+            st.add_row(f"{d:g}", *(cells.get(a, "-") for a in ("all", "animate", "inanimate")))
+        out.print(st)
+    err.print(f"agreement over {len(result.classes)} classes → {result.table}, {result.chart}", highlight=False,
+              soft_wrap=True)
 
 
 toyworld = typer.Typer(no_args_is_help=True, help="The planted-bias toy world: a known-answer benchmark.")
