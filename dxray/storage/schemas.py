@@ -110,8 +110,26 @@ FEATURE_RANKING = _schema("feature_ranking", [
     _f("n_images", pa.int32(), "images behind the mean activation"),
 ])
 
+AGREEMENT = _schema("agreement", [
+    _f("run_id", pa.string(), "run folder name", nullable=False),
+    _f("annotations", pa.string(), "file name of the human labels (Salient ImageNet discover_spurious_features.csv)"),
+    _f("subset", pa.string(), "classes compared: all, or salient90 (15 classes per number 0..5 of spurious top-5 features)"),
+    _f("template", pa.string(), "soft-prompt template of the feature tasks"),
+    _f("delta", pa.float32(), "threshold of the verdicts compared: core when mean r >= delta"),
+    _f("stored", pa.bool_(), "true: the run's verdicts table as written; false: re-decided from the stored r (delta sweep)"),
+    _f("animacy", pa.string(), "all, animate or inanimate classes"),
+    _f("bias", pa.string(), "all, unbiased (0 human-spurious among the top 5), medium (1-4) or biased (5)"),
+    _f("n_classes", pa.int32(), "classes with at least one compared pair"),
+    _f("n_pairs", pa.int32(), "(class, feature) pairs with both a dxray verdict and a human label"),
+    _f("n_agree", pa.int32(), "pairs where dxray and the annotators agree (core/spurious)"),
+    _f("agreement", pa.float32(), "n_agree / n_pairs (null when n_pairs is 0)"),
+    _f("n_human_spurious", pa.int32(), "pairs the annotators call spurious (>= 3 of 5 said separate_object or background)"),
+    _f("n_dxray_spurious", pa.int32(), "pairs dxray calls spurious"),
+    _f("n_both_spurious", pa.int32(), "pairs both call spurious"),
+])
+
 TABLES: dict[str, pa.Schema] = {"tasks": TASKS, "samples": SAMPLES, "verdicts": VERDICTS, "classes": CLASSES,
-                                 "feature_ranking": FEATURE_RANKING}
+                                 "feature_ranking": FEATURE_RANKING, "agreement": AGREEMENT}
 
 
 def _plain(value: Any) -> Any:
