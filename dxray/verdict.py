@@ -59,9 +59,12 @@ def decide(tasks: pa.Table, samples: pa.Table, delta: float, run_id: str) -> tup
                  _stats(_scored(tasks, samples, "class"), class_keys).to_pylist()}
     names = {(v["class_index"], v["template"]): v["class_name"] for v in verdicts}
     names |= {k: r["class_name"] for k, r in fractions.items()}
+    by_class: dict[tuple, list[dict]] = {}
+    for v in verdicts:  # grouped once: a per-class scan is quadratic over 1000 classes x 5 features
+        by_class.setdefault((v["class_index"], v["template"]), []).append(v)
     classes = []
     for key in sorted(names):
-        mine = [v for v in verdicts if (v["class_index"], v["template"]) == key]
+        mine = by_class.get(key, [])
         frac = fractions.get(key)
         classes.append({
             "run_id": run_id, "class_index": key[0], "class_name": names[key], "template": key[1],
