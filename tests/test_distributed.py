@@ -277,6 +277,18 @@ def test_layout_packs_explainers_per_gpu(gpus, overrides, expected, tmp_path):
     assert n == expected
 
 
+@pytest.mark.parametrize(("scales_up", "explainers", "expected"), [
+    (True, ["cluster.explainers=8"], (8, 0.75)),  # joined cluster at 0 GPUs: the autoscaler adds GPU nodes for them
+    (False, ["cluster.explainers=8"], (8, 0.0)),  # a local cluster without GPUs never gets any: CPU explainers
+    (True, [], (1, 0.0)),  # no explicit count: nothing to scale for, one CPU explainer
+])
+def test_layout_keeps_gpu_requests_on_a_cluster_that_scales_from_zero(scales_up, explainers, expected, tmp_path):
+    from dxray.distributed.audit import layout
+
+    cfg = load_config(TINY_YAML, [f"output={tmp_path}", "cluster.gpus_per_explainer=0.75", *explainers])
+    assert layout(cfg, 0, scales_up=scales_up) == expected
+
+
 def test_layout_with_no_room_is_a_one_line_error(tmp_path):
     from dxray.distributed.audit import layout
 

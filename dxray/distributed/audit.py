@@ -19,14 +19,16 @@ from dxray.errors import DxrayError
 log = logging.getLogger("dxray")
 
 
-def layout(cfg: Config, cluster_gpus: float) -> tuple[int, float]:
+def layout(cfg: Config, cluster_gpus: float, scales_up: bool = False) -> tuple[int, float]:
     """(explainer count, GPUs per explainer): as many explainers of ``gpus_per_explainer`` as fit beside
     the segmenters. A fractional request must fit on one GPU (Ray never splits an actor across GPUs),
-    so packing is per GPU. A CPU-only cluster gets one CPU explainer unless told otherwise."""
+    so packing is per GPU. A CPU-only cluster gets one CPU explainer unless told otherwise; on a cluster
+    that ``scales_up`` (one we joined, not a local one) explicit ``cluster.explainers`` keep their GPUs even
+    while it has none, so the autoscaler adds GPU nodes for them."""
     import math
 
     c = cfg.cluster
-    gpe = c.gpus_per_explainer if cluster_gpus > 0 else 0.0
+    gpe = c.gpus_per_explainer if cluster_gpus > 0 or (scales_up and c.explainers is not None) else 0.0
     if c.explainers is not None:
         return c.explainers, gpe
     if gpe == 0:
@@ -127,7 +129,10 @@ def run_distributed(cfg: Config, address: str | None = None, progress=None) -> a
     emit = progress or (lambda event, data: None)
     where = connect(cfg.cluster, address)
     gpus = float(ray.cluster_resources().get("GPU", 0))
-    n, gpe = layout(cfg, gpus)
+    n, gpe = layout(cfg, gpus, scales_up=where != "local")
+    if gpe and not gpus:
+        log.warning("dxray: the cluster has no GPU yet; %d explainer(s) of %g GPU wait for the autoscaler to add GPU "
+                    "nodes (cluster.gpus_per_explainer=0 runs them on CPUs)", n, gpe)
     image_ranker, classifier = _ranking_inputs(cfg)
     p = audit.prepare(cfg, info, classifier, image_ranker, started=started)
     summary = p.summary()
@@ -143,7 +148,7 @@ def run_distributed(cfg: Config, address: str | None = None, progress=None) -> a
                 **opts).remote(cfg, p.sink.run_id) for i in range(n)]
             if cfg.segment.enabled:
                 segmenters = [ray.remote(SegmenterActor).options(
-                    num_gpus=c.gpus_per_segmenter if gpus else 0, num_cpus=c.cpus_per_segmenter,
+                    num_gpus=c.gpus_per_segmenter if gpus or gpe else 0, num_cpus=c.cpus_per_segmenter,
                     name=f"dxray-segmenter-{p.sink.run_id}-{i}", **opts).remote(cfg) for i in range(c.segmenters)]
             _first_ready(explainers, "explainer")
             _first_ready(segmenters, "segmenter")
