@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= dxray-out
 
-.PHONY: install browser test demo demo-tiny bench lint schema
+.PHONY: install browser test demo demo-tiny bench bench-gpu lint schema
 
 install: $(STAMP)
 
@@ -40,6 +40,12 @@ bench: install
 	$(BIN)/python benchmarks/segment.py --model tiny --images 32 --size 128
 	$(BIN)/python benchmarks/sampler.py --size sd15 --resolution 256 --checkpointing
 	$(BIN)/python benchmarks/scheduler.py
+	$(BIN)/python benchmarks/optimize_step.py --preset tiny
+
+# On a CUDA machine: dxray's optimisation step vs the naive loop, levers, FLOPs/MFU and the
+# full-ImageNet projection on the SD1.5-size architecture (random weights) at 512 px, 4 steps.
+bench-gpu: install
+	$(BIN)/python benchmarks/optimize_step.py --preset sd15 --device cuda --out optimize_step-gpu.json
 
 lint: install
 	$(BIN)/ruff check dxray tests benchmarks jobs

@@ -79,8 +79,12 @@ class LCMGenerator:
 
     def __init__(self, tokenizer, text_encoder, unet, decoder, scheduler, *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, steps: int = 4, guidance_scale: float = 1.0,
-                 resolution: int = 512, original_inference_steps: int = 50, checkpointing: bool = False):
+                 resolution: int = 512, original_inference_steps: int = 50, checkpointing: bool = False,
+                 grad_steps: int | None = None):
         from diffusers import LCMScheduler
+
+        if grad_steps is not None and not 1 <= grad_steps <= steps:
+            raise DxrayError(f"generator.grad_steps {grad_steps} must be between 1 and generator.steps ({steps}), or null")
 
         self.device = torch.device(device)
         self.dtype = dtype
@@ -94,6 +98,7 @@ class LCMGenerator:
         self.latent_shape = (unet.config.in_channels, resolution // scale, resolution // scale)
         self.resolution = resolution
         self.checkpointing = checkpointing
+        self.grad_steps = grad_steps  # backprop through the last k sampler steps only (None: all)
         # 1. Timesteps and guidance, computed once.
         self.scheduler = LCMScheduler.from_config(scheduler.config)
         self.scheduler.set_timesteps(steps, device=self.device, original_inference_steps=original_inference_steps)
@@ -168,7 +173,8 @@ class LCMGenerator:
         """Images (P·S × 3 × H × W, in [0, 1]) for P conditionings, each with its own S seeds.
 
         Differentiable w.r.t. ``cond``. ``on_step(i, cond)`` may replace the conditioning
-        seen by step i (tests use it to see each step's gradient).
+        seen by step i (tests use it to see each step's gradient). With ``grad_steps`` k, the first
+        steps - k steps run under ``no_grad`` (same forward, no graph kept).
         """
         if cond.shape[0] != len(seeds):
             raise ValueError(f"{cond.shape[0]} conditionings but {len(seeds)} seed lists")
@@ -184,19 +190,22 @@ class LCMGenerator:
         w_emb = None if self.w_embedding is None else self.w_embedding.expand(b, -1)
         uncond = None if self.uncond is None else self.uncond.expand(b, -1, -1)
         denoised = latents
+        grad = torch.is_grad_enabled()
+        first_grad = len(scheduler.timesteps) - (self.grad_steps or len(scheduler.timesteps))
         with self._autocast():
-            # 2. Unrolled LCM loop: every step keeps its graph.
+            # 2. Unrolled LCM loop: every step keeps its graph (or only the last grad_steps do).
             for i, t in enumerate(scheduler.timesteps):
                 c = on_step(i, cond) if on_step else cond
 
                 def unet_step(x, c, t=t):  # t bound now: checkpoint's recompute must see this step's t
                     return self._predict(x, c, t, w_emb, uncond)
 
-                if self.checkpointing and torch.is_grad_enabled():
-                    pred = checkpoint(unet_step, latents, c, use_reentrant=False)
-                else:
-                    pred = unet_step(latents, c)
-                latents, denoised = scheduler.step(pred, t, latents, generator=gens, return_dict=False)
+                with torch.set_grad_enabled(grad and i >= first_grad):
+                    if self.checkpointing and torch.is_grad_enabled():
+                        pred = checkpoint(unet_step, latents, c, use_reentrant=False)
+                    else:
+                        pred = unet_step(latents, c)
+                    latents, denoised = scheduler.step(pred, t, latents, generator=gens, return_dict=False)
             # 3. Decode.
             image = self.decoder.decode(denoised / self.decoder.config.scaling_factor, return_dict=False)[0]
         return (image.float() / 2 + 0.5).clamp(0, 1)
