@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import pytest
@@ -105,14 +104,11 @@ def _cli(*args, cache, timeout=120):
 def test_dry_run_command_loads_no_model_and_starts_no_ray(tmp_path):
     cache = tmp_path / "empty-cache"
     cache.mkdir()
-    t0 = time.perf_counter()
     r = _cli("audit", str(TINY_YAML), "classifier.spec=tiny", f"output={tmp_path / 'out'}", "targets.top_k=2",
              "--dry-run", cache=cache)
-    seconds = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr
     assert list(cache.iterdir()) == []  # the tiny models were not built
     assert "Ray" not in r.stdout + r.stderr and "loading" not in r.stderr.lower()
-    assert seconds < 60  # ~5 s on an idle 2-core box: imports and a meta-device build only
     text = " ".join(r.stdout.split())
     assert "tasks: feature │ 4" in text and "optimisation steps │ 30" in text and "images to segment │ 24" in text
 
@@ -120,8 +116,22 @@ def test_dry_run_command_loads_no_model_and_starts_no_ray(tmp_path):
     assert bad.returncode == 2 and "out of range" in bad.stderr and list(cache.iterdir()) == []
 
 
-COMMANDS = [["explain"], ["audit"], ["redecide"], ["rank-features"], ["schema"], ["toyworld", "train"],
-            ["toyworld", "check"]]
+def _commands() -> list[list[str]]:
+    """Every command of the app, sub-groups included (a new command is checked without listing it here)."""
+    import typer
+
+    from dxray.cli import app
+
+    def walk(group, prefix: list[str]) -> list[list[str]]:
+        out = []
+        for name, cmd in sorted(group.commands.items()):
+            out += walk(cmd, [*prefix, name]) if hasattr(cmd, "commands") else [[*prefix, name]]
+        return out
+
+    return walk(typer.main.get_command(app), [])
+
+
+COMMANDS = _commands()
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
