@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from dxray import classifiers, features, objectives
+from dxray import classifiers, features, objectives, prompts
 from dxray.config import Config, StorageConfig
 from dxray.errors import DxrayError
 from dxray.explain import (
+    HardSettings,
     OptimizeResult,
     OptimizeSettings,
     Sample,
@@ -160,11 +161,13 @@ def _task_id(cfg: Config, **what) -> str:
     defining = {
         **what,
         "n_tokens": cfg.prompt.n_tokens, "seed": cfg.seed, "sample_seeds": cfg.sample.seed_list(),
-        "generator": g.model_dump(mode="json", exclude={"checkpointing", "dtype"}),
+        "generator": g.model_dump(mode="json", exclude={"checkpointing", "dtype"} | ({"grad_steps"} if g.grad_steps is None else set())),
         "classifier": c.model_dump(mode="json", exclude={"allow_pickle"}),
         "optimize": o.model_dump(mode="json", exclude={"batch_tasks"}),
         "segment": cfg.segment.model_dump(mode="json", exclude={"batch_size"}),
     }
+    if cfg.prompt.kind == "hard":  # only then: soft-prompt task ids stay as they were
+        defining["hard_prompt"] = cfg.prompt.hard.model_dump(mode="json")
     return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -205,13 +208,15 @@ def _task_row(run_id: str, spec: TaskSpec, cfg: Config, res: OptimizeResult | No
         "class_name": spec.class_name, "feature_index": spec.feature_index, "feature_rank": spec.feature_rank,
         "layer": spec.layer, "objective": spec.objective.description, "template": spec.template,
         "n_tokens": cfg.prompt.n_tokens, "init": spec.init, "status": "error" if error else "ok", "error": error,
-        "lr": cfg.optimize.lr, "samples_per_step": cfg.optimize.samples_per_step,
+        "lr": (cfg.prompt.kind == "hard" and cfg.prompt.hard.lr) or cfg.optimize.lr,
+        "samples_per_step": cfg.optimize.samples_per_step,
     }
     if res is not None:
         row |= {
             "steps": res.steps, "final_loss": res.final_loss, "loss_curve": res.loss_curve,
             "target_prob": res.target_prob, "stopped_early": res.stopped_early, "baseline_prob": res.baseline_prob,
-            "prompt_embedding": res.rows.tolist(), "train_seeds": [s[0] for s in res.train_seeds],
+            "prompt_embedding": res.rows.tolist(), "hard_prompt_text": res.text,
+            "train_seeds": [s[0] for s in res.train_seeds],
             "seconds": res.seconds,
         }
     return row
@@ -256,16 +261,22 @@ class Explainer:
         self.generator = generator or LCMGenerator.from_pretrained(
             g.model, lora=g.lora, tiny_vae=g.tiny_vae, device=cfg.device, dtype=g.dtype, cache_dir=cfg.cache_dir,
             steps=g.steps, guidance_scale=g.guidance_scale, resolution=g.resolution,
-            original_inference_steps=g.original_inference_steps, checkpointing=g.checkpointing)
+            original_inference_steps=g.original_inference_steps, checkpointing=g.checkpointing,
+            grad_steps=g.grad_steps)
         self.classifier = classifier or classifiers.load_classifier(
             classifier_spec(cfg), **classifier_kwargs(cfg), input_size=c.input_size, final_layer=c.final_layer,
             device=self.generator.device, allow_pickle=c.allow_pickle)
+        h = cfg.prompt.hard
+        self.hard = HardSettings(h.tau_start, h.tau_end, h.lr, h.vocabulary) if cfg.prompt.kind == "hard" else None
+        if self.hard is not None:  # a word that is not one token: one line now, before any optimisation
+            prompts.vocabulary_ids(self.generator.tokenizer, self.hard.vocabulary)
 
     def explain(self, specs: list[TaskSpec], on_step=None) -> list[Outcome]:
         """Optimise the batch together, then sample each task; a failure becomes the task's error."""
         cfg = self.cfg
         o = cfg.optimize
-        settings = OptimizeSettings(o.steps, o.lr, o.optimizer, o.weight_decay, o.samples_per_step, o.early_stop_prob)
+        settings = OptimizeSettings(o.steps, o.lr, o.optimizer, o.weight_decay, o.samples_per_step, o.early_stop_prob,
+                                    self.hard)
         r = o.restarts  # restart k of a task starts from seed + k; the lowest final loss wins
         targets = [Target(s.objective, s.template, cfg.prompt.n_tokens, s.init, s.seed + k, s.class_index)
                    for s in specs for k in range(r)]
@@ -294,7 +305,7 @@ class Explainer:
         samples = sample(self.generator, self.classifier, spec.template, res.rows, s.seed_list(),
                          class_index=spec.class_index, feature=feature, batch_size=s.batch_size)
         if s.baseline and spec.class_index is not None:
-            start = self.generator.init_rows(self.cfg.prompt.n_tokens, spec.init, res.init_seed)
+            start = res.start_rows  # the initial prompt (hard: its argmax words)
             before = sample(self.generator, self.classifier, spec.template, start, s.seed_list(),
                             class_index=spec.class_index, batch_size=s.batch_size)
             res.baseline_prob = sum(b.class_prob for b in before) / len(before)

@@ -35,6 +35,13 @@ class GeneratorConfig(_Section):
     resolution: int = Field(512, gt=0, description="image side in pixels (multiple of the VAE scale factor)")
     checkpointing: bool = Field(False, description="recompute each sampler step in backward to save memory")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: bfloat16 on CUDA, float32 on CPU")
+    grad_steps: int | None = Field(None, ge=1, description="backprop through only the last k sampler steps (earlier ones without gradients); null: all")
+
+    @model_validator(mode="after")
+    def _grad_steps(self) -> GeneratorConfig:
+        if self.grad_steps is not None and self.grad_steps > self.steps:
+            raise ValueError(f"generator.grad_steps {self.grad_steps} must be between 1 and generator.steps ({self.steps})")
+        return self
 
 
 class ClassifierConfig(_Section):
@@ -47,18 +54,52 @@ class ClassifierConfig(_Section):
     allow_pickle: bool = Field(False, description="allow checkpoints that execute pickled code when loaded")
 
 
+# Named templates (paper Fig. 4); any other string holding '{}' is a literal template.
+TEMPLATE_PRESETS = {"object": "{}", "texture": "a texture of {}", "shape": "a shape of {}"}
+
+
+class HardPromptConfig(_Section):
+    """Hard prompts (paper Sec. 4.4): logits over token ids, straight-through Gumbel-softmax."""
+
+    tau_start: float = Field(1.0, gt=0, description="Gumbel-softmax temperature at the first step (exponential anneal)")
+    tau_end: float = Field(0.1, gt=0, description="Gumbel-softmax temperature at the last step")
+    lr: float | None = Field(None, gt=0, description="learning rate of the logits (default: optimize.lr)")
+    vocabulary: list[str] | str | None = Field(None, description="allowed words, each a single token: a list or a text file (one per line, read when the config loads); null: every whole-word token")
+
+    @field_validator("vocabulary")
+    @classmethod
+    def _words(cls, vocabulary: list[str] | str | None) -> list[str] | None:
+        if isinstance(vocabulary, str):
+            path = Path(vocabulary).expanduser()
+            if not path.is_file():
+                raise ValueError(f"file not found: {vocabulary}")
+            vocabulary = path.read_text().splitlines()
+        if vocabulary is None:
+            return None
+        words = [w.strip() for w in vocabulary if w.strip()]
+        if not words:
+            raise ValueError("no words")
+        return list(dict.fromkeys(words))
+
+
 class PromptConfig(_Section):
-    templates: list[str] = Field(default_factory=lambda: ["{}"], min_length=1, description="soft-prompt templates; '{}' marks the learnable tokens")
+    templates: list[str] = Field(default_factory=lambda: ["{}"], min_length=1, description="prompt templates: 'object' ({}), 'texture' (a texture of {}), 'shape' (a shape of {}) or any string where '{}' marks the learnable tokens")
     n_tokens: int = Field(1, gt=0, le=16, description="learnable tokens in place of '{}'")
     init: str = Field("random", description="'random' (embedding-table scale), 'class' (the class name) or 'word:WORD'")
+    kind: Literal["soft", "hard"] = Field("soft", description="soft: free embedding rows; hard: real tokens (Gumbel-softmax), decoded into hard_prompt_text")
+    hard: HardPromptConfig = Field(default_factory=HardPromptConfig)
 
     @field_validator("templates")
     @classmethod
     def _one_placeholder(cls, templates: list[str]) -> list[str]:
-        for t in templates:
+        resolved = [TEMPLATE_PRESETS.get(t, t) for t in templates]
+        for t in resolved:
             if t.count("{}") != 1:
-                raise ValueError(f"template {t!r} must contain '{{}}' exactly once")
-        return templates
+                names = ", ".join(TEMPLATE_PRESETS)
+                raise ValueError(f"template {t!r} must contain '{{}}' exactly once (or be one of {names})")
+        if len(set(resolved)) < len(resolved):
+            raise ValueError(f"templates {templates} name the same template twice")
+        return resolved
 
     @field_validator("init")
     @classmethod
@@ -219,6 +260,11 @@ class Config(_Section):
         data = self.model_dump(mode="json", exclude={"output", "run_id", "device", "cache_dir", "storage", "cluster",
                                                           "estimate"})
         data["optimize"].pop("batch_tasks")
+        if data["prompt"]["kind"] == "soft":  # soft prompts: the run ids from before hard prompts stay
+            data["prompt"].pop("kind")
+            data["prompt"].pop("hard")
+        if data["generator"].get("grad_steps") is None:
+            data["generator"].pop("grad_steps", None)  # unset: the run ids from before the option stay
         data["sample"].pop("batch_size")
         data["segment"].pop("batch_size")
         data.pop("verdict")  # verdicts are re-decidable from stored r: same run

@@ -1,9 +1,13 @@
-"""Optimise soft prompts against objectives, then sample held-out images. No I/O.
+"""Optimise soft or hard prompts against objectives, then sample held-out images. No I/O.
 
 Several tasks are optimised in one batch (each with its own prompt and rows);
 the batch loss is the sum of per-task means, so tasks never influence each
 other's gradients, and a task that stops (early stop or non-finite loss) simply
 leaves the batch.
+
+A hard prompt (``OptimizeSettings.hard``) learns logits over allowed token ids instead of rows:
+each step draws straight-through Gumbel-softmax rows of the embedding table (annealed temperature),
+injected exactly like soft rows; its result is the argmax tokens, their rows and their decoded text.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dxray import prompts
 from dxray.generator import LCMGenerator, training_seed
 from dxray.objectives import Objective
 
@@ -32,6 +37,16 @@ class Target:
 
 
 @dataclass
+class HardSettings:
+    """Hard prompts: the Gumbel-softmax temperature anneals exponentially from tau_start to tau_end."""
+
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    lr: float | None = None  # learning rate of the logits; None: OptimizeSettings.lr
+    vocabulary: Sequence[str] | None = None  # allowed words (single tokens each); None: every whole-word token
+
+
+@dataclass
 class OptimizeSettings:
     steps: int = 100
     lr: float = 0.1
@@ -39,6 +54,7 @@ class OptimizeSettings:
     weight_decay: float = 0.0
     samples_per_step: int = 1
     early_stop_prob: float | None = None
+    hard: HardSettings | None = None  # None: soft prompts
 
 
 @dataclass
@@ -52,6 +68,9 @@ class OptimizeResult:
     seconds: float = 0.0
     baseline_prob: float | None = None  # held-out class probability with the initial rows (set by the caller)
     init_seed: int | None = None  # seed of the initial rows that produced this result
+    start_rows: torch.Tensor | None = None  # the initial prompt's rows (hard: its argmax tokens' rows), for the baseline
+    token_ids: list[int] | None = None  # hard prompt: the chosen (argmax) token ids
+    text: str | None = None  # hard prompt: the chosen tokens, decoded
 
     @property
     def steps(self) -> int:
@@ -79,14 +98,31 @@ StepCallback = Callable[[int, list[OptimizeResult]], None]
 
 def optimize(generator: LCMGenerator, classifier, targets: Sequence[Target], settings: OptimizeSettings,
              on_step: StepCallback | None = None) -> list[OptimizeResult]:
-    """Optimise every target's soft prompt together; returns one result per target, in order."""
-    prompts = [generator.soft_prompt(t.template, t.n_tokens) for t in targets]
-    params = [torch.nn.Parameter(generator.init_rows(t.n_tokens, t.init, t.seed).to(generator.device))
-              for t in targets]
+    """Optimise every target's prompt together; returns one result per target, in order."""
+    soft_prompts = [generator.soft_prompt(t.template, t.n_tokens) for t in targets]
+    hard = settings.hard
+    lr = settings.lr
+    if hard is None:
+        params = [torch.nn.Parameter(generator.init_rows(t.n_tokens, t.init, t.seed).to(generator.device))
+                  for t in targets]
+        rows_of = lambda i, step, seed: params[i]  # noqa: E731
+    else:
+        vocab, table = hard_vocabulary(generator, hard)
+        params = [torch.nn.Parameter(init_logits(generator, vocab, t)) for t in targets]  # logits stay on the CPU
+        lr = hard.lr or settings.lr
+
+        def rows_of(i, step, seed):
+            tau = prompts.temperature(step, settings.steps, hard.tau_start, hard.tau_end)
+            return prompts.hard_rows(params[i], table, tau, seed)
+
     opt_cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
-    opt = opt_cls(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    opt = opt_cls(params, lr=lr, weight_decay=settings.weight_decay)
     layers = sorted(set().union(*(t.objective.layers for t in targets)) - {"logits"})
     results = [OptimizeResult(rows=p.detach().cpu().clone(), init_seed=t.seed) for p, t in zip(params, targets, strict=True)]
+    for r, p in zip(results, params, strict=True):
+        if hard is not None:
+            _set_discrete(r, p, vocab, table, generator.tokenizer)
+        r.start_rows = r.rows
     active = list(range(len(targets)))
     s = settings.samples_per_step
     started = time.perf_counter()
@@ -94,7 +130,8 @@ def optimize(generator: LCMGenerator, classifier, targets: Sequence[Target], set
         if not active:
             break
         seeds = [[training_seed(targets[i].seed, step, j, s) for j in range(s)] for i in active]
-        cond = generator.encode([prompts[i] for i in active], [params[i] for i in active])
+        cond = generator.encode([soft_prompts[i] for i in active],
+                                [rows_of(i, step, seeds[slot][0]) for slot, i in enumerate(active)])
         images = generator.generate(cond, seeds)
         acts = classifier(images, layers=layers)
         total = 0.0
@@ -130,9 +167,33 @@ def optimize(generator: LCMGenerator, classifier, targets: Sequence[Target], set
             on_step(step, results)
     elapsed = time.perf_counter() - started
     for r, p in zip(results, params, strict=True):
-        r.rows = p.detach().cpu().clone()  # stopped tasks got no update after stopping: their rows are the ones that did
+        # Stopped tasks got no update after stopping: their rows (or logits) are the ones that did.
+        if hard is None:
+            r.rows = p.detach().cpu().clone()
+        else:
+            _set_discrete(r, p, vocab, table, generator.tokenizer)
         r.seconds = elapsed / max(len(targets), 1)
     return results
+
+
+def hard_vocabulary(generator: LCMGenerator, hard: HardSettings) -> tuple[list[int], torch.Tensor]:
+    """The allowed token ids and their embedding-table rows (V × D, float32, on the generator's device)."""
+    vocab = prompts.vocabulary_ids(generator.tokenizer, hard.vocabulary)
+    weight = prompts.embedding_table(generator.text_encoder).weight.detach()
+    return vocab, weight[torch.tensor(vocab, device=weight.device)].float()
+
+
+def init_logits(generator: LCMGenerator, vocab: Sequence[int], target: Target) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(target.seed)
+    return prompts.init_logits(generator.tokenizer, vocab, target.n_tokens, target.init, gen)
+
+
+def _set_discrete(res: OptimizeResult, logits: torch.Tensor, vocab, table: torch.Tensor, tokenizer) -> None:
+    """A hard prompt's result: the argmax tokens, their embedding rows and their text."""
+    cols = logits.detach().argmax(-1).to(table.device)
+    res.token_ids = prompts.chosen_ids(logits, vocab)
+    res.rows = table[cols].float().cpu().clone()
+    res.text = prompts.decode(tokenizer, res.token_ids)
 
 
 def best_of(results: Sequence[OptimizeResult]) -> OptimizeResult:

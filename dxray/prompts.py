@@ -1,4 +1,4 @@
-"""Soft prompts: a template whose ``{}`` holds N learnable token embeddings.
+"""Soft and hard prompts: a template whose ``{}`` holds N learnable token embeddings.
 
 The template is tokenised once; BOS, EOS and padding stay real tokens. The
 learnable rows are injected into the CLIP token-embedding output with a forward
@@ -7,10 +7,13 @@ hook (transformers 5's ``CLIPTextModel`` takes no ``inputs_embeds``).
 
 from __future__ import annotations
 
+import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from dxray.errors import DxrayError
 
@@ -92,3 +95,97 @@ def encode(text_encoder, prompts: Sequence[SoftPrompt], rows: Sequence[torch.Ten
         return text_encoder(input_ids=input_ids).last_hidden_state
     finally:
         handle.remove()
+
+
+# -- hard prompts (paper Sec. 4.4) -----------------------------------------------------------------
+# Per learnable token a logit vector over the allowed token ids; each step a straight-through
+# Gumbel-softmax sample picks one row of the embedding table, which is injected by :func:`encode`
+# exactly like a soft row. The result is a list of token ids: real words.
+
+RANDOM_LOGIT_STD = 0.01  # "random" init: near-uniform logits, a random argmax token
+_WHOLE_WORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def whole_word_ids(tokenizer) -> list[int]:
+    """Every non-special token that is a word by itself: it decodes to text that tokenises back to
+    exactly that token (for CLIP: word-final tokens that BPE reaches). The default hard-prompt
+    vocabulary, so that the decoded explanation reads back as the same tokens."""
+    cached = _WHOLE_WORDS.get(tokenizer)
+    if cached is None:
+        special = set(tokenizer.all_special_ids)
+        ids = [i for i in range(len(tokenizer)) if i not in special]
+        texts = tokenizer.batch_decode([[i] for i in ids])
+        back = tokenizer(texts, add_special_tokens=False).input_ids
+        cached = [i for i, text, b in zip(ids, texts, back, strict=True) if text.strip() and list(b) == [i]]
+        _WHOLE_WORDS[tokenizer] = cached
+    return cached
+
+
+def vocabulary_ids(tokenizer, words: Sequence[str] | None, field: str = "prompt.hard.vocabulary") -> list[int]:
+    """Token ids a hard prompt may choose: one per word (each must be a single token), or every
+    whole-word token when ``words`` is None."""
+    if words is None:
+        return whole_word_ids(tokenizer)
+    ids: list[int] = []
+    for word in words:
+        tokens = _ids(tokenizer, word)
+        if len(tokens) != 1:
+            raise DxrayError(f"{field}: word {word!r} is {len(tokens)} tokens for this tokenizer; each word must be "
+                             "a single token")
+        ids.append(tokens[0])
+    if not ids:
+        raise DxrayError(f"{field}: no words")
+    return list(dict.fromkeys(ids))
+
+
+def init_logits(tokenizer, vocab: Sequence[int], n_tokens: int, init: str, generator: torch.Generator) -> torch.Tensor:
+    """Initial hard-prompt logits (n_tokens × len(vocab), float32, CPU).
+
+    ``random``: small Gaussian logits (a random argmax token, near-uniform samples);
+    ``word:WORD``: WORD's tokens (those in the vocabulary, cycled) get logit log(V - 1), so each is
+    the argmax and drawn with probability about 1/2 at the first step.
+    """
+    logits = torch.randn(n_tokens, len(vocab), generator=generator) * RANDOM_LOGIT_STD
+    if init == "random":
+        return logits
+    if not init.startswith("word:"):
+        raise DxrayError(f"init {init!r} must be 'random' or 'word:WORD'")
+    word = init[5:].strip()
+    column = {t: j for j, t in enumerate(vocab)}
+    cols = [column[t] for t in _ids(tokenizer, word) if t in column]
+    if not cols:
+        raise DxrayError(f"prompt.init: word {word!r} has no token in the hard-prompt vocabulary")
+    high = math.log(max(len(vocab) - 1, 1))
+    for i in range(n_tokens):
+        logits[i, cols[i % len(cols)]] = high
+    return logits
+
+
+def temperature(step: int, steps: int, start: float, end: float) -> float:
+    """Exponential anneal from ``start`` (first step) to ``end`` (last step)."""
+    if steps <= 1:
+        return start
+    return start * (end / start) ** (step / (steps - 1))
+
+
+def hard_rows(logits: torch.Tensor, table: torch.Tensor, tau: float, seed: int | None = None) -> torch.Tensor:
+    """Straight-through Gumbel-softmax rows (n_tokens × D): forward, exactly the embedding-table rows of
+    the sampled tokens; backward, the gradient of the tempered softmax. ``table`` holds the rows of the
+    allowed ids (V × D); ``seed`` makes the Gumbel noise reproducible without touching the global RNG."""
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.random.default_generator.manual_seed(seed)
+        one_hot = F.gumbel_softmax(logits.float(), tau=tau, hard=True)
+    one_hot = one_hot.to(table.device)
+    exact = table[one_hot.detach().argmax(-1)].float()
+    return exact + (one_hot - one_hot.detach()) @ table.float()  # value: the rows; gradient: through one_hot
+
+
+def chosen_ids(logits: torch.Tensor, vocab: Sequence[int]) -> list[int]:
+    """The discrete prompt: the argmax token id of every learnable position."""
+    return [int(vocab[j]) for j in logits.detach().argmax(-1).tolist()]
+
+
+def decode(tokenizer, ids: Sequence[int]) -> str:
+    """The words of a hard prompt (its learnable tokens only; the template is stored beside it)."""
+    return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
