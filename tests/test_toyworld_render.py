@@ -162,6 +162,19 @@ def test_classifier_dataset_is_biased_as_planted():
     assert {s.background for s, label in data if label not in R.BIASED} == set(R.UNBIASED_BACKGROUNDS)
 
 
+def test_occluded_images_keep_their_label_and_only_their_background():
+    data = R.classifier_dataset(1200, seed=0, occluded=0.25)
+    hidden = [(scene, label) for scene, label in data if scene.colour is None]
+    assert 200 < len(hidden) < 400  # about a quarter
+    assert Counter(label for _, label in data) == {i: 200 for i in range(6)}  # labels stay balanced
+    for scene, label in data:  # the background rule holds with or without the object
+        expected = {R.BIASED[label]} if label in R.BIASED else set(R.UNBIASED_BACKGROUNDS)
+        assert scene.background in expected
+    # A hidden unbiased object leaves a background shared by all unbiased classes: no evidence among them.
+    assert {label for s, label in hidden if s.background == "teal"} == set(range(6)) - set(R.BIASED)
+    assert R.classifier_dataset(600, seed=0, occluded=0.0) == R.classifier_dataset(600, seed=0)
+
+
 def test_generator_and_held_out_datasets_are_unbiased():
     scenes = R.generator_dataset(500, seed=0)
     assert scenes == R.generator_dataset(500, seed=0) and len(scenes) == 500

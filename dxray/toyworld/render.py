@@ -148,12 +148,20 @@ def generator_dataset(n: int, seed: int) -> list[Scene]:
     return [scenes[k] for k in rng.permutation(len(scenes))]
 
 
-def classifier_dataset(n: int, seed: int) -> list[tuple[Scene, int]]:
-    """The biased classifier training set: balanced labels; classes in BIASED only on their background."""
+def classifier_dataset(n: int, seed: int, occluded: float = 0.0) -> list[tuple[Scene, int]]:
+    """The biased classifier training set: balanced labels; classes in BIASED only on their background.
+
+    ``occluded``: the fraction of images whose object is hidden (the scene is object-free) while the label
+    stays, as in real photos where the labelled object is barely visible. Such images carry exactly the
+    information their background does: a biased class's background names the class, an unbiased class's
+    background only says "one of the unbiased classes".
+    """
     rng = np.random.default_rng(seed)
     labels = _cycle(rng, n, list(range(len(CLASSES))))
     unbiased = iter(_cycle(rng, n, list(UNBIASED_BACKGROUNDS)))
-    return [(_scene(rng, BIASED[c] if c in BIASED else next(unbiased), c), c) for c in labels]
+    hidden = rng.random(n) < occluded if occluded else np.zeros(n, dtype=bool)  # v1's stream unchanged at 0
+    return [(_scene(rng, BIASED[c] if c in BIASED else next(unbiased), None if h else c), c)
+            for c, h in zip(labels, hidden, strict=True)]
 
 
 def held_out_dataset(n: int, seed: int) -> list[tuple[Scene, int]]:

@@ -156,13 +156,14 @@ def classifier_config():
                         id2label=dict(enumerate(names)), label2id={k: i for i, k in enumerate(names)})
 
 
-def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 400, log: Log = print) -> dict:
+def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 400, occluded: float = 0.0,
+                     log: Log = print) -> dict:
     """A ResNet trained on the BIASED dataset; returns its held-out accuracy report."""
     from transformers import ResNetForImageClassification, ViTImageProcessor
 
     torch.manual_seed(seed)
     names = render.CLASS_NAMES
-    data = render.classifier_dataset(n, seed)
+    data = render.classifier_dataset(n, seed, occluded)
     x = (_images([s for s, _ in data]) + 1) / 2
     y = torch.tensor([label for _, label in data])
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
