@@ -421,11 +421,12 @@ def write_annotation_ranking(cfg, path: str) -> tuple[str, int]:
     """``dxray rank-features --from-annotations``: the annotated top-k of ``targets.classes`` written as
     the run's ``feature_ranking`` table (read back with ``targets.feature_source=table``). Returns
     (table folder, classes)."""
+    from dxray.audit import open_sink
     from dxray.features import ranking_rows
 
     if not cfg.targets.top_k:
         raise DxrayError("targets.top_k is 0: nothing to rank")
     ranked = rank_from_annotations(path, cfg.targets.classes, cfg.targets.top_k)
-    sink = RunSink(cfg.output, cfg.resolved_run_id(), storage=cfg.storage)
+    sink = open_sink(cfg)  # the run folder the audit of this config writes to
     sink.write_table("feature_ranking", ranking_rows(sink.run_id, ranked, None), part="all")
     return sink.uri("feature_ranking"), len(cfg.targets.classes)
