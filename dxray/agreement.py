@@ -240,23 +240,10 @@ class Source:
 
 
 def _bare_verdicts(path: str, fs: pafs.FileSystem, inner: str, kind: pafs.FileType) -> pa.Table:
-    import pyarrow.csv as pcsv
-    import pyarrow.dataset as ds
-    import pyarrow.parquet as pq
+    from dxray.features import read_tabular
 
-    ext = posixpath.splitext(inner)[1].lower()
-    try:
-        if kind == pafs.FileType.Directory:
-            table = ds.dataset(inner, filesystem=fs, format="parquet").to_table()
-        elif ext in (".parquet", ".pq"):
-            table = pq.read_table(inner, filesystem=fs)
-        elif ext == ".csv":
-            with fs.open_input_stream(inner) as f:
-                table = pcsv.read_csv(f)
-        else:
-            raise DxrayError(f"verdicts must be a run folder, a Parquet file/folder or a .csv, got {path}")
-    except (OSError, ValueError) as err:
-        raise DxrayError(f"cannot read verdicts {path}: {' '.join(str(err).split())[:200]}") from None
+    table = read_tabular(fs, inner, kind, path, "verdicts",
+                         f"verdicts must be a run folder, a Parquet file/folder or a .csv, got {path}")
     for column in ("class_index", "feature_index", "verdict"):
         if column not in table.column_names:
             raise DxrayError(f"verdicts {path} lacks column {column}")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 import torch.nn.functional as F
@@ -199,29 +200,35 @@ def rank_from_images(classifier, folder: ImageFolder, classes: list[int], k: int
     return ranked
 
 
-def read_ranking_table(path: str, classes: list[int] | None = None, k: int | None = None) -> list[RankedFeature]:
-    """Rankings from a CSV/Parquet file (or Parquet folder) with class_index, feature_index, rank [, importance]."""
+def read_tabular(fs: pafs.FileSystem, inner: str, kind: pafs.FileType, path: str, what: str,
+                 unsupported: str) -> pa.Table:
+    """A Parquet folder, a .parquet/.pq file or a .csv as one table; ``unsupported`` is the error for
+    another suffix, and a read failure is one line naming ``what`` and ``path``."""
     import pyarrow.csv as pcsv
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
-    fs, inner = _filesystem(path)
-    kind = fs.get_file_info(inner).type
     ext = posixpath.splitext(inner)[1].lower()
-    if kind == pafs.FileType.NotFound:
-        raise DxrayError(f"feature table not found: {path}")
     try:
         if kind == pafs.FileType.Directory:
-            table = ds.dataset(inner, filesystem=fs, format="parquet").to_table()
-        elif ext == ".csv":
+            return ds.dataset(inner, filesystem=fs, format="parquet").to_table()
+        if ext == ".csv":
             with fs.open_input_stream(inner) as f:
-                table = pcsv.read_csv(f)
-        elif ext in (".parquet", ".pq"):
-            table = pq.read_table(inner, filesystem=fs)
-        else:
-            raise DxrayError(f"feature table must be .csv or .parquet, got {path}")
+                return pcsv.read_csv(f)
+        if ext in (".parquet", ".pq"):
+            return pq.read_table(inner, filesystem=fs)
     except (OSError, ValueError) as err:
-        raise DxrayError(f"cannot read feature table {path}: {' '.join(str(err).split())[:200]}") from None
+        raise DxrayError(f"cannot read {what} {path}: {' '.join(str(err).split())[:200]}") from None
+    raise DxrayError(unsupported)
+
+
+def read_ranking_table(path: str, classes: list[int] | None = None, k: int | None = None) -> list[RankedFeature]:
+    """Rankings from a CSV/Parquet file (or Parquet folder) with class_index, feature_index, rank [, importance]."""
+    fs, inner = _filesystem(path)
+    kind = fs.get_file_info(inner).type
+    if kind == pafs.FileType.NotFound:
+        raise DxrayError(f"feature table not found: {path}")
+    table = read_tabular(fs, inner, kind, path, "feature table", f"feature table must be .csv or .parquet, got {path}")
     missing = [c for c in TABLE_COLUMNS if c not in table.column_names]
     if missing:
         raise DxrayError(f"feature table {path} lacks column(s) {', '.join(missing)} "
