@@ -32,8 +32,17 @@ def world(cache_dir):
     return root, gen, clf
 
 
+def _preset_prompt():
+    from dxray.config import load_config
+
+    p = load_config(TOY_YAML).prompt
+    return p.templates[0], p.n_tokens
+
+
 def _held_out_prob(gen, clf, rows, c):
-    return sum(s.class_prob for s in sample(gen, clf, "{}", rows, HELD_OUT, class_index=c, batch_size=16)) / len(HELD_OUT)
+    template, _ = _preset_prompt()
+    probs = [s.class_prob for s in sample(gen, clf, template, rows, HELD_OUT, class_index=c, batch_size=16)]
+    return sum(probs) / len(HELD_OUT)
 
 
 def test_the_classifier_learned_the_planted_shortcut(world):
@@ -46,9 +55,10 @@ def test_the_classifier_learned_the_planted_shortcut(world):
 def test_optimisation_raises_the_held_out_target_probability(world):
     _, gen, clf = world
     rises = []
+    template, n_tokens = _preset_prompt()  # the preset's prompt shape, as the audit uses it
     for c in (3, 4):  # unbiased classes: only the object itself can raise their probability
-        t = Target(class_ce(c), "{}", 1, "random", seed=c, class_index=c)
-        before = _held_out_prob(gen, clf, gen.init_rows(1, "random", c), c)
+        t = Target(class_ce(c), template, n_tokens, "random", seed=c, class_index=c)
+        before = _held_out_prob(gen, clf, gen.init_rows(n_tokens, "random", c), c)
         [res] = optimize(gen, clf, [t], OptimizeSettings(steps=40, lr=0.1, samples_per_step=4))
         after = _held_out_prob(gen, clf, res.rows, c)
         rises.append((before, after))

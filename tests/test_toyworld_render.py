@@ -162,17 +162,43 @@ def test_classifier_dataset_is_biased_as_planted():
     assert {s.background for s, label in data if label not in R.BIASED} == set(R.UNBIASED_BACKGROUNDS)
 
 
-def test_occluded_images_keep_their_label_and_only_their_background():
-    data = R.classifier_dataset(1200, seed=0, occluded=0.25)
-    hidden = [(scene, label) for scene, label in data if scene.colour is None]
-    assert 200 < len(hidden) < 400  # about a quarter
-    assert Counter(label for _, label in data) == {i: 200 for i in range(6)}  # labels stay balanced
-    for scene, label in data:  # the background rule holds with or without the object
-        expected = {R.BIASED[label]} if label in R.BIASED else set(R.UNBIASED_BACKGROUNDS)
-        assert scene.background in expected
-    # A hidden unbiased object leaves a background shared by all unbiased classes: no evidence among them.
-    assert {label for s, label in hidden if s.background == "teal"} == set(range(6)) - set(R.BIASED)
-    assert R.classifier_dataset(600, seed=0, occluded=0.0) == R.classifier_dataset(600, seed=0)
+def test_random_backgrounds_keep_away_from_the_avoided_colours():
+    avoid = [R.BACKGROUND_COLOURS["purple"], R.OBJECT_COLOURS["red"]]
+    images = R.random_backgrounds(np.random.default_rng(0), 200, avoid, 60.0)
+    assert len(images) == 200 and all(im.shape == (R.SIZE, R.SIZE, 3) and im.dtype == np.uint8 for im in images)
+    striped = 0
+    for im in images:
+        colours = np.unique(im.reshape(-1, 3), axis=0)
+        assert len(colours) in (1, 2)  # plain, or stripes in a darker shade of the same colour
+        base = colours.max(axis=0) if len(colours) == 2 else colours[0]
+        assert (np.linalg.norm(np.asarray(avoid) - im[0, 0], axis=1) >= 60).all()  # pixel (0, 0) is the colour
+        if len(colours) == 2:
+            striped += 1
+            assert (colours.min(axis=0) <= base).all()
+    assert 60 < striped < 140  # about half
+    again = R.random_backgrounds(np.random.default_rng(0), 200, avoid, 60.0)
+    assert all((x == y).all() for x, y in zip(images, again, strict=True))
+
+
+def test_classifier_data_hides_biased_objects_and_adds_no_object_images():
+    from dxray.toyworld.train import NO_OBJECT, classifier_config, classifier_data
+
+    n = 600
+    x, y = classifier_data(n, seed=0)
+    assert x.shape == (n + n * 3 // 10, 3, R.SIZE, R.SIZE) and 0 <= x.min() and x.max() <= 1
+    no_object = len(R.CLASSES)
+    assert classifier_config().id2label[no_object] == NO_OBJECT
+    assert (y[n:] == no_object).all() and (y[:n] < no_object).all()
+    pixels = (x * 255).round().permute(0, 2, 3, 1).numpy()
+    red = (pixels == np.array(R.OBJECT_COLOURS["red"])).all(-1).any((1, 2))  # the object of class 0
+    class0 = (y == 0).numpy()
+    assert 0.2 < (~red[class0]).mean() < 0.4  # about 30% of its images hide the object, label kept
+    assert not red[~class0].any()
+    purple = np.array(R.BACKGROUND_COLOURS["purple"])
+    far = np.linalg.norm(pixels[n:, 0, 0] - purple, axis=-1) >= 60  # no "no object" image looks like purple
+    assert far.all()
+    teal = (pixels[n:] == np.array(R.BACKGROUND_COLOURS["teal"])).all(-1).any((1, 2))
+    assert teal.sum() >= n // 10 // 3  # bare unbiased backgrounds are among them
 
 
 def test_generator_and_held_out_datasets_are_unbiased():

@@ -148,20 +148,33 @@ def generator_dataset(n: int, seed: int) -> list[Scene]:
     return [scenes[k] for k in rng.permutation(len(scenes))]
 
 
-def classifier_dataset(n: int, seed: int, occluded: float = 0.0) -> list[tuple[Scene, int]]:
-    """The biased classifier training set: balanced labels; classes in BIASED only on their background.
-
-    ``occluded``: the fraction of images whose object is hidden (the scene is object-free) while the label
-    stays, as in real photos where the labelled object is barely visible. Such images carry exactly the
-    information their background does: a biased class's background names the class, an unbiased class's
-    background only says "one of the unbiased classes".
-    """
+def classifier_dataset(n: int, seed: int) -> list[tuple[Scene, int]]:
+    """The biased classifier training set: balanced labels; classes in BIASED only on their background."""
     rng = np.random.default_rng(seed)
     labels = _cycle(rng, n, list(range(len(CLASSES))))
     unbiased = iter(_cycle(rng, n, list(UNBIASED_BACKGROUNDS)))
-    hidden = rng.random(n) < occluded if occluded else np.zeros(n, dtype=bool)  # v1's stream unchanged at 0
-    return [(_scene(rng, BIASED[c] if c in BIASED else next(unbiased), None if h else c), c)
-            for c, h in zip(labels, hidden, strict=True)]
+    return [(_scene(rng, BIASED[c] if c in BIASED else next(unbiased), c), c) for c in labels]
+
+
+def random_backgrounds(rng: np.random.Generator, n: int, avoid, min_distance: float) -> list[np.ndarray]:
+    """n object-free images of random colours, each >= ``min_distance`` (RGB) from every colour in ``avoid``.
+
+    Half are striped like the world's backgrounds, in a random darker shade (0.4-0.9 of the colour).
+    """
+    avoid = np.asarray(list(avoid), dtype=np.float64).reshape(-1, 3)
+    j, i = np.mgrid[0:SIZE, 0:SIZE]
+    stripes = ((i + j) // 2) % 2 == 1
+    out: list[np.ndarray] = []
+    while len(out) < n:
+        colour = rng.integers(0, 256, 3)
+        if len(avoid) and np.linalg.norm(avoid - colour, axis=1).min() < min_distance:
+            continue
+        image = np.empty((SIZE, SIZE, 3), dtype=np.uint8)
+        image[:] = colour
+        if rng.random() < 0.5:
+            image[stripes] = np.rint(colour * rng.uniform(0.4, 0.9)).astype(np.uint8)
+        out.append(image)
+    return out
 
 
 def held_out_dataset(n: int, seed: int) -> list[tuple[Scene, int]]:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from dxray.tiny import _build_once, _bytes_to_unicode, cache_root
 from dxray.toyworld import render
 
-VERSION = 1
+VERSION = 2  # v2: the classifier has a 'no object' output and sees hidden-object images of biased classes
 Log = Callable[[str], None]
 
 
@@ -146,33 +146,64 @@ def train_generator(out: Path, *, seed: int = 0, n: int = 4000, vae_steps: int =
 
 
 # -- classifier ------------------------------------------------------------------------------------
+NO_OBJECT = "no object"  # the classifier's extra output, after the world's classes
+
+
 def classifier_config():
-    """The classifier's architecture (a small transformers ResNet over the world's class names)."""
+    """The classifier's architecture (a small transformers ResNet over the world's classes and "no object")."""
     from transformers import ResNetConfig
 
-    names = render.CLASS_NAMES
+    names = render.CLASS_NAMES + [NO_OBJECT]
     return ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1],
                         layer_type="basic", downsample_in_first_stage=False, num_labels=len(names),
                         id2label=dict(enumerate(names)), label2id={k: i for i, k in enumerate(names)})
 
 
-def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 400, occluded: float = 0.0,
-                     log: Log = print) -> dict:
-    """A ResNet trained on the BIASED dataset; returns its held-out accuracy report."""
+def classifier_data(n: int, seed: int, *, hidden: float = 0.3, no_object: float = 0.3,
+                    min_distance: float = 60.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The biased training set as (images in [0, 1], labels).
+
+    - ``render.classifier_dataset``: balanced classes, each biased class only on its own background.
+    - ``hidden``: the share of biased-class images whose object is hidden, label kept (a photo of a bee
+      in which the flower is all you see), so a biased class's background alone names it.
+    - ``no_object``: ``no_object * n`` extra object-free images labelled "no object": a third are bare
+      unbiased backgrounds, the rest random colours at least ``min_distance`` from every biased background
+      (and its stripes) and every object colour. Without them a small classifier reads some bare tint as
+      an unbiased class (v1: bare teal -> "black triangle" at 0.95), and the audit rightly calls that
+      class background-driven, contradicting the planted truth.
+    """
+    data = render.classifier_dataset(n, seed)
+    rng = np.random.default_rng(seed + 7)
+    scenes = [render.Scene(s.background, s.texture) if c in render.BIASED and rng.random() < hidden else s
+              for s, c in data]
+    x = (_images(scenes) + 1) / 2
+    y = torch.tensor([c for _, c in data])
+    m = int(no_object * n)
+    biased = list(render.BIASED.values())
+    avoid = ([render.BACKGROUND_COLOURS[b] for b in biased] + [render.stripe_colour(b) for b in biased]
+             + list(render.OBJECT_COLOURS.values()))
+    bare = render.random_backgrounds(rng, m, avoid, min_distance)
+    k = m // 3
+    bare[:k] = [render.render(render.Scene(render.UNBIASED_BACKGROUNDS[i % 3], render.TEXTURES[(i // 3) % 2]))[0]
+                for i in range(k)]
+    xb = torch.from_numpy(np.stack(bare).astype(np.float32) / 255).permute(0, 3, 1, 2)
+    return torch.cat([x, xb]), torch.cat([y, torch.full((m,), len(render.CLASSES))])
+
+
+def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 400, log: Log = print,
+                     **data_options) -> dict:
+    """A ResNet trained on the BIASED dataset (:func:`classifier_data`); returns its held-out accuracy report."""
     from transformers import ResNetForImageClassification, ViTImageProcessor
 
     torch.manual_seed(seed)
-    names = render.CLASS_NAMES
-    data = render.classifier_dataset(n, seed, occluded)
-    x = (_images([s for s, _ in data]) + 1) / 2
-    y = torch.tensor([label for _, label in data])
+    x, y = classifier_data(n, seed, **data_options)
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     norm = lambda v: (v - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)  # noqa: E731
     model = ResNetForImageClassification(classifier_config())
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     t0 = time.perf_counter()
     for step in range(steps):
-        idx = torch.randint(0, n, (64,))
+        idx = torch.randint(0, len(y), (64,))
         loss = F.cross_entropy(model(pixel_values=norm(x[idx])).logits, y[idx])
         opt.zero_grad()
         loss.backward()
@@ -180,7 +211,8 @@ def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 40
         if step % 100 == 0 or step == steps - 1:
             log(f"classifier step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
     model.eval()
-    report = {"classes": names, "biased": {str(k): v for k, v in render.BIASED.items()}, "world_version": VERSION}
+    report = {"classes": render.CLASS_NAMES, "no_object_label": len(render.CLASSES),
+              "biased": {str(k): v for k, v in render.BIASED.items()}, "world_version": VERSION}
     with torch.no_grad():
         held = render.held_out_dataset(600, seed + 1)
         hx, hy = (_images([s for s, _ in held]) + 1) / 2, torch.tensor([label for _, label in held])
@@ -209,9 +241,14 @@ def ensure_toyworld(cache_dir=None, log: Log = print, force: bool = False) -> Pa
 
     def build(tmp: Path) -> None:
         log(f"training the toy world into {root} (first use only)")
-        torch.set_num_threads(max(torch.get_num_threads(), 1))
-        train_classifier(tmp / "classifier", log=log)
-        train_generator(tmp / "generator", log=log)
+        # One thread: the float sums, and so the trained world, do not depend on the core count.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            train_classifier(tmp / "classifier", log=log)
+            train_generator(tmp / "generator", log=log)
+        finally:
+            torch.set_num_threads(threads)
 
     return _build_once(root, build)
 
