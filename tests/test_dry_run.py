@@ -90,7 +90,7 @@ def test_dry_run_describes_aliases_without_building_them(tmp_path):
     empty = tmp_path / "cache"
     p = dry_run(load_config(ROOT / "jobs" / "configs" / "toyworld.yaml", [f"output={tmp_path / 'out'}", f"cache_dir={empty}"]),
                 figures=[])
-    assert p.tasks == {"class": 6, "feature": 6, "neuron": 0} and p.optimisation_steps == 12 * 3 * 40
+    assert p.tasks == {"class": 6, "feature": 6, "neuron": 0} and p.optimisation_steps == 12 * 5 * 60
     p = dry_run(_tiny(tmp_path, cache=empty), figures=[])
     assert p.tasks == {"class": 2, "feature": 2, "neuron": 0}
     assert not empty.exists() or not any(empty.iterdir())  # nothing trained, built or saved

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from dxray.explain import OptimizeSettings, Target, optimize, sample
+from dxray.explain import OptimizeSettings, Target, best_of, optimize, sample
 from dxray.objectives import class_ce
 from dxray.toyworld import render
 
@@ -18,6 +18,7 @@ TOY_YAML = ROOT / "jobs" / "configs" / "toyworld.yaml"
 # Training the world is ~5 min on an idle 2-core machine; allow for a busy one.
 pytestmark = pytest.mark.timeout(1800)
 HELD_OUT = list(range(100, 116))  # never used while optimising (training seeds are >= 2**31)
+RESTARTS = 3
 
 
 @pytest.fixture(scope="session")
@@ -53,15 +54,17 @@ def test_the_classifier_learned_the_planted_shortcut(world):
 
 
 def test_optimisation_raises_the_held_out_target_probability(world):
+    """Each class takes the best of RESTARTS initialisations by final training loss, as the audit's
+    optimize.restarts does: a single start can get stuck (measured: one of two did, p 0.37 -> 0.13)."""
     _, gen, clf = world
-    rises = []
     template, n_tokens = _preset_prompt()  # the preset's prompt shape, as the audit uses it
+    settings = OptimizeSettings(steps=40, lr=0.1, samples_per_step=4)
+    rises = []
     for c in (3, 4):  # unbiased classes: only the object itself can raise their probability
-        t = Target(class_ce(c), template, n_tokens, "random", seed=c, class_index=c)
-        before = _held_out_prob(gen, clf, gen.init_rows(n_tokens, "random", c), c)
-        [res] = optimize(gen, clf, [t], OptimizeSettings(steps=40, lr=0.1, samples_per_step=4))
-        after = _held_out_prob(gen, clf, res.rows, c)
-        rises.append((before, after))
+        targets = [Target(class_ce(c), template, n_tokens, "random", seed=c + 100 * k, class_index=c)
+                   for k in range(RESTARTS)]
+        best = best_of(optimize(gen, clf, targets, settings))
+        rises.append((_held_out_prob(gen, clf, best.start_rows, c), _held_out_prob(gen, clf, best.rows, c)))
     assert all(after > before + 0.25 for before, after in rises), rises
 
 
