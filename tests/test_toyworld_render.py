@@ -214,3 +214,16 @@ def test_generator_and_held_out_datasets_are_unbiased():
     assert all(R.CLASSES[c] == (s.colour, s.shape) for s, c in R.held_out_dataset(100, seed=1))
     assert any(s.colour is None for s in R.generator_dataset(45, seed=2))
     assert len({(s.colour, s.background) for s in R.generator_dataset(45, seed=2) if s.colour}) == 36
+
+
+def test_training_logs_go_to_stderr_not_stdout(tmp_path, capsys):
+    """`run=$(dxray audit ...)` captures stdout: a world trained on first use must not print there."""
+    import inspect
+
+    from dxray.toyworld import train
+
+    train.train_classifier(tmp_path / "classifier", n=60, steps=2)
+    out, err = capsys.readouterr()
+    assert out == "" and "classifier step 1/2" in err and "held-out accuracy" in err
+    assert inspect.signature(train.ensure_toyworld).parameters["log"].default is train.log_to_stderr
+    assert inspect.signature(train.train_generator).parameters["log"].default is train.log_to_stderr

@@ -10,6 +10,7 @@ scheduler's noise schedule (``prediction_type="sample"``), which suits the
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,11 @@ from dxray.toyworld import render
 
 VERSION = 2  # v2: the classifier has a 'no object' output and sees hidden-object images of biased classes
 Log = Callable[[str], None]
+
+
+def log_to_stderr(message: str) -> None:
+    """The default training log: stderr, because stdout carries a command's result (``run=$(dxray audit ...)``)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def folder(cache_dir=None) -> Path:
@@ -64,7 +70,7 @@ def _images(scenes) -> torch.Tensor:
 
 # -- generator -------------------------------------------------------------------------------------
 def train_generator(out: Path, *, seed: int = 0, n: int = 4000, vae_steps: int = 600, unet_steps: int = 1600, batch: int = 32,
-                    log: Log = print) -> None:
+                    log: Log = log_to_stderr) -> None:
     from diffusers import (
         AutoencoderKL,
         LatentConsistencyModelPipeline,
@@ -190,7 +196,7 @@ def classifier_data(n: int, seed: int, *, hidden: float = 0.3, no_object: float 
     return torch.cat([x, xb]), torch.cat([y, torch.full((m,), len(render.CLASSES))])
 
 
-def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 400, log: Log = print,
+def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 400, log: Log = log_to_stderr,
                      **data_options) -> dict:
     """A ResNet trained on the BIASED dataset (:func:`classifier_data`); returns its held-out accuracy report."""
     from transformers import ResNetForImageClassification, ViTImageProcessor
@@ -231,7 +237,7 @@ def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 40
     return report
 
 
-def ensure_toyworld(cache_dir=None, log: Log = print, force: bool = False) -> Path:
+def ensure_toyworld(cache_dir=None, log: Log = log_to_stderr, force: bool = False) -> Path:
     """The trained world (generator/ and classifier/), trained on first use (a few minutes on a CPU)."""
     root = folder(cache_dir)
     if force and root.exists():
