@@ -4,6 +4,7 @@ The world is trained once per test session into the test cache (a few minutes on
 """
 
 import json
+from functools import cache
 
 import pyarrow.dataset as ds
 import pytest
@@ -33,6 +34,7 @@ def world(cache_dir):
     return root, gen, clf
 
 
+@cache
 def _preset_prompt():
     from dxray.config import load_config
 

@@ -37,6 +37,8 @@ CLASS_NAMES = [f"{c} {s}" for c, s in CLASSES]
 BIASED: dict[int, str] = {0: "purple", 1: "orange", 2: "gray"}  # class -> its only training background
 UNBIASED_BACKGROUNDS = ("teal", "pink", "brown")
 MIN_OBJECT, MAX_OBJECT = 9, 15
+_J, _I = np.mgrid[0:SIZE, 0:SIZE]
+STRIPES = ((_I + _J) // 2) % 2 == 1  # the pixels a striped background paints in the darker shade
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,7 @@ def render(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     image = np.empty((SIZE, SIZE, 3), dtype=np.uint8)
     image[:] = BACKGROUND_COLOURS[scene.background]
     if scene.texture == "stripes":
-        j, i = np.mgrid[0:SIZE, 0:SIZE]
-        image[((i + j) // 2) % 2 == 1] = stripe_colour(scene.background)
+        image[STRIPES] = stripe_colour(scene.background)
     mask = np.zeros((SIZE, SIZE), dtype=bool)
     if scene.colour is None:
         return image, mask
@@ -162,8 +163,6 @@ def random_backgrounds(rng: np.random.Generator, n: int, avoid, min_distance: fl
     Half are striped like the world's backgrounds, in a random darker shade (0.4-0.9 of the colour).
     """
     avoid = np.asarray(list(avoid), dtype=np.float64).reshape(-1, 3)
-    j, i = np.mgrid[0:SIZE, 0:SIZE]
-    stripes = ((i + j) // 2) % 2 == 1
     out: list[np.ndarray] = []
     while len(out) < n:
         colour = rng.integers(0, 256, 3)
@@ -172,7 +171,7 @@ def random_backgrounds(rng: np.random.Generator, n: int, avoid, min_distance: fl
         image = np.empty((SIZE, SIZE, 3), dtype=np.uint8)
         image[:] = colour
         if rng.random() < 0.5:
-            image[stripes] = np.rint(colour * rng.uniform(0.4, 0.9)).astype(np.uint8)
+            image[STRIPES] = np.rint(colour * rng.uniform(0.4, 0.9)).astype(np.uint8)
         out.append(image)
     return out
 
