@@ -278,8 +278,8 @@ class Explainer:
         settings = OptimizeSettings(o.steps, o.lr, o.optimizer, o.weight_decay, o.samples_per_step, o.early_stop_prob,
                                     self.hard)
         r = o.restarts  # restart k of a task starts from seed + k; the lowest final loss wins
-        targets = [Target(s.objective, s.template, cfg.prompt.n_tokens, s.init, s.seed + k, s.class_index)
-                   for s in specs for k in range(r)]
+        targets = [Target(s.objective, s.template, cfg.prompt.n_tokens, s.init, s.seed + k, s.class_index,
+                          stop_early=s.kind == "class") for s in specs for k in range(r)]
         try:
             runs = optimize(self.generator, self.classifier, targets, settings, on_step=on_step)
         except DxrayError:

@@ -115,7 +115,7 @@ class OptimizeConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     steps: int = Field(100, gt=0, description="optimisation steps per task")
     samples_per_step: int = Field(1, gt=0, description="noise samples z drawn per step (S)")
-    early_stop_prob: float | None = Field(None, gt=0, le=1, description="stop a class task once its mean target probability reaches this")
+    early_stop_prob: float | None = Field(None, gt=0, le=1, description="stop a class task (not a feature task) once its mean target probability reaches this")
     feature_weight: float = Field(1.0, gt=0, description="lambda of Eq.5: CE(class) - lambda * feature")
     batch_tasks: int = Field(4, gt=0, description="tasks optimised together in one batch")
     restarts: int = Field(1, gt=0, description="independent initialisations per task; the lowest final loss wins")

@@ -33,7 +33,11 @@ class Target:
     n_tokens: int = 1
     init: str = "random"
     seed: int = 0
-    class_index: int | None = None  # for the target probability and early stop
+    class_index: int | None = None  # for the target probability (and early stop)
+    # Stop once the target probability reaches OptimizeSettings.early_stop_prob. Only for a pure class
+    # objective: a feature task (CE - λ·feature) that stopped on its class probability would skip the
+    # feature term it exists for.
+    stop_early: bool = True
 
 
 @dataclass
@@ -150,7 +154,7 @@ def optimize(generator: LCMGenerator, classifier, targets: Sequence[Target], set
             if c is not None:
                 prob = part["logits"].float().softmax(-1)[:, c].mean().item()
                 res.prob_curve.append(prob)
-                if settings.early_stop_prob is not None and prob >= settings.early_stop_prob:
+                if targets[i].stop_early and settings.early_stop_prob is not None and prob >= settings.early_stop_prob:
                     res.stopped_early = True
                     continue  # keep the rows that reached the target: no update for this task
             still.append(i)

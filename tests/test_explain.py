@@ -87,3 +87,18 @@ def test_restarts_in_the_audit_keep_the_winner_and_its_init(tiny_config):
                                      samples_per_step=cfg.optimize.samples_per_step))
     best = min(runs, key=lambda r: r.final_loss)
     assert rows[0]["final_loss"] == pytest.approx(best.final_loss, rel=1e-5)
+
+
+def test_early_stop_stops_class_tasks_but_not_feature_tasks(tiny_config):
+    """early_stop_prob is about the class probability: a feature task (CE - λ·feature) runs all its steps."""
+    from dxray.audit import Auditor, plan, preflight, rank_features
+    from dxray.storage.sink import RunSink
+
+    cfg = tiny_config.model_copy(update={"optimize": tiny_config.optimize.model_copy(
+        update={"early_stop_prob": 1e-9, "steps": 3})})
+    auditor = Auditor(cfg)
+    specs = plan(cfg, preflight(cfg), rank_features(cfg, auditor.classifier), 16)
+    batch = [next(s for s in specs if s.kind == "class"), next(s for s in specs if s.kind == "feature")]
+    rows = {r["kind"]: r for r in auditor.run_batch(batch, RunSink(cfg.output, "r"))}
+    assert rows["class"]["stopped_early"] and rows["class"]["steps"] == 1
+    assert not rows["feature"]["stopped_early"] and rows["feature"]["steps"] == 3
