@@ -183,6 +183,22 @@ def test_bad_input_is_one_line_before_any_model_or_ray(case, s3, tmp_path, cache
     assert not stdout
 
 
+def test_actor_larger_than_the_local_ray_is_a_one_line_error_not_a_hang(tmp_path, cache_dir):
+    """A local Ray never grows, so an explainer asking for more CPUs than it has would wait forever."""
+    args = ["audit", str(TINY_YAML), f"output={tmp_path / 'out'}", f"cache_dir={cache_dir}", *FAST,
+            "cluster.local_cpus=1", "cluster.cpus_per_explainer=2", "--quiet"]
+    proc = _cli(*args, cache=cache_dir)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert lines[-1] == ("error: cluster.cpus_per_explainer=2 but the local Ray has 1 CPU(s): lower it "
+                         "(or raise cluster.local_cpus)"), stderr
+
+
 def test_ray_job_submit_runs_the_audit_on_a_started_cluster(tmp_path, cache_dir):
     """`ray start --head` on loopback, `ray job submit ... python jobs/audit.py`, SUCCEEDED, output checked."""
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")

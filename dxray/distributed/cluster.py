@@ -38,4 +38,12 @@ def connect(cluster: ClusterConfig, address: str | None = None) -> str:
     except (ConnectionError, RuntimeError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DxrayError(f"cannot connect to Ray at {address or 'a new local cluster'}: {first}") from None
+    # A local Ray never grows: an actor wanting more CPUs than it has would wait forever, silently.
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    for field in ("cpus_per_explainer", "cpus_per_segmenter"):
+        need = getattr(cluster, field)
+        if need > cpus + 1e-9:
+            ray.shutdown()
+            raise DxrayError(f"cluster.{field}={need:g} but the local Ray has {cpus:g} CPU(s): lower it "
+                             f"(or raise cluster.local_cpus)")
     return "local"
