@@ -279,7 +279,7 @@ class Explainer:
                                     self.hard)
         r = o.restarts  # restart k of a task starts from seed + k; the lowest final loss wins
         targets = [Target(s.objective, s.template, cfg.prompt.n_tokens, s.init, s.seed + k, s.class_index,
-                          stop_early=s.kind == "class") for s in specs for k in range(r)]
+                          stop_early=s.kind == "class", group=n) for n, s in enumerate(specs) for k in range(r)]
         try:
             runs = optimize(self.generator, self.classifier, targets, settings, on_step=on_step)
         except DxrayError:

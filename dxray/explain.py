@@ -38,6 +38,9 @@ class Target:
     # objective: a feature task (CE - λ·feature) that stopped on its class probability would skip the
     # feature term it exists for.
     stop_early: bool = True
+    # Restarts of one task share a group: once one of them stops early the others stop too (the task
+    # has its answer; the rest would only spend compute on a worse or equal one).
+    group: int | None = None
 
 
 @dataclass
@@ -128,6 +131,7 @@ def optimize(generator: LCMGenerator, classifier, targets: Sequence[Target], set
             _set_discrete(r, p, vocab, table, generator.tokenizer)
         r.start_rows = r.rows
     active = list(range(len(targets)))
+    done_groups: set[int] = set()
     s = settings.samples_per_step
     started = time.perf_counter()
     for step in range(settings.steps):
@@ -156,8 +160,11 @@ def optimize(generator: LCMGenerator, classifier, targets: Sequence[Target], set
                 res.prob_curve.append(prob)
                 if targets[i].stop_early and settings.early_stop_prob is not None and prob >= settings.early_stop_prob:
                     res.stopped_early = True
+                    if targets[i].group is not None:
+                        done_groups.add(targets[i].group)
                     continue  # keep the rows that reached the target: no update for this task
             still.append(i)
+        still = [i for i in still if targets[i].group is None or targets[i].group not in done_groups]
         opt.zero_grad(set_to_none=True)
         if still:
             # Stopped tasks are in `total` too, but their rows get no update: the optimiser only steps

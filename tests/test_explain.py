@@ -102,3 +102,22 @@ def test_early_stop_stops_class_tasks_but_not_feature_tasks(tiny_config):
     rows = {r["kind"]: r for r in auditor.run_batch(batch, RunSink(cfg.output, "r"))}
     assert rows["class"]["stopped_early"] and rows["class"]["steps"] == 1
     assert not rows["feature"]["stopped_early"] and rows["feature"]["steps"] == 3
+
+
+def test_a_restart_that_stops_early_stops_its_siblings_only(tiny_generator, tiny_classifier):
+    """Restarts of one task share a group: the first to reach early_stop_prob ends the task."""
+    def targets(groups):
+        return [Target(class_ce(0), "{}", 1, "random", seed=s, class_index=0, group=g) for s, g in zip((1, 2, 3), groups)]
+
+    [p1, p2, p3] = [r.prob_curve[0] for r in optimize(tiny_generator, tiny_classifier, targets([None] * 3),
+                                                      OptimizeSettings(steps=1))]
+    assert p1 != p2  # step 0 depends only on the initial rows and seeds: the threshold below splits them
+    hi, lo = (1, 2) if p1 > p2 else (2, 1)
+    threshold = (p1 + p2) / 2
+    assert p3 < threshold  # the third target (its own group) must not stop by itself
+    res = optimize(tiny_generator, tiny_classifier, targets([0, 0, 1]),
+                   OptimizeSettings(steps=3, early_stop_prob=threshold))
+    first, sibling, other = res[hi - 1], res[lo - 1], res[2]
+    assert first.stopped_early and first.steps == 1
+    assert not sibling.stopped_early and sibling.steps == 1  # its group is done
+    assert other.steps == 3  # another task's group runs on
