@@ -107,7 +107,7 @@ def test_early_stop_stops_class_tasks_but_not_feature_tasks(tiny_config):
 def test_a_restart_that_stops_early_stops_its_siblings_only(tiny_generator, tiny_classifier):
     """Restarts of one task share a group: the first to reach early_stop_prob ends the task."""
     def targets(groups):
-        return [Target(class_ce(0), "{}", 1, "random", seed=s, class_index=0, group=g) for s, g in zip((1, 2, 3), groups)]
+        return [Target(class_ce(0), "{}", 1, "random", seed=s, class_index=0, group=g) for s, g in zip((1, 2, 3), groups, strict=True)]
 
     [p1, p2, p3] = [r.prob_curve[0] for r in optimize(tiny_generator, tiny_classifier, targets([None] * 3),
                                                       OptimizeSettings(steps=1))]
