@@ -88,6 +88,8 @@ def preflight(cfg: Config) -> classifiers.ClassifierInfo:
     for ref, what in ((cfg.generator.lora, "LoRA"), (cfg.generator.tiny_vae, "tiny VAE")):
         if ref:
             check_model_ref(ref, what)
+    # Before the classifier: describing 'tiny' or 'toyworld' builds it (the toy world trains for minutes).
+    check_output(cfg.output, cfg.storage)
     info = classifiers.describe(classifier_spec(cfg), **classifier_kwargs(cfg))
     n = info.num_classes
     t = cfg.targets
@@ -116,7 +118,6 @@ def preflight(cfg: Config) -> classifiers.ClassifierInfo:
                 check_model_ref(ref, what)
         for c in t.classes:
             detection_prompt(cfg.segment.prompts.get(c, info.class_names[c]))
-    check_output(cfg.output, cfg.storage)
     return info
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
@@ -161,17 +162,19 @@ def test_s3_outage_mid_run_loses_nothing(ray_local, s3, cache_dir):
 
 
 @pytest.mark.parametrize("case", ["bad-key", "no-bucket", "wrong-credentials"])
-def test_bad_input_is_one_line_before_any_model_or_ray(case, s3, tmp_path, cache_dir):
-    args = ["audit", str(TINY_YAML), f"output=s3://{s3.bucket}/x", f"cache_dir={cache_dir}", "--quiet"]
-    env = {}
+def test_bad_input_is_one_line_before_any_model_or_ray(case, s3, tmp_path):
+    """Checked by what the run leaves behind, not by timing it: a fresh cache with nothing built in it
+    (the tiny models are built on first use) and no Ray session under RAY_TMPDIR."""
+    cache, ray_tmp = tmp_path / "cache", tmp_path / "ray"
+    args = ["audit", str(TINY_YAML), f"output=s3://{s3.bucket}/x", f"cache_dir={cache}", "--quiet"]
+    env = {"RAY_TMPDIR": str(ray_tmp)}
     if case == "bad-key":
         args.append("optimize.stpes=3")
     elif case == "no-bucket":
         args[2] = "output=s3://no-such-bucket-dxray/x"
     else:
-        env = {"AWS_SECRET_ACCESS_KEY": "wrong-secret-0123456789"}
-    started = time.monotonic()
-    proc = _cli(*args, cache=cache_dir, env=env)
+        env["AWS_SECRET_ACCESS_KEY"] = "wrong-secret-0123456789"
+    proc = _cli(*args, cache=cache, env=env)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2, stderr
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
@@ -179,8 +182,27 @@ def test_bad_input_is_one_line_before_any_model_or_ray(case, s3, tmp_path, cache
     expect = {"bad-key": "optimize.stpes", "no-bucket": "no-such-bucket-dxray", "wrong-credentials": "credentials"}[case]
     assert expect in lines[0]
     assert "wrong-secret" not in stderr and s3.secret_key not in stderr
-    assert time.monotonic() - started < 60
     assert not stdout
+    assert not [p for p in cache.rglob("*") if p.is_file()], "a model was built before the input was checked"
+    assert not ray_tmp.exists(), "Ray was started before the input was checked"
+
+
+def test_a_good_audit_builds_models_and_starts_ray_where_the_bad_input_test_looks(tmp_path):
+    """The other side of the test above: a valid run does leave models in the cache and a Ray session
+    under RAY_TMPDIR, so the absence of both there means something."""
+    cache = tmp_path / "cache"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="dxr-", dir="/tmp")) / "ray"  # short: Ray's socket paths must fit 107 bytes
+    proc = _cli("audit", str(TINY_YAML), f"output={tmp_path / 'out'}", f"cache_dir={cache}", *FAST, "--quiet",
+                cache=cache, env={"RAY_TMPDIR": str(ray_tmp)})
+    try:
+        _, stderr = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    built, started = [p for p in cache.rglob("*") if p.is_file()], ray_tmp.exists()
+    shutil.rmtree(ray_tmp.parent, ignore_errors=True)
+    assert proc.returncode == 0, stderr
+    assert built and started
 
 
 def test_actor_larger_than_the_local_ray_is_a_one_line_error_not_a_hang(tmp_path, cache_dir):
