@@ -96,6 +96,19 @@ def test_killed_explainer_actor_is_replaced_and_every_task_runs_once(ray_local, 
     assert len(pairs) == len(set(pairs)) == n * cfg.sample.k
 
 
+def _files(folder) -> list:
+    return [p for p in folder.rglob("*") if p.is_file()]
+
+
+def _finish(proc, timeout: float) -> str:
+    """Wait for a `_cli` process and return its stderr; kill its whole session if it outlives ``timeout``."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _cli(*args, cache, env=None):
     full = dict(os.environ, DXRAY_CACHE=str(cache), PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled", **(env or {}))
     full.pop("RAY_ADDRESS", None)
@@ -183,7 +196,7 @@ def test_bad_input_is_one_line_before_any_model_or_ray(case, s3, tmp_path):
     assert expect in lines[0]
     assert "wrong-secret" not in stderr and s3.secret_key not in stderr
     assert not stdout
-    assert not [p for p in cache.rglob("*") if p.is_file()], "a model was built before the input was checked"
+    assert not _files(cache), "a model was built before the input was checked"
     assert not ray_tmp.exists(), "Ray was started before the input was checked"
 
 
@@ -194,12 +207,8 @@ def test_a_good_audit_builds_models_and_starts_ray_where_the_bad_input_test_look
     ray_tmp = Path(tempfile.mkdtemp(prefix="dxr-", dir="/tmp")) / "ray"  # short: Ray's socket paths must fit 107 bytes
     proc = _cli("audit", str(TINY_YAML), f"output={tmp_path / 'out'}", f"cache_dir={cache}", *FAST, "--quiet",
                 cache=cache, env={"RAY_TMPDIR": str(ray_tmp)})
-    try:
-        _, stderr = proc.communicate(timeout=400)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    built, started = [p for p in cache.rglob("*") if p.is_file()], ray_tmp.exists()
+    stderr = _finish(proc, timeout=400)
+    built, started = _files(cache), ray_tmp.exists()
     shutil.rmtree(ray_tmp.parent, ignore_errors=True)
     assert proc.returncode == 0, stderr
     assert built and started
@@ -210,11 +219,7 @@ def test_actor_larger_than_the_local_ray_is_a_one_line_error_not_a_hang(tmp_path
     args = ["audit", str(TINY_YAML), f"output={tmp_path / 'out'}", f"cache_dir={cache_dir}", *FAST,
             "cluster.local_cpus=1", "cluster.cpus_per_explainer=2", "--quiet"]
     proc = _cli(*args, cache=cache_dir)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    stderr = _finish(proc, timeout=300)
     assert proc.returncode == 2, stderr
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     assert lines[-1] == ("error: cluster.cpus_per_explainer=2 but the local Ray has 1 CPU(s): lower it "
