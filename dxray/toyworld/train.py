@@ -244,7 +244,7 @@ def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 40
 
 
 def ensure_toyworld(cache_dir=None, log: Log = log_to_stderr, force: bool = False) -> Path:
-    """The trained world (generator/ and classifier/), trained on first use (about 9 min on one CPU thread)."""
+    """The trained world (generator/ and classifier/), trained on first use (5-9 min on one CPU thread)."""
     root = folder(cache_dir)
     if force and root.exists():
         import shutil
