@@ -1,6 +1,6 @@
 """The method works: on the trained toy world, optimisation drives the classifier and a planted bias is found.
 
-The world is trained once per test session into the test cache (about 9 min on one thread).
+The world is trained once per test session into the test cache (5-9 min on one thread, depending on the CPU).
 """
 
 import json
@@ -16,7 +16,7 @@ from dxray.objectives import class_ce
 from dxray.toyworld import render
 
 TOY_YAML = ROOT / "jobs" / "configs" / "toyworld.yaml"
-# Training the world is ~9 min on one thread of an idle 2-core machine; allow for a busy one.
+# Training the world is 5-9 min on one thread of an idle 2-core machine; allow for a busy one.
 pytestmark = pytest.mark.timeout(1800)
 HELD_OUT = list(range(100, 116))  # never used while optimising (training seeds are >= 2**31)
 RESTARTS = 3
