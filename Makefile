@@ -25,7 +25,7 @@ browser:
 test: install browser
 	$(BIN)/pytest
 
-# The planted-bias toy world, end to end: trains the world on first use (one thread; 5-9 min on a 2-core box),
+# The planted-bias toy world, end to end: trains the world on first use (one thread; 3-6 min on a 2-core box),
 # audits it on a local Ray (the embedded default), and scores the audit against the planted truth.
 demo: install
 	@run=$$($(BIN)/dxray audit jobs/configs/toyworld.yaml output=$(OUT)) && \
