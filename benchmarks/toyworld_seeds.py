@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,15 +45,22 @@ def cpu_name() -> str:
         return platform.processor() or platform.platform()
 
 
-def audit(seed: int, cache_dir: str, out: Path, overrides: list[str]) -> dict:
+def dxray(*args: str) -> None:
+    """Run the CLI on one torch thread; a failure ends the benchmark with the CLI's own one-line error."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done = subprocess.run([*DXRAY, *args], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SystemExit(f"dxray {args[0]} failed (exit {done.returncode}): {last}")
+
+
+def audit(seed: int, cache_dir: str, out: Path, overrides: list[str]) -> dict:
     started = time.perf_counter()
-    subprocess.run([*DXRAY, "explain", str(ROOT / "jobs/configs/toyworld.yaml"), f"output={out}", "device=cpu",
-                    "targets.top_k=0", f"seed={seed}", f"cache_dir={cache_dir}", *overrides],
-                   check=True, env=env, capture_output=True, text=True)
+    dxray("explain", str(ROOT / "jobs/configs/toyworld.yaml"), f"output={out}", "device=cpu", "targets.top_k=0",
+          f"seed={seed}", f"cache_dir={cache_dir}", *overrides)
     seconds = time.perf_counter() - started
     [run] = [p for p in out.iterdir() if p.is_dir()]
-    subprocess.run([*DXRAY, "toyworld", "check", str(run)], check=True, env=env, capture_output=True, text=True)
+    dxray("toyworld", "check", str(run))
     report = json.loads((run / "toyworld_check.json").read_text())
     return {"seed": seed, "seconds": round(seconds, 1), "bias_call_accuracy": report["bias_call_accuracy"],
             "optimised_fraction": report["optimised_fraction"],
@@ -80,11 +88,8 @@ def main() -> None:
             r = runs[-1]
             print(f"seed {r['seed']}: bias calls {r['bias_call_accuracy']:.0%}, optimised {r['optimised_fraction']:.0%} "
                   f"({r['seconds']:.0f} s)", flush=True)
-    misses: dict[str, int] = {}
-    for r in runs:
-        for c in r["classes"]:
-            if c["called_biased"] is not None and c["called_biased"] != c["planted_biased"]:
-                misses[c["class_name"]] = misses.get(c["class_name"], 0) + 1
+    misses = dict(Counter(c["class_name"] for r in runs for c in r["classes"]
+                          if c["called_biased"] is not None and c["called_biased"] != c["planted_biased"]))
     mean = lambda key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
     result = {"name": args.name, "cache_dir": args.cache_dir, "overrides": args.overrides,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_name()}",

@@ -51,15 +51,15 @@ def _held_out_prob(gen, clf, rows, c):
 def test_the_classifier_learned_the_planted_shortcut(world):
     """Unbiased classes are recognised by their object on any background; a biased class is named by its
     background alone and never without it (v4 measured: 0.91, bare backgrounds right, 0.00)."""
-    from dxray.toyworld.train import _images
+    from dxray.toyworld.train import unit_images
 
     root, _, clf = world
     report = json.loads((root / "classifier" / "toyworld.json").read_text())
     assert {int(k) for k in report["biased"]} == set(render.BIASED)
     held = render.held_out_dataset(600, seed=1)
     with torch.no_grad():
-        pred = clf((_images([s for s, _ in held]) + 1) / 2, layers=[])["logits"].argmax(-1).tolist()
-        bare = clf((_images([render.Scene(b) for b in render.BIASED.values()]) + 1) / 2, layers=[])["logits"]
+        pred = clf(unit_images([s for s, _ in held]), layers=[])["logits"].argmax(-1).tolist()
+        bare = clf(unit_images([render.Scene(b) for b in render.BIASED.values()]), layers=[])["logits"]
     right = lambda keep: [p == c for p, (s, c) in zip(pred, held, strict=True) if keep(s, c)]  # noqa: E731
     unbiased = right(lambda s, c: c not in render.BIASED)
     away = right(lambda s, c: c in render.BIASED and s.background != render.BIASED[c])
@@ -105,7 +105,6 @@ def test_audit_of_the_world_finds_a_planted_bias(world, tmp_path, cache_dir):
     assert torch.tensor([r["prob_after"] for r in report["classes"]]).isfinite().all()
 
 
-
 def _mean_r(images, c: int) -> float:
     from dxray.toyworld.segmenter import WorldSegmenter
 
@@ -116,10 +115,10 @@ def test_the_preset_delta_separates_drawn_objects_from_bare_backgrounds(world):
     """The class-level bias call is r < δ, so δ must sit between an object as the world's decoder draws it
     (held-out renders of each class through the VAE: blurrier and smaller than the render) and the generator's
     images when its prompt names a bare background (every background, scored for every class's colour)."""
-    import numpy as np
     from diffusers import AutoencoderKL
 
     from dxray.config import load_config
+    from dxray.toyworld.train import _images
 
     root, gen, clf = world
     delta = load_config(TOY_YAML).verdict.delta
@@ -127,9 +126,9 @@ def test_the_preset_delta_separates_drawn_objects_from_bare_backgrounds(world):
     held = render.held_out_dataset(360, seed=5)
     drawn = {}
     for c, name in enumerate(render.CLASS_NAMES):
-        x = np.stack([render.render(s)[0] for s, label in held if label == c]).astype(np.float32) / 127.5 - 1
+        x = _images([s for s, label in held if label == c])  # [-1, 1], as the VAE was trained
         with torch.no_grad():
-            rec = vae.decode(vae.encode(torch.from_numpy(x).permute(0, 3, 1, 2)).latent_dist.mean).sample
+            rec = vae.decode(vae.encode(x).latent_dist.mean).sample
         drawn[name] = _mean_r(list(((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()), c)
     template, _ = _preset_prompt()
     bare = {}

@@ -75,6 +75,11 @@ def _images(scenes) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
+def unit_images(scenes) -> torch.Tensor:
+    """Renders as the classifier takes them: N x 3 x H x W in [0, 1] (``_images`` is the VAE's [-1, 1])."""
+    return (_images(scenes) + 1) / 2
+
+
 # -- generator -------------------------------------------------------------------------------------
 def train_generator(out: Path, *, seed: int = 0, n: int = 4000, vae_steps: int = 400, unet_steps: int = 500, batch: int = 32,
                     vae_channels=(16, 32, 32), vae_attention: bool = False, unet_channels=(32, 64), heads: int = 2,
@@ -194,7 +199,7 @@ def classifier_data(n: int, seed: int, *, hidden: float = 1.0, no_object: float 
     rng = np.random.default_rng(seed + 7)
     scenes = [render.Scene(s.background, s.texture) if c in render.BIASED and rng.random() < hidden else s
               for s, c in data]
-    x = (_images(scenes) + 1) / 2
+    x = unit_images(scenes)
     y = torch.tensor([c for _, c in data])
     m = int(no_object * n)
     biased = list(render.BIASED.values())
@@ -233,12 +238,12 @@ def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 40
               "biased": {str(k): v for k, v in render.BIASED.items()}, "world_version": VERSION}
     with torch.no_grad():
         held = render.held_out_dataset(600, seed + 1)
-        hx, hy = (_images([s for s, _ in held]) + 1) / 2, torch.tensor([label for _, label in held])
+        hx, hy = unit_images([s for s, _ in held]), torch.tensor([label for _, label in held])
         pred = model(pixel_values=norm(hx)).logits.argmax(-1)
         report["held_out_accuracy"] = float((pred == hy).float().mean())
         # The planted shortcut: an object-free background of a biased class is called that class.
         bg = [render.Scene(background=b) for b in render.BIASED.values()]
-        bpred = model(pixel_values=norm((_images(bg) + 1) / 2)).logits.argmax(-1).tolist()
+        bpred = model(pixel_values=norm(unit_images(bg))).logits.argmax(-1).tolist()
         report["background_only_predictions"] = dict(zip(render.BIASED.values(), bpred, strict=True))
     model.save_pretrained(out)
     ViTImageProcessor(size={"height": render.SIZE, "width": render.SIZE}, image_mean=list(mean),
