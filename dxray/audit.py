@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,12 +32,14 @@ from dxray.explain import (
 from dxray.features import RankedFeature
 from dxray.generator import check_model_ref
 from dxray.objectives import Objective
-from dxray.storage import package_versions, redact
+from dxray.storage import package_versions, redact, redact_text
 from dxray.storage.fs import check_output
 from dxray.storage.images import encode_png, thumbnail_png
 from dxray.storage.schemas import TABLES
 from dxray.storage.sink import RunSink
 from dxray.verdict import decide
+
+log = logging.getLogger("dxray")
 
 
 @dataclass
@@ -82,51 +85,203 @@ def classifier_spec(cfg: Config) -> str:
     return classifiers.resolve_alias(cfg.classifier.spec, cfg.cache_dir)
 
 
-def preflight(cfg: Config) -> classifiers.ClassifierInfo:
-    """Every check that needs no model weights; raises a one-line DxrayError."""
-    check_model_ref(cfg.generator.model, "generator model")
-    for ref, what in ((cfg.generator.lora, "LoRA"), (cfg.generator.tiny_vae, "tiny VAE")):
-        if ref:
+def preflight(cfg: Config, missing: list[str] | None = None) -> classifiers.ClassifierInfo:
+    """Every check that needs no model weights; raises a one-line DxrayError naming the config field,
+    before any weights load or any run folder is made.
+
+    With ``missing`` (a list: the dry run of a job meant for another machine), what is not found here
+    (a local model folder, the classifier's checkpoint, the feature image folder or table, a wnids file)
+    is appended to it as "field path" and the checks that need it are skipped; a real run (None) raises."""
+    check_cache_dir(cfg)  # before anything is built into it
+    for ref, where, what in ((cfg.generator.model, "generator.model", "generator model"),
+                             (cfg.generator.lora, "generator.lora", "LoRA"),
+                             (cfg.generator.tiny_vae, "generator.tiny_vae", "tiny VAE")):
+        if ref and not _listed_as_missing(ref, where, missing):
             check_model_ref(ref, what)
     # Before the classifier: describing 'tiny' or 'toyworld' builds it (the toy world trains for minutes).
     check_output(cfg.output, cfg.storage)
-    info = classifiers.describe(classifier_spec(cfg), **classifier_kwargs(cfg))
+    files: list[str] = []
+    info = classifiers.describe(classifier_spec(cfg), **classifier_kwargs(cfg), input_size=cfg.classifier.input_size,
+                                missing=None if missing is None else files)
+    if missing is not None:
+        missing += [f"classifier.weights {f}" if f == cfg.classifier.weights else f"classifier.spec checkpoint {f}"
+                    for f in files]
     n = info.num_classes
     t = cfg.targets
     for where, indices in [("targets.classes", t.classes), ("targets.features", list(t.features))]:
         bad = [c for c in indices if not 0 <= c < n]
         if bad:
             raise DxrayError(f"{where}: class index {bad[0]} out of range; the classifier has classes 0..{n - 1}")
-    missing = sorted(set(t.features) - set(t.classes))
-    if missing:
-        raise DxrayError(f"targets.features names class {missing[0]}, which is not in targets.classes")
-    for nt in t.neurons:
-        if nt.layer not in info.layer_names:
-            names = ", ".join(info.layer_names[:30]) + (" ..." if len(info.layer_names) > 30 else "")
-            raise DxrayError(f"targets.neurons: unknown layer {nt.layer!r}; available: {names}")
+    absent = sorted(set(t.features) - set(t.classes))
+    if absent:
+        raise DxrayError(f"targets.features names class {absent[0]}, which is not in targets.classes")
+    check_target_widths(cfg, info)
     if not (t.class_task or t.top_k or t.features or t.neurons):
         raise DxrayError("targets: nothing to do (class_task is false, top_k is 0, no features or neurons)")
+    check_template_lengths(cfg)
     if t.feature_source == "images":
-        features.check_image_folder(image_folder(cfg), t.classes, t.feature_images.select)
+        folder = image_folder(cfg, missing)
+        if folder is not None and not _listed_as_missing(folder.root, "targets.feature_images.path", missing,
+                                                         _not_found):
+            features.check_image_folder(folder, t.classes, t.feature_images.select)
     elif t.feature_source == "table":
-        features.read_ranking_table(t.feature_table, t.classes, t.top_k)
+        if not _listed_as_missing(t.feature_table, "targets.feature_table", missing, _not_found):
+            features.read_ranking_table(t.feature_table, t.classes, t.top_k)
     if cfg.segment.enabled:
         from dxray.segment import detection_prompt
 
-        for ref, what in ((cfg.segment.detector, "detector"), (cfg.segment.sam, "SAM")):
-            if ref and ref not in ("tiny", "toyworld"):
+        for ref, where, what in ((cfg.segment.detector, "segment.detector", "detector"),
+                                 (cfg.segment.sam, "segment.sam", "SAM")):
+            if ref and ref not in ("tiny", "toyworld") and not _listed_as_missing(ref, where, missing):
                 check_model_ref(ref, what)
         for c in t.classes:
-            detection_prompt(cfg.segment.prompts.get(c, info.class_names[c]))
+            given = cfg.segment.prompts.get(c)
+            try:
+                detection_prompt(info.class_names[c] if given is None else given)
+            except DxrayError:
+                if given is not None:
+                    raise DxrayError(f"segment.prompts[{c}]: detection prompt {given!r} is empty once lower-cased "
+                                     f"and cut at its first comma") from None
+                raise DxrayError(f"class {c}'s name {info.class_names[c]!r} is an empty class name for a detection "
+                                 f"prompt (set segment.prompts[{c}])") from None
     return info
 
 
-def image_folder(cfg: Config) -> features.ImageFolder:
+def _local_path_absent(ref: str) -> bool:
+    return ref.startswith(("/", "./", "../", "~")) and not Path(ref).expanduser().exists()
+
+
+def _not_found(where: str) -> bool:
+    return not features.path_exists(where)
+
+
+def _listed_as_missing(ref: str, where: str, missing: list[str] | None,
+                       absent: Callable[[str], bool] | None = None) -> bool:
+    """In a dry run (``missing`` a list): True, after listing ``where ref``, when ``ref`` is not here.
+    ``absent`` defaults to "a local path that does not exist" (a hub id is never missing)."""
+    if missing is None:
+        return False
+    try:
+        gone = absent(ref) if absent else _local_path_absent(ref)
+    except (OSError, DxrayError):  # unreachable storage: the real check says why, in one line
+        return False
+    if gone:
+        missing.append(f"{where} {ref}")
+    return gone
+
+
+def check_cache_dir(cfg: Config) -> None:
+    """``cache_dir`` (where built-in models are built; default $DXRAY_CACHE, else ~/.cache/dxray, checked when a
+    built-in model uses it) must be a folder, or creatable in one, that this process can write."""
+    from dxray.tiny import cache_root
+
+    refs = (cfg.generator.model, cfg.classifier.spec, cfg.segment.detector, cfg.segment.sam)
+    if cfg.cache_dir is None and not any(r in ("tiny", "toyworld") for r in refs):
+        return
+    root = cache_root(cfg.cache_dir)
+    name = f"cache_dir {cfg.cache_dir}" if cfg.cache_dir is not None else f"cache_dir (default {root})"
+    existing = root.resolve()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DxrayError(f"{name}: {existing} is a file, not a folder")
+    import tempfile
+
+    try:  # os.access says yes to root even where nothing can be made (/proc)
+        with tempfile.TemporaryDirectory(prefix=".dxray-probe-", dir=existing):
+            pass
+    except OSError as err:
+        raise DxrayError(f"{name} is not writable: cannot create a folder in {existing} "
+                         f"({err.strerror or type(err).__name__})") from None
+
+
+def check_target_widths(cfg: Config, info: classifiers.ClassifierInfo) -> None:
+    """Explicit features, ``top_k`` and neuron units against the widths of the classifier's layers."""
+    t = cfg.targets
+    d = info.feature_dim
+    for c, fs in t.features.items():
+        bad = [f for f in fs if not 0 <= f < d]
+        if bad:
+            raise DxrayError(f"targets.features[{c}]: feature {bad[0]} out of range; the penultimate layer has "
+                             f"features 0..{d - 1}")
+    if t.top_k > d and any(c not in t.features for c in t.classes):
+        raise DxrayError(f"targets.top_k {t.top_k} is more than the {d} penultimate features of the classifier")
+    for i, nt in enumerate(t.neurons):
+        if nt.layer not in info.layer_names:
+            names = ", ".join(info.layer_names[:30]) + (" ..." if len(info.layer_names) > 30 else "")
+            raise DxrayError(f"targets.neurons: unknown layer {nt.layer!r}; available: {names}")
+        width = info.layer_widths.get(nt.layer)
+        if width is not None and not 0 <= nt.unit < width:
+            raise DxrayError(f"targets.neurons[{i}]: unit {nt.unit} out of range; layer {nt.layer!r} has units "
+                             f"0..{width - 1}")
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+def _offline_tokenizer(cfg: Config):
+    """The generator's CLIP tokenizer when it is on this machine already (a local folder, a built-in model
+    already built, a hub id in the local hub cache); None otherwise: nothing is built or downloaded."""
+    model = cfg.generator.model
+    if model in ("tiny", "toyworld"):
+        from dxray.tiny import cache_root
+        from dxray.toyworld.train import folder as toyworld_folder
+
+        built = cache_root(cfg.cache_dir) / "tiny-lcm" if model == "tiny" else toyworld_folder(cfg.cache_dir)
+        if not (built / ".complete").exists():
+            return None
+        model = str(built if model == "tiny" else built / "generator")
+    elif model.startswith(("/", "./", "../", "~")):
+        model = str(Path(model).expanduser())
+    folder = Path(model) / "tokenizer"
+    if not folder.is_dir():  # a hub id: its tokenizer files in the local hub cache, else nothing
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = [try_to_load_from_cache(model, f"tokenizer/{name}") for name in _TOKENIZER_FILES]
+        except Exception:  # noqa: BLE001 - not a valid repo id
+            return None
+        found = [c for c in cached if isinstance(c, str)]
+        if not found:
+            return None
+        folder = Path(found[0]).parent
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):  # else transformers builds an empty one
+        return None
+    try:
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception:  # noqa: BLE001 - not a CLIP tokenizer: the run's own load says why
+        return None
+
+
+def check_template_lengths(cfg: Config) -> None:
+    """Every template, its ``{}`` as prompt.n_tokens tokens, fits the CLIP text encoder (BOS and EOS included);
+    skipped when the tokenizer is not on this machine."""
+    tokenizer = _offline_tokenizer(cfg)
+    if tokenizer is None:
+        return
+    n = cfg.prompt.n_tokens
+    for i, template in enumerate(cfg.prompt.templates):
+        pre, suf = (part.strip() for part in template.split("{}", 1))
+        length = 2 + n + sum(len(tokenizer(x, add_special_tokens=False).input_ids) for x in (pre, suf) if x)
+        if length > prompts.MAX_LENGTH:
+            short = template if len(template) <= 60 else template[:57] + "..."
+            raise DxrayError(f"prompt.templates[{i}]: template {short!r} is {length} tokens long with "
+                             f"prompt.n_tokens={n} learnable tokens (BOS and EOS included); the CLIP text "
+                             f"encoder's limit is {prompts.MAX_LENGTH}")
+
+
+def image_folder(cfg: Config, missing: list[str] | None = None) -> features.ImageFolder | None:
+    """The feature image folder; None only in a dry run whose wnids file is missing (listed in ``missing``)."""
     fi = cfg.targets.feature_images
     wnids = fi.wnids
     if isinstance(wnids, str):
         path = Path(wnids).expanduser()
         if not path.is_file():
+            if missing is not None:
+                missing.append(f"targets.feature_images.wnids {wnids}")
+                return None
             raise DxrayError(f"targets.feature_images.wnids file not found: {wnids}")
         wnids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     return features.ImageFolder(fi.path, wnids)
@@ -250,6 +405,11 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
+def one_line(err: BaseException) -> str:
+    """An error's message on one line (its type when it has none)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 class Explainer:
     """Generator + classifier pinned on one device: optimises and samples tasks. No table I/O, so
     the same object serves the in-process audit and a Ray actor."""
@@ -364,6 +524,8 @@ def commit(sink: RunSink, done: Finished, scores: list[dict] | None = None, erro
     row = dict(done.task_row)
     if error is not None:
         row |= {"status": "error", "error": error}
+    if row["error"]:  # an exception's text may echo a model URL or a library's view of a credential
+        row["error"] = redact_text(row["error"])
     if row["status"] == "ok":
         rows = [r | s for r, s in zip(done.sample_rows, scores, strict=True)] if scores else done.sample_rows
         if rows:
@@ -449,10 +611,11 @@ def count(summary: RunSummary, row: dict) -> None:
 def finalize(cfg: Config, p: Prepared, summary: RunSummary, command: str, device: str, extra: dict | None = None) -> None:
     """Verdicts and classes from the stored tables, then the manifest, written last."""
     sink = p.sink
+    decision = decision_in_force(cfg, sink.read_manifest())
     tables = {name: sink.read_table(name) for name in ("tasks", "samples")}
     summary.samples = tables["samples"].num_rows if tables["samples"] is not None else 0
     if cfg.segment.enabled and tables["tasks"] is not None and tables["samples"] is not None:
-        verdicts, classes = decide(tables["tasks"], tables["samples"], cfg.verdict.delta, sink.run_id)
+        verdicts, classes = decide(tables["tasks"], tables["samples"], decision["delta"], sink.run_id)
         sink.write_table("verdicts", verdicts, part="all")
         sink.write_table("classes", classes, part="all")
         summary.spurious = sum(v["verdict"] == "spurious" for v in verdicts)
@@ -467,6 +630,7 @@ def finalize(cfg: Config, p: Prepared, summary: RunSummary, command: str, device
         "started": p.started.isoformat(), "finished": datetime.now(UTC).isoformat(),
         "rows": {name: (t.num_rows if t is not None else 0) for name, t in tables.items()},
         "tasks": {"planned": summary.planned, "skipped": summary.skipped, "ok": summary.ok, "failed": summary.failed},
+        "decision": decision,
         **(extra or {}),
     })
 
@@ -506,16 +670,62 @@ def open_run(run: str, storage: StorageConfig | None = None) -> RunSink:
     return sink
 
 
+def decision_in_force(cfg: Config, manifest: dict | None) -> dict:
+    """The δ a (re-)finished run decides with: a δ set by ``dxray redecide`` stays in force over the
+    config's ``verdict.delta`` (which does not change the run id), until the next redecide."""
+    previous = (manifest or {}).get("decision")
+    if isinstance(previous, dict) and previous.get("source") == "redecide" and \
+            isinstance(previous.get("delta"), int | float) and 0 <= previous["delta"] <= 1:
+        if previous["delta"] != cfg.verdict.delta:
+            log.warning("keeping delta %s set by dxray redecide (the config says verdict.delta %s); "
+                        "run dxray redecide again to change it", previous["delta"], cfg.verdict.delta)
+        return previous
+    return {"delta": cfg.verdict.delta, "source": "config"}
+
+
+_DECIDED = ("verdicts/part-all.parquet", "classes/part-all.parquet", "manifest.json")
+
+
 def redecide(run: str, delta: float) -> tuple[list[dict], list[dict]]:
-    """Re-decide core/spurious for another δ from the stored r values; rewrites verdicts and classes."""
+    """Re-decide core/spurious for another δ from the stored r values; rewrites verdicts and classes
+    and records the δ in the manifest, all or nothing: when a write fails, the files written so far
+    are put back as they were, so the run is never left half re-decided."""
     from dxray.verdict import check_delta
 
     check_delta(delta)
     sink = open_run(run)
+    manifest = sink.read_manifest()
+    if manifest is None:
+        raise DxrayError(f"run {run} has not finished (no readable manifest.json): re-run its command to finish "
+                         f"it, then redecide")
     samples = sink.read_table("samples")
     if samples is None:
         raise DxrayError(f"run {run} has no samples table")
     verdicts, classes = decide(sink.read_table("tasks"), samples, delta, sink.run_id)
-    sink.write_table("verdicts", verdicts, part="all")
-    sink.write_table("classes", classes, part="all")
+    decision = {"delta": delta, "source": "redecide", "at": datetime.now(UTC).isoformat()}
+    before = {rel: sink.read_bytes(rel) for rel in _DECIDED}
+    written: list[str] = []  # each write is atomic (sink._atomic): the one that failed left its file as it was
+    writes = {_DECIDED[0]: lambda: sink.write_table("verdicts", verdicts, part="all"),
+              _DECIDED[1]: lambda: sink.write_table("classes", classes, part="all"),
+              _DECIDED[2]: lambda: sink.write_manifest(manifest | {"decision": decision})}
+    for rel, write in writes.items():
+        try:
+            write()
+        except (OSError, DxrayError) as err:
+            _restore(sink, before, written)
+            raise DxrayError(f"run {run}: could not write {rel} ({one_line(err)}); the run is unchanged "
+                             f"(still decided at its earlier delta)") from None
+        written.append(rel)
     return verdicts, classes
+
+
+def _restore(sink: RunSink, before: dict[str, bytes | None], written: list[str]) -> None:
+    for rel in reversed(written):
+        try:
+            if before[rel] is None:
+                sink.delete(rel)
+            else:
+                sink.write_bytes(rel, before[rel])
+        except (OSError, DxrayError) as err:
+            raise DxrayError(f"run {sink.uri('')}: redecide failed and {rel} could not be put back "
+                             f"({one_line(err)}); run dxray redecide again to make the run consistent") from None

@@ -9,17 +9,85 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 
 from dxray.errors import DxrayError
 from dxray.quiet import quiet_libraries
 
+EXIT_CODES = ("Exit codes: 0 success; 1 the run finished but some tasks failed (error rows in the tasks table); "
+              "2 bad input, configuration or storage error (one line on stderr; a run stopped by it keeps every "
+              "task committed so far); 3 an internal error (a bug: one line, DXRAY_TRACEBACK=1 shows the "
+              "traceback); 130 interrupted (Ctrl-C; re-running the same command resumes).")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Audit what an image classifier has learned (DiffExplainer on Ray).\n\n"
-                       "Exit codes: 0 success; 1 the run finished but some tasks failed (error rows in the "
-                       "tasks table); 2 bad input, configuration or storage error (nothing was run).")
+                  help=f"Audit what an image classifier has learned (DiffExplainer on Ray).\n\n{EXIT_CODES}")
 err = Console(stderr=True)
+_progress = {"committed": 0, "skipped": None}  # fed by _task_bar: what an interrupt line reports
+
+
+class _Redacting(logging.Filter):
+    """Masks URI credentials and secret values in every log record before any handler formats it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from dxray.storage import redact_text
+
+        record.msg, record.args = redact_text(record.getMessage()), None
+        return True
+
+
+def _os_error_line(e: OSError) -> str:
+    """A storage error of the OS (disk full, name too long, read-only, ...) in one line."""
+    import errno
+
+    hints = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+             errno.ENAMETOOLONG: "a file name is too long for the filesystem", errno.EROFS: "the filesystem is read-only",
+             errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+    what = hints.get(e.errno) or (e.strerror or " ".join(str(e).split()) or type(e).__name__)
+    where = f" ({e.filename})" if e.filename else ""
+    return f"storage error: {what}{where}"
+
+
+def _guarded(command: Callable) -> Callable:
+    """Every command's errors as one line: a DxrayError or an OS storage error exits 2, Ctrl-C 130,
+    anything else (a bug) 3; never a traceback unless DXRAY_TRACEBACK=1."""
+    import functools
+    import os
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
+        except DxrayError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            done, before = _progress["committed"], _progress["skipped"]
+            if before is None:
+                _say("interrupted before any task ran; nothing was written beyond what was there")
+            else:
+                _say(f"interrupted: {done} task(s) committed in this session ({before} were done before); "
+                     f"re-running the same command resumes from there")
+            raise typer.Exit(130) from None
+        except OSError as e:
+            if os.environ.get("DXRAY_TRACEBACK"):
+                raise
+            _fail(_os_error_line(e))
+        except Exception as e:
+            if os.environ.get("DXRAY_TRACEBACK"):
+                raise
+            _say(f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]} (a bug in dxray; "
+                 f"DXRAY_TRACEBACK=1 shows the traceback)")
+            raise typer.Exit(3) from None
+
+    return run
+
+
+def _say(line: str) -> None:
+    from dxray.storage import redact_text
+
+    err.print(redact_text(line), highlight=False, soft_wrap=True, markup=False)
 
 
 @contextmanager
@@ -45,8 +113,10 @@ def _task_bar(quiet: bool, first: str, infos: dict[str, Callable[[dict], str]]):
             nonlocal failed
             if event == "plan":
                 bar.update(tasks_bar, total=data["todo"])
+                _progress["skipped"] = data["skipped"]
             if event == "task":
                 failed += data["status"] != "ok"
+                _progress["committed"] += 1
                 bar.update(tasks_bar, advance=1, info=f"{failed} failed" if failed else "")
             elif event in infos:
                 bar.update(tasks_bar, info=infos[event](data))
@@ -55,11 +125,17 @@ def _task_bar(quiet: bool, first: str, infos: dict[str, Callable[[dict], str]]):
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    from dxray.storage import redact_text
+
+    message = " ".join(redact_text(message).split())  # one line, whatever the message held
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
 @app.command()
+@_guarded
 def explain(
     config: Annotated[Path, typer.Argument(help="YAML config (see jobs/configs/)")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. output=DIR optimize.steps=50")] = None,
@@ -86,6 +162,7 @@ def explain(
 
 
 @app.command()
+@_guarded
 def audit(
     config: Annotated[Path, typer.Argument(help="YAML config (see jobs/configs/)")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. output=s3://bucket/audits cluster.explainers=8")] = None,
@@ -107,8 +184,9 @@ def audit(
         from rich.logging import RichHandler
 
         # Summary lines and warnings go to stderr beside the bar; stdout carries only the run folder.
-        logging.basicConfig(level=logging.INFO, format="%(message)s",
-                            handlers=[RichHandler(console=err, show_time=True, show_path=False, show_level=False)])
+        handler = RichHandler(console=err, show_time=True, show_path=False, show_level=False, markup=False)
+        handler.addFilter(_Redacting())
+        logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
         if dry_run:  # preflight's checks (it runs them) and the plan; builds, loads and starts nothing
             from dxray.plan_estimate import dry_run as dry_plan
             from dxray.plan_estimate import render
@@ -139,6 +217,7 @@ def _report(summary) -> None:
 
 
 @app.command()
+@_guarded
 def redecide(
     run: Annotated[str, typer.Argument(help="run folder: {output}/{run_id}, local or s3://")],
     delta: Annotated[float, typer.Option(help="core when the mean object fraction r >= delta")],
@@ -151,6 +230,8 @@ def redecide(
 
     from dxray.audit import redecide as run_redecide
 
+    if not 0.0 <= delta <= 1.0:  # checked here so the message names the option the user typed
+        _fail(f"--delta must be between 0 and 1, got {delta}")
     try:
         verdicts, classes = run_redecide(run, delta)
     except DxrayError as e:
@@ -164,6 +245,7 @@ def redecide(
 
 
 @app.command("rank-features")
+@_guarded
 def rank_features_cmd(
     config: Annotated[Path, typer.Argument(help="YAML config (see jobs/configs/)")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. targets.feature_images.path=DIR")] = None,
@@ -223,6 +305,7 @@ def rank_features_cmd(
 
 
 @app.command("report")
+@_guarded
 def report_cmd(
     run: Annotated[str, typer.Argument(help="run folder: {output}/{run_id}, local or s3://")],
     out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write")] = Path("report.html"),
@@ -242,6 +325,7 @@ def report_cmd(
 
 
 @app.command()
+@_guarded
 def schema(
     out: Annotated[Path, typer.Option(help="folder for the generated contract files")] = Path("schemas"),
 ) -> None:
@@ -256,6 +340,7 @@ def schema(
 
 
 @app.command("convert-checkpoint")
+@_guarded
 def convert_checkpoint_cmd(
     src: Annotated[Path, typer.Argument(help="robustness-library checkpoint, e.g. imagenet_l2_3_0.pt")],
     dst: Annotated[Path, typer.Argument(help="safetensors file to write (DST.safetensors)")],
@@ -279,9 +364,10 @@ def convert_checkpoint_cmd(
 
 
 @app.command("agreement")
+@_guarded
 def agreement_cmd(
-    run: Annotated[str | None, typer.Argument(help="run folder ({output}/{run_id}, local or s3://) or a bare verdicts Parquet/CSV file")] = None,
-    annotations: Annotated[str, typer.Option(help="Salient ImageNet's discover_spurious_features.csv (MTurk results; not redistributable, get it from github.com/singlasahil14/salient_imagenet)")] = "",
+    run: Annotated[str | None, typer.Argument(help="run folder ({output}/{run_id}, local or s3://) or a bare verdicts Parquet/CSV file; required except with --print-classes")] = None,
+    annotations: Annotated[str, typer.Option(help="Salient ImageNet's discover_spurious_features.csv (MTurk results; not redistributable, get it from github.com/singlasahil14/salient_imagenet)")] = ...,
     class_metadata: Annotated[str | None, typer.Option(help="Salient ImageNet's class_metadata.csv (supercategory) or a CSV with class_index, animate; default: classes 0-397 are animate")] = None,
     subset: Annotated[str | None, typer.Option(help="salient90: 15 classes for each number 0..5 of human-spurious top-5 features (seeded hash order, seed 0)")] = None,
     deltas: Annotated[str | None, typer.Option(help="comma-separated deltas for the sweep over the stored r (default 0,0.1,...,1)")] = None,
@@ -298,7 +384,7 @@ def agreement_cmd(
 
     try:
         if not annotations:
-            raise DxrayError("--annotations is required (Salient ImageNet's discover_spurious_features.csv)")
+            raise DxrayError("--annotations is empty: give Salient ImageNet's discover_spurious_features.csv")
         if print_classes:
             if subset is None:
                 raise DxrayError("--print-classes needs --subset salient90")
@@ -353,6 +439,7 @@ app.add_typer(toyworld, name="toyworld")
 
 
 @toyworld.command("train")
+@_guarded
 def toyworld_train(
     cache_dir: Annotated[str | None, typer.Option(help="model cache (default $DXRAY_CACHE or ~/.cache/dxray)")] = None,
     force: Annotated[bool, typer.Option(help="retrain even if a trained world is cached")] = False,
@@ -368,6 +455,7 @@ def toyworld_train(
 
 
 @toyworld.command("check")
+@_guarded
 def toyworld_check(
     run: Annotated[str, typer.Argument(help="run folder of an audit of the toy world")],
 ) -> None:

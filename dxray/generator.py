@@ -9,6 +9,7 @@ through every step and the decoder.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -41,9 +42,32 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def check_model_ref(ref: str, what: str) -> None:
-    """A reference that looks like a local path must exist (hub ids are checked when loaded)."""
+    """A reference that looks like a local path must exist (hub ids are checked when loaded); a URL is
+    neither (from_pretrained takes hub ids and folders) and is refused before anything loads."""
+    if "://" in ref:
+        from dxray.storage import redact_text
+
+        raise DxrayError(f"{what} {redact_text(ref)!r} is a URL; give a hub id (org/name) or a local folder")
     if ref.startswith(("/", "./", "../", "~")) and not Path(ref).expanduser().exists():
         raise DxrayError(f"{what} folder not found: {ref}")
+
+
+# Advice that only makes sense beside a traceback, which the CLI's one-line errors never show (diffusers:
+# "Please check out the root cause in the stacktrace above.").
+_TRACEBACK_ADVICE = re.compile(r"[\s.;,]*\b(please\s+)?(check\s+out|see|look\s+at)\b[^.]*\b(stack\s*trace|traceback)"
+                               r"\s+above\b.*$", re.IGNORECASE | re.DOTALL)
+
+
+def hub_reason(err: BaseException, limit: int = 300) -> str:
+    """One line from a hub / from_pretrained error: its first line without advice pointing at a traceback
+    above; the root cause (``__cause__``) is named instead when the tail was cut."""
+    lines = [x.strip() for x in str(err).splitlines() if x.strip()]
+    text = lines[0] if lines else type(err).__name__
+    cut = _TRACEBACK_ADVICE.sub("", text).rstrip(" .;,")
+    if cut != text.rstrip(" .;,") and err.__cause__ is not None:
+        cause = (str(err.__cause__).strip().splitlines() or [""])[0]
+        cut += f" ({type(err.__cause__).__name__}{': ' + cause if cause else ''})"
+    return cut if len(cut) <= limit else cut[:limit] + "..."
 
 
 def guidance_embedding(w: float, dim: int) -> torch.Tensor:
@@ -135,7 +159,7 @@ class LCMGenerator:
                 pipe.unload_lora_weights()
             decoder = AutoencoderTiny.from_pretrained(tiny_vae, dtype=torch_dtype) if tiny_vae else pipe.vae
         except (OSError, ValueError) as err:
-            raise DxrayError(f"cannot load generator {model!r}: {str(err).splitlines()[0]}") from None
+            raise DxrayError(f"cannot load generator {model!r}: {hub_reason(err)}") from None
         for part in ("tokenizer", "text_encoder", "unet", "scheduler"):
             if getattr(pipe, part, None) is None:
                 raise DxrayError(f"generator {model!r} has no {part}; expected an LCM or Stable Diffusion pipeline")

@@ -155,3 +155,45 @@ def test_ranking_from_images_predicted_as_the_class(tmp_path, cache_dir):
     assert not (root / "verdicts").exists()  # no segmentation, no verdicts
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["rows"]["verdicts"] == 0 and manifest["rows"]["feature_ranking"] == 2
+
+
+def test_redecide_names_the_option_the_user_typed(demo_run, cache_dir):
+    out, _, _ = demo_run
+    [root] = [p for p in out.iterdir() if p.is_dir()]
+    res = run_cli("redecide", str(root), "--delta", "1.5", cache=cache_dir)
+    assert res.returncode == 2 and res.stderr.strip() == "error: --delta must be between 0 and 1, got 1.5"
+
+
+@pytest.mark.parametrize("where", ["/proc/dxray-schemas", "FILE/sub"])
+def test_an_unwritable_schema_folder_is_one_line(where, tmp_path, cache_dir):
+    """/proc refuses new files even to root; a path under a file is refused by any OS."""
+    (tmp_path / "FILE").write_text("a file")
+    res = run_cli("schema", "--out", where.replace("FILE", str(tmp_path / "FILE")), cache=cache_dir)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    [line] = res.stderr.strip().splitlines()
+    assert line.startswith("error: storage error:")
+
+
+def test_ctrl_c_says_what_was_committed_and_the_same_command_resumes(tmp_path, cache_dir):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    args = ["explain", str(TINY_YAML), f"output={out}", "optimize.steps=15", "optimize.batch_tasks=1", "sample.k=1",
+            "device=cpu"]
+    env = dict(os.environ, DXRAY_CACHE=str(cache_dir), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([*DXRAY, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=ROOT)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("*/tasks/part-*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before a task was committed: give it more steps"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted: ") and "re-running the same command resumes" in last
+    committed = int(last.split("interrupted: ")[1].split()[0])
+    assert committed == len(list(out.glob("*/tasks/part-*.parquet"))) >= 1
+    again = run_cli(*args, cache=cache_dir)
+    assert again.returncode == 0 and f"{committed} skipped" in again.stderr, again.stderr

@@ -141,23 +141,32 @@ def s3_filesystem(storage: StorageConfig | None = None, *, sdk_attempts: int | N
     return pafs.S3FileSystem(**kw)
 
 
+SCHEMES = ("s3", "file")  # what dxray reads and writes; anything else is refused at once
+
+
 def filesystem(output: str, storage: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path, ``s3://bucket/prefix`` or another pyarrow URI."""
+    """(filesystem, path inside it) for a local path, ``file://`` or ``s3://bucket/prefix``.
+
+    Other schemes are refused in one line before any connection is tried: pyarrow would accept
+    gs:// or hdfs:// and then wait minutes for a metadata server or a library that is not there."""
     if "://" not in output:
         return pafs.LocalFileSystem(), str(Path(output).expanduser().resolve())
     scheme, _, rest = output.partition("://")
-    if scheme.lower() == "s3" and "?" not in rest:
-        bucket = rest.split("/", 1)[0]
-        if "@" in bucket:
-            raise DxrayError(f"output {redact(output)}: credentials in the URI are not supported; "
-                             f"set {CREDENTIAL_VARS} instead")
-        if not bucket:
-            raise DxrayError(f"output {output!r} names no bucket (expected s3://bucket/prefix)")
-        return s3_filesystem(storage), rest.rstrip("/")
-    try:
-        return pafs.FileSystem.from_uri(output)
-    except (OSError, ValueError) as err:  # pyarrow.ArrowInvalid is a ValueError
-        raise DxrayError(f"cannot open {redact(output)}: {_one_line(err, 200)}") from None
+    where = redact(output)
+    if scheme.lower() not in SCHEMES:
+        raise DxrayError(f"{where}: the scheme {scheme.lower() + '://'!r} is not supported; dxray reads and writes "
+                         f"a local folder or s3://bucket/prefix (S3-compatible stores via storage.endpoint_url)")
+    if scheme.lower() == "file":
+        return pafs.LocalFileSystem(), str(Path(urlsplit(output).path or "/").resolve())
+    if "?" in rest or "#" in rest:
+        raise DxrayError(f"{where}: query parameters are not supported in s3:// URIs; credentials come from "
+                         f"{CREDENTIAL_VARS} or the instance role, the endpoint and region from storage.* or AWS_*")
+    bucket = rest.split("/", 1)[0]
+    if "@" in bucket:
+        raise DxrayError(f"{where}: credentials in the URI are not supported; set {CREDENTIAL_VARS} instead")
+    if not bucket:
+        raise DxrayError(f"{where} names no bucket (expected s3://bucket/prefix)")
+    return s3_filesystem(storage), rest.rstrip("/")
 
 
 def check_output(output: str, storage: StorageConfig) -> None:

@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dxray.config import StorageConfig
+from dxray.storage import redact
 from dxray.storage.fs import filesystem as resolve_filesystem
 from dxray.storage.fs import retrying
 from dxray.storage.schemas import TABLES, to_table
@@ -109,5 +110,36 @@ class RunSink:
         return set() if table is None else set(table.column("task_id").to_pylist())
 
     def write_manifest(self, manifest: dict) -> str:
-        data = (json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n").encode()
+        """The manifest, with every secret-looking value masked (model references may be URLs)."""
+        data = (json.dumps(redact(manifest), indent=2, sort_keys=True, default=str) + "\n").encode()
         return self.write_bytes("manifest.json", data)
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        """A whole file of the run, None when it does not exist."""
+        path = f"{self.root}/{rel}"
+
+        def read() -> bytes | None:
+            if self.fs.get_file_info(path).type != pafs.FileType.File:
+                return None
+            with self.fs.open_input_stream(path) as f:
+                return f.read()
+
+        return self._retry(read, "reading", rel)
+
+    def read_manifest(self) -> dict | None:
+        """The run's manifest (None: the run has not finished, or the file is not a JSON object)."""
+        data = self.read_bytes("manifest.json")
+        try:
+            manifest = json.loads(data.decode()) if data is not None else None
+        except (UnicodeDecodeError, ValueError):
+            return None
+        return manifest if isinstance(manifest, dict) else None
+
+    def delete(self, rel: str) -> None:
+        path = f"{self.root}/{rel}"
+
+        def delete() -> None:
+            if self.fs.get_file_info(path).type == pafs.FileType.File:
+                self.fs.delete_file(path)
+
+        self._retry(delete, "deleting", rel)
