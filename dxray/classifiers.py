@@ -9,13 +9,14 @@ returns a ``_Built`` and never loads weights when asked for a ``meta`` build (``
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 import os
 import pickle
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,6 +43,9 @@ class ClassifierInfo:
     class_names: list[str]
     layer_names: list[str]
     feature_dim: int = 0  # inputs of the final linear layer (penultimate features)
+    # Size of dim 1 of each named layer's output (what a neuron's unit indexes: channels of a conv map), from a
+    # forward of one input on the meta device; a layer whose width is unknown is absent.
+    layer_widths: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -79,10 +83,25 @@ def _check_file(path: str) -> Path:
     return p
 
 
+# While describe(..., missing=[...]) runs: a meta build lists a weights file it cannot find here instead of
+# raising (the architecture alone describes the model; the dry run of a job meant for another machine).
+_MISSING: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("dxray_missing_files", default=None)
+
+
+def _meta_file(path: str, message: str) -> None:
+    """A meta build's check of a weights file: ``message`` unless it exists (or is only listed as missing)."""
+    if Path(path).expanduser().is_file():
+        return
+    missing = _MISSING.get()
+    if missing is None:
+        raise DxrayError(message)
+    missing.append(path)
+
+
 def _load_file(model: nn.Module, path: str, meta: bool, allow_pickle: bool) -> None:
     """Check the file for a meta build (describe); load it otherwise."""
     if meta:
-        _check_file(path)
+        _meta_file(path, f"classifier weights file not found: {path}")
     else:
         load_weights(model, path, allow_pickle)
 
@@ -210,7 +229,9 @@ def _build_hf(ref: str, weights: str | None, kwargs: dict, meta: bool, allow_pic
         else:
             model = AutoModelForImageClassification.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as err:
-        raise DxrayError(f"cannot load classifier 'hf:{ref}': {_one_line(err, 200)}") from None
+        from dxray.generator import hub_reason
+
+        raise DxrayError(f"cannot load classifier 'hf:{ref}': {hub_reason(err, 200)}") from None
     if weights not in (None, "none", "DEFAULT"):
         _load_file(model, weights, meta, allow_pickle)
     id2label = model.config.id2label or {}
@@ -323,7 +344,9 @@ def _build_robust(path: str, weights: str | None, kwargs: dict, meta: bool, allo
     if weights not in (None, "DEFAULT"):
         raise DxrayError(f"classifier.weights must stay DEFAULT for robust-resnet50 (the checkpoint is the spec's "
                          f"path), got {weights!r}")
-    if not Path(path).expanduser().is_file():
+    if meta:
+        _meta_file(path, f"robust-resnet50 checkpoint not found: {path}")
+    elif not Path(path).expanduser().is_file():
         raise DxrayError(f"robust-resnet50 checkpoint not found: {path}")
     with _meta_or_not(meta):
         model = RobustResNet50(**kwargs)
@@ -340,14 +363,34 @@ def _build_robust(path: str, weights: str | None, kwargs: dict, meta: bool, allo
     return _Built(model, n, names, IMAGENET_SIZE, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
+def _robust_layout_error(src: str, state: dict[str, Tensor]) -> str | None:
+    """Why ``state`` (in RobustResNet50 layout) is not a robust ResNet-50's network, or None when it is."""
+    with torch.device("meta"):
+        layout = list(RobustResNet50().state_dict())
+    network = [k for k in layout if not k.startswith("normalizer.")]
+    missing = [k for k in network if k not in state]
+    unexpected = [k for k in state if k not in layout]
+    if not missing and not unexpected:
+        return None
+    return (f"checkpoint {src} does not hold a robustness ResNet-50: expected torchvision resnet50's "
+            f"{len(network)} tensors (conv1.weight, bn1.*, layer1-4.*, fc.weight, fc.bias; optionally under "
+            f"module.model. or model.) and normalizer.new_mean/new_std; {len(missing)} missing e.g. {missing[:3]}, "
+            f"{len(unexpected)} unexpected e.g. {unexpected[:3]}")
+
+
 def convert_checkpoint(src: str | Path, dst: str | Path, allow_pickle: bool = False) -> dict[str, int | str]:
     """Write a ``robustness`` checkpoint's network and normaliser as a safetensors file that
-    ``robust-resnet50:DST`` loads without unpickling; returns what was written."""
+    ``robust-resnet50:DST`` loads without unpickling; returns what was written. DST's folder must exist,
+    and SRC must hold every tensor of the ResNet-50 (nothing else but the normaliser and the attacker copy)."""
     from safetensors.torch import save_file
 
     src, dst = str(src), Path(dst).expanduser()
     if dst.suffix != ".safetensors":
         raise DxrayError(f"convert-checkpoint: DST must end in .safetensors, got {str(dst)!r}")
+    if not dst.parent.is_dir():
+        raise DxrayError(f"convert-checkpoint: DST's folder {dst.parent} does not exist (create it first)")
+    if dst.is_dir():
+        raise DxrayError(f"convert-checkpoint: DST {dst} is a folder; give the file to write")
     if dst.exists() and dst.resolve() == Path(src).expanduser().resolve():
         raise DxrayError(f"convert-checkpoint: DST is the same file as SRC ({src})")
     if not Path(src).expanduser().is_file():
@@ -357,7 +400,9 @@ def convert_checkpoint(src: str | Path, dst: str | Path, allow_pickle: bool = Fa
     norm = [k for k in state if k.startswith("normalizer.")]
     if not state.keys() - set(norm):
         raise DxrayError(f"checkpoint {src} holds no network weights (only {norm})")
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    why = _robust_layout_error(src, state)
+    if why:
+        raise DxrayError(why)
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(dst),
               metadata={"format": "pt", "source": Path(src).name, "layout": "dxray robust-resnet50"})
     return {"path": str(dst), "tensors": len(state), "normalizer": "from the checkpoint" if norm else "absent "
@@ -425,14 +470,44 @@ def _layer_names(model: nn.Module) -> list[str]:
     return ["logits", "penultimate"] + [n for n, _ in model.named_modules() if n]
 
 
+def _layer_widths(built: _Built, input_size: tuple[int, int] | None) -> dict[str, int]:
+    """Dim 1 of every named module's output, from one forward on the meta device (no memory, no compute);
+    {} when the model cannot run on meta tensors."""
+    widths: dict[str, int] = {}
+
+    def keep(_module, _args, out, name):
+        with contextlib.suppress(DxrayError, IndexError):
+            widths[name] = int(_first_tensor(out).shape[1])
+
+    handles = [m.register_forward_hook(functools.partial(keep, name=n)) for n, m in built.model.named_modules() if n]
+    try:
+        x = torch.empty(1, 3, *(input_size or built.input_size), device="meta")
+        with torch.no_grad():
+            built.model(pixel_values=x) if built.hf else built.model(x)
+    except Exception:  # noqa: BLE001 - a model that needs real tensors: widths unknown, checked when it runs
+        return {}
+    finally:
+        for h in handles:
+            h.remove()
+    return widths
+
+
 def describe(spec: str, *, weights: str | None = None, kwargs: dict | None = None,
-             class_names: list[str] | str | None = None) -> ClassifierInfo:
-    """Classes and layer names from the architecture alone, built on the meta device."""
-    built = _build(spec, weights, kwargs, meta=True)
+             class_names: list[str] | str | None = None, input_size: int | tuple[int, int] | None = None,
+             missing: list[str] | None = None) -> ClassifierInfo:
+    """Classes, layer names and widths from the architecture alone, built on the meta device.
+    With ``missing`` (a list), a weights file that is not here is appended to it instead of raised."""
+    token = _MISSING.set(missing)
+    try:
+        built = _build(spec, weights, kwargs, meta=True)
+    finally:
+        _MISSING.reset(token)
     _, final = _find_final(built.model, None, built.num_classes)
     n = built.num_classes or final.out_features
+    widths = _layer_widths(built, _pair(input_size) if input_size else None)
+    widths |= {"logits": n, "penultimate": final.in_features}
     return ClassifierInfo(spec, n, _class_names(class_names, built.class_names, n), _layer_names(built.model),
-                          final.in_features)
+                          final.in_features, widths)
 
 
 def load_classifier(spec: str, *, weights: str | None = None, kwargs: dict | None = None,

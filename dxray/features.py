@@ -64,6 +64,12 @@ def _filesystem(where: str) -> tuple[pafs.FileSystem, str]:
         raise DxrayError(f"cannot open {where}: {' '.join(str(err).split())[:200]}") from None
 
 
+def path_exists(where: str) -> bool:
+    """Whether a local path or URI (file or folder) exists; a storage that cannot be asked raises DxrayError."""
+    fs, inner = _filesystem(where)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
 @dataclass(frozen=True)
 class ImageFolder:
     """One sub-folder per class, named by class index ("7", "0007") or by WordNet id (with ``wnids``)."""

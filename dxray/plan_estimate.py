@@ -5,13 +5,21 @@
 adds the checks of :func:`dxray.audit.preflight` (which also probes the output storage) and the I/O.
 With ``feature_source`` ``weights`` or ``images`` the ranking needs the weights or the images, so the dry
 run counts ``top_k`` features per class instead: the count, not which features, sets the cost.
+
+A job is often planned on another machine than the one it runs on: what is not found here (the classifier's
+checkpoint, a local model folder, the feature image folder or table, a wnids file) does not stop the dry run.
+It describes the model from its architecture, lists what is missing (``Plan.missing``, a "missing" row in the
+table and one ``warning: missing: ...`` line on stderr) and exits 0; any other bad input exits 2 with the
+same one-line message as a real run, and so does a model it cannot describe at all (an ``hf:`` folder that
+is not here: its architecture is in that folder). A real run still stops at the first missing thing.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +59,7 @@ class Plan:
     step: Timing
     image: Timing  # per held-out / baseline image (sampling, plus scoring when segmentation is on)
     notes: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # "field path" of what a real run needs but is not here
 
     @property
     def total_tasks(self) -> int:
@@ -265,19 +274,31 @@ def architecture_only_aliases() -> Iterator[None]:
             classifiers.ALIASES.update(saved)
 
 
-def dry_run(cfg: Config, figures: list[dict] | None = None) -> Plan:
+def _warn(message: str) -> None:
+    sys.stderr.write(f"warning: {message}\n")
+    sys.stderr.flush()
+
+
+def dry_run(cfg: Config, figures: list[dict] | None = None, warn: Callable[[str], None] | None = None) -> Plan:
     """Every check of :func:`dxray.audit.preflight` (output storage included), then the plan; loads no
-    model weights and starts no Ray."""
+    model weights and starts no Ray. What a real run needs but is not on this machine is listed in
+    ``Plan.missing`` and in one ``warn`` line (default: ``warning: ...`` on stderr) instead of stopping it."""
     from dxray.audit import preflight
     from dxray.features import read_ranking_table
 
+    missing: list[str] = []
     with architecture_only_aliases():
-        info = preflight(cfg)
+        info = preflight(cfg, missing)
     t = cfg.targets
     ranking = None
-    if t.top_k and t.feature_source == "table":
+    if t.top_k and t.feature_source == "table" and f"targets.feature_table {t.feature_table}" not in missing:
         ranking = read_ranking_table(t.feature_table, [c for c in t.classes if c not in t.features], t.top_k)
-    return estimate(cfg, info, load_figures() if figures is None else figures, ranking)
+    plan = estimate(cfg, info, load_figures() if figures is None else figures, ranking)
+    plan.missing = missing
+    if missing:
+        (warn or _warn)(f"missing: {'; '.join(missing)} (not found here; the plan is the config's, and a real run "
+                        f"stops at the first of them)")
+    return plan
 
 
 def _n(x: int) -> str:
@@ -322,4 +343,6 @@ def render(plan: Plan):
                       "optimisation steps x seconds per step + (held-out + baseline images) x seconds per image")
     for note in plan.notes:
         table.add_row("note", "", note)
+    for item in plan.missing:
+        table.add_row("missing", "", f"{item} (not found here; a real run needs it)")
     return table

@@ -89,7 +89,9 @@ def _load(ref: str, what: str, tiny, cache_dir, *classes):
     try:
         return [cls.from_pretrained(ref, local_files_only=_offline()) for cls in classes]
     except (OSError, ValueError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        from dxray.generator import hub_reason
+
+        reason = hub_reason(e, 200)
         raise DxrayError(f"cannot load {what} {ref!r}: {reason}") from e
 
 

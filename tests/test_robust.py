@@ -103,6 +103,7 @@ def test_pickled_checkpoint_needs_the_opt_in(ckpts, x, reference):
 def test_convert_checkpoint_round_trips(ckpts, tmp_path, x, reference):
     runner = CliRunner()
     dst = tmp_path / "out" / "robust.safetensors"
+    dst.parent.mkdir()
     refused = runner.invoke(app, ["convert-checkpoint", str(ckpts["pickled"]), str(dst)])
     assert refused.exit_code == 2 and "--allow-pickle" in refused.output and not dst.exists()
 
@@ -120,6 +121,40 @@ def test_convert_checkpoint_round_trips(ckpts, tmp_path, x, reference):
     assert bad.exit_code == 2 and "must end in .safetensors" in bad.output
 
 
+def _cli_error(*args) -> str:
+    r = CliRunner().invoke(app, ["convert-checkpoint", *map(str, args)])
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.output
+    return lines[0]
+
+
+def test_convert_checkpoint_needs_an_existing_dst_folder(ckpts, tmp_path):
+    dst = tmp_path / "no" / "such" / "folder" / "robust.safetensors"
+    msg = _cli_error(ckpts["model"], dst)
+    assert f"DST's folder {dst.parent} does not exist" in msg and not (tmp_path / "no").exists()
+    (tmp_path / "taken.safetensors").mkdir()
+    assert "is a folder" in _cli_error(ckpts["model"], tmp_path / "taken.safetensors")
+    assert "must end in .safetensors" in _cli_error(ckpts["model"], tmp_path / "robust.bin")
+
+
+def test_convert_checkpoint_refuses_files_without_resnet_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    unrelated = tmp_path / "unrelated.safetensors"
+    save_file({"embedding.weight": torch.zeros(4, 2), "step": torch.zeros(1)}, str(unrelated))
+    no_resnet = tmp_path / "mlp.pt"
+    torch.save({"model": {"module.model.linear1.weight": torch.zeros(3, 3), "module.normalizer.new_mean": MEAN}},
+               no_resnet)
+    partial = tmp_path / "partial.pt"
+    resnet18 = torchvision.models.resnet18().state_dict()  # conv/fc keys, but not ResNet-50's
+    torch.save({"model": {f"module.model.{k}": v for k, v in resnet18.items()}}, partial)
+    for src in (unrelated, no_resnet, partial):
+        dst = tmp_path / f"{src.stem}-converted.safetensors"
+        msg = _cli_error(src, dst)
+        assert f"checkpoint {src} does not hold a robustness ResNet-50" in msg and "conv1.weight" in msg, msg
+        assert not dst.exists()
+
+
 def test_convert_checkpoint_help_has_an_example():
     r = CliRunner().invoke(app, ["convert-checkpoint", "--help"])
     text = " ".join(r.output.split())
@@ -135,3 +170,17 @@ def test_describe_without_weights(ckpts, tmp_path):
     assert str(missing) in msg
     raises("robust-resnet50 checkpoint not found", load_classifier, f"robust-resnet50:{missing}")
     raises("classifier.weights must stay DEFAULT", describe, f"robust-resnet50:{ckpts['model']}", weights="none")
+
+
+def test_describe_lists_a_missing_checkpoint_when_asked(tmp_path):
+    """The dry run of a job meant for another machine: the architecture alone describes the model."""
+    where = tmp_path / "elsewhere" / "imagenet_l2_3_0.pt"
+    missing: list[str] = []
+    info = describe(f"robust-resnet50:{where}", missing=missing)
+    assert missing == [str(where)] and (info.num_classes, info.feature_dim) == (1000, 2048)
+    assert info.layer_widths["layer4"] == 2048 and info.layer_widths["logits"] == 1000
+    weights = tmp_path / "resnet18.safetensors"
+    missing.clear()
+    assert describe("torchvision:resnet18", weights=str(weights), missing=missing).feature_dim == 512
+    assert missing == [str(weights)]
+    raises("classifier weights file not found", describe, "torchvision:resnet18", weights=str(weights))
