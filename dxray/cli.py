@@ -121,7 +121,11 @@ def _task_bar(quiet: bool, first: str, infos: dict[str, Callable[[dict], str]]):
             elif event in infos:
                 bar.update(tasks_bar, info=infos[event](data))
 
-        yield progress
+        try:
+            yield progress
+        except BaseException:  # the error's one line is what is left on stderr, not a half bar above it
+            bar.live.transient = True
+            raise
 
 
 def _fail(message: str) -> None:

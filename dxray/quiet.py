@@ -16,3 +16,6 @@ def quiet_libraries() -> None:
         lib.disable_progress_bar()
         lib.set_verbosity_error()
     logging.getLogger("torch").setLevel(logging.ERROR)
+    # huggingface_hub logs every retry of an unreachable hub ("Retrying in 8s [Retry 4/5]"): the one-line
+    # error that follows says what failed.
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
