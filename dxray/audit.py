@@ -220,17 +220,17 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
 def _offline_tokenizer(cfg: Config):
-    """The generator's CLIP tokenizer when it is on this machine already (a local folder, a built-in model
-    already built, a hub id in the local hub cache); None otherwise: nothing is built or downloaded."""
+    """The generator's CLIP tokenizer when it is on this machine already (a local folder, a hub id in the local
+    hub cache; a built-in model's is made in memory); None otherwise: nothing is built or downloaded."""
     model = cfg.generator.model
-    if model in ("tiny", "toyworld"):
-        from dxray.tiny import cache_root
-        from dxray.toyworld.train import folder as toyworld_folder
+    if model == "tiny":
+        from dxray.tiny import tiny_clip_tokenizer
 
-        built = cache_root(cfg.cache_dir) / "tiny-lcm" if model == "tiny" else toyworld_folder(cfg.cache_dir)
-        if not (built / ".complete").exists():
-            return None
-        model = str(built if model == "tiny" else built / "generator")
+        return tiny_clip_tokenizer()  # what the tiny LCM is built with: vocabulary only, no weights
+    if model == "toyworld":
+        from dxray.toyworld.train import world_tokenizer
+
+        return world_tokenizer()
     elif model.startswith(("/", "./", "../", "~")):
         model = str(Path(model).expanduser())
     folder = Path(model) / "tokenizer"

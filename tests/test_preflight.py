@@ -70,17 +70,29 @@ def test_units_in_range_pass(tmp_path, cache_dir):
 
 
 # -- item 2: templates longer than the CLIP text encoder's 77 tokens --------------------------------
-def test_overlong_template_is_refused_with_its_token_count(tmp_path, cache_dir):
+@pytest.mark.parametrize("built", [False, True], ids=["tiny-not-built", "tiny-built"])
+def test_overlong_template_is_refused_with_its_token_count(tmp_path, cache_dir, built):
     from dxray.tiny import ensure_tiny_lcm
 
-    ensure_tiny_lcm(cache_dir)  # the tiny preset's tokenizer is on disk (the check reads only the tokenizer)
+    cache = cache_dir if built else tmp_path / "empty-cache"
+    if built:
+        ensure_tiny_lcm(cache_dir)
     template = "{} " + "x" * 80  # the tiny tokenizer is character-level: 80 tokens, + 1 learnable, BOS, EOS
-    msg = refused(tmp_path, f"prompt.templates=['a photo of {{}}', '{template}']")
+    msg = refused(tmp_path, f"prompt.templates=['a photo of {{}}', '{template}']", f"cache_dir={cache}")
     assert msg.startswith("prompt.templates[1]: ") and "is 83 tokens long with prompt.n_tokens=1" in msg
     assert "limit is 77" in msg
+    assert built or not (cache / "tiny-lcm").exists()  # the check built no generator
     cfg = load_config(TINY_YAML, [f"output={tmp_path / 'out'}", "prompt.templates=['a {} background']",
                                   "prompt.n_tokens=16"])
     preflight(cfg)
+
+
+def test_local_generator_folder_tokenizer(tmp_path, cache_dir):
+    from dxray.tiny import ensure_tiny_lcm
+
+    folder = ensure_tiny_lcm(cache_dir)  # a local folder: its tokenizer/ is read, nothing else
+    msg = refused(tmp_path, f"generator.model={folder}", "prompt.templates=['{} " + "y" * 90 + "']")
+    assert msg.startswith("prompt.templates[0]: ") and "is 93 tokens long" in msg
 
 
 def test_template_check_is_skipped_without_an_offline_tokenizer(tmp_path, cache_dir):
