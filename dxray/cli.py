@@ -172,7 +172,7 @@ def audit(
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. output=s3://bucket/audits cluster.explainers=8")] = None,
     address: Annotated[str | None, typer.Option(help="Ray address (default: RAY_ADDRESS, else start a local Ray)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar (summary lines still go to the log)")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan (tasks, steps, images, GPU-hours) and exit: loads no model, starts no Ray")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan (tasks, steps, images, GPU-hours) and exit: loads no model, starts no Ray; a missing checkpoint or image folder is listed (exit 0), a config it cannot describe at all exits 2")] = False,
 ) -> None:
     """Run the audit on Ray: explainer actors per GPU, segmenter actors, resumable.
 
