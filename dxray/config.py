@@ -9,33 +9,96 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dxray.errors import DxrayError
 
 # Training-noise seeds live in [2**31, 2**32); held-out sampling seeds must stay below, so the
 # images that judge a prompt were never seen while optimising it.
 HELD_OUT_SEED_LIMIT = 2**31
+INDEX_LIMIT = 2**31  # class, feature and unit indices
+MAX_MESSAGE = 80  # characters of an input shown in an error message
+MAX_TEMPLATE = 300  # characters; the exact token count is checked against the tokenizer when it loads
+MAX_VALUES = 100_000  # values in a config once YAML aliases are expanded
+MAX_DEPTH = 64
+MAX_FILE_BYTES = 10 * 2**20
+
+
+def _show(value: Any, limit: int = MAX_MESSAGE) -> str:
+    """``repr(value)`` for an error message: one line, printable, at most ``limit`` characters."""
+    text = repr(value) if not isinstance(value, str) or len(value) <= 10 * limit else repr(value[:10 * limit])
+    return _clean(text, limit)
+
+
+def _clean(text: str, limit: int = 400) -> str:
+    """Text made printable and one line (control, bidi and line-break characters escaped), cut to ``limit``."""
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _not_bool(value: Any) -> Any:
+    # YAML reads true/false/yes/no/on/off as booleans, and pydantic would take them as 1 and 0.
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+OptInt = Annotated[int | None, BeforeValidator(_not_bool)]
+OptFloat = Annotated[float | None, BeforeValidator(_not_bool)]
+Key = Annotated[int, Strict()]  # a class index as a mapping key: YAML gives ints, so '0' or true is a slip
+
+
+def _index(i: int, what: str) -> int:
+    if not 0 <= i < INDEX_LIMIT:
+        raise ValueError(f"{what} {_show(i)} must be in [0, 2**31)")
+    return i
+
+
+def _no_repeats(values: list, what: str) -> None:
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise ValueError(f"{what} {_show(v)} is listed twice")
+        seen.add(v)
+
+
+def _plain_text(value: str, what: str) -> str:
+    if not value.strip():
+        raise ValueError(f"{what} is empty")
+    if not value.isprintable():
+        raise ValueError(f"{what} {_show(value)} contains control or invisible characters")
+    return value
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class GeneratorConfig(_Section):
     model: str = Field("SimianLuo/LCM_Dreamshaper_v7", description="LCM checkpoint or SD1.5-family base: hub id or local folder ('tiny' builds a tiny random model)")
     lora: str | None = Field(None, description="LCM-LoRA to fuse into the base, e.g. latent-consistency/lcm-lora-sdv1-5")
     tiny_vae: str | None = Field(None, description="AutoencoderTiny used as the decoder, e.g. madebyollin/taesd")
-    steps: int = Field(4, gt=0, le=50, description="LCM sampler steps")
-    guidance_scale: float = Field(1.0, ge=0.0, description="guidance scale (embedded for LCM checkpoints, CFG for LCM-LoRA when > 1)")
-    original_inference_steps: int = Field(50, gt=0, description="LCM training schedule length")
-    resolution: int = Field(512, gt=0, description="image side in pixels (multiple of the VAE scale factor)")
+    steps: Int = Field(4, gt=0, le=50, description="LCM sampler steps")
+    guidance_scale: Float = Field(1.0, ge=0.0, le=100.0, description="guidance scale (embedded for LCM checkpoints, CFG for LCM-LoRA when > 1)")
+    original_inference_steps: Int = Field(50, gt=0, le=1000, description="LCM training schedule length")
+    resolution: Int = Field(512, gt=0, le=4096, description="image side in pixels (multiple of the VAE scale factor)")
     checkpointing: bool = Field(False, description="recompute each sampler step in backward to save memory")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: bfloat16 on CUDA, float32 on CPU")
-    grad_steps: int | None = Field(None, ge=1, description="backprop through only the last k sampler steps (earlier ones without gradients); null: all")
+    grad_steps: OptInt = Field(None, ge=1, description="backprop through only the last k sampler steps (earlier ones without gradients); null: all")
 
     @model_validator(mode="after")
     def _grad_steps(self) -> GeneratorConfig:
@@ -49,7 +112,7 @@ class ClassifierConfig(_Section):
     weights: str | None = Field("DEFAULT", description="torchvision/timm weights name, 'none', or a checkpoint file")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the model builder")
     class_names: list[str] | str | None = Field(None, description="class names (list or text file) overriding the model's metadata")
-    input_size: int | None = Field(None, gt=0, description="classifier input side; default from the model")
+    input_size: OptInt = Field(None, gt=0, le=4096, description="classifier input side; default from the model")
     final_layer: str | None = Field(None, description="name of the final linear layer; default found automatically")
     allow_pickle: bool = Field(False, description="allow checkpoints that execute pickled code when loaded")
 
@@ -61,9 +124,9 @@ TEMPLATE_PRESETS = {"object": "{}", "texture": "a texture of {}", "shape": "a sh
 class HardPromptConfig(_Section):
     """Hard prompts (paper Sec. 4.4): logits over token ids, straight-through Gumbel-softmax."""
 
-    tau_start: float = Field(1.0, gt=0, description="Gumbel-softmax temperature at the first step (exponential anneal)")
-    tau_end: float = Field(0.1, gt=0, description="Gumbel-softmax temperature at the last step")
-    lr: float | None = Field(None, gt=0, description="learning rate of the logits (default: optimize.lr)")
+    tau_start: Float = Field(1.0, gt=0, description="Gumbel-softmax temperature at the first step (exponential anneal)")
+    tau_end: Float = Field(0.1, gt=0, description="Gumbel-softmax temperature at the last step")
+    lr: OptFloat = Field(None, gt=0, description="learning rate of the logits (default: optimize.lr)")
     vocabulary: list[str] | str | None = Field(None, description="allowed words, each a single token: a list or a text file (one per line, read when the config loads); null: every whole-word token")
 
     @field_validator("vocabulary")
@@ -72,8 +135,12 @@ class HardPromptConfig(_Section):
         if isinstance(vocabulary, str):
             path = Path(vocabulary).expanduser()
             if not path.is_file():
-                raise ValueError(f"file not found: {vocabulary}")
-            vocabulary = path.read_text().splitlines()
+                raise ValueError(f"file not found: {_show(vocabulary)}")
+            try:
+                vocabulary = path.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                reason = "is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"cannot be read ({e.strerror})"
+                raise ValueError(f"file {_show(vocabulary)} {reason}") from None
         if vocabulary is None:
             return None
         words = [w.strip() for w in vocabulary if w.strip()]
@@ -84,7 +151,7 @@ class HardPromptConfig(_Section):
 
 class PromptConfig(_Section):
     templates: list[str] = Field(default_factory=lambda: ["{}"], min_length=1, description="prompt templates: 'object' ({}), 'texture' (a texture of {}), 'shape' (a shape of {}) or any string where '{}' marks the learnable tokens")
-    n_tokens: int = Field(1, gt=0, le=16, description="learnable tokens in place of '{}'")
+    n_tokens: Int = Field(1, gt=0, le=16, description="learnable tokens in place of '{}'")
     init: str = Field("random", description="'random' (embedding-table scale), 'class' (the class name) or 'word:WORD'")
     kind: Literal["soft", "hard"] = Field("soft", description="soft: free embedding rows; hard: real tokens (Gumbel-softmax), decoded into hard_prompt_text")
     hard: HardPromptConfig = Field(default_factory=HardPromptConfig)
@@ -94,37 +161,40 @@ class PromptConfig(_Section):
     def _one_placeholder(cls, templates: list[str]) -> list[str]:
         resolved = [TEMPLATE_PRESETS.get(t, t) for t in templates]
         for t in resolved:
+            if len(t) > MAX_TEMPLATE:
+                raise ValueError(f"template {_show(t)} is {len(t)} characters long (at most {MAX_TEMPLATE}: the "
+                                 "CLIP text encoder takes 77 tokens)")
             if t.count("{}") != 1:
                 names = ", ".join(TEMPLATE_PRESETS)
-                raise ValueError(f"template {t!r} must contain '{{}}' exactly once (or be one of {names})")
+                raise ValueError(f"template {_show(t)} must contain '{{}}' exactly once (or be one of {names})")
         if len(set(resolved)) < len(resolved):
-            raise ValueError(f"templates {templates} name the same template twice")
+            raise ValueError(f"templates {_show(templates)} name the same template twice")
         return resolved
 
     @field_validator("init")
     @classmethod
     def _init_kind(cls, init: str) -> str:
         if init not in ("random", "class") and not (init.startswith("word:") and init[5:].strip()):
-            raise ValueError(f"init {init!r} must be 'random', 'class' or 'word:WORD'")
+            raise ValueError(f"init {_show(init)} must be 'random', 'class' or 'word:WORD'")
         return init
 
 
 class OptimizeConfig(_Section):
     optimizer: Literal["adamw", "adam"] = "adamw"
-    lr: float = Field(0.1, gt=0, description="learning rate")
-    weight_decay: float = Field(0.0, ge=0)
-    steps: int = Field(100, gt=0, description="optimisation steps per task")
-    samples_per_step: int = Field(1, gt=0, description="noise samples z drawn per step (S)")
-    early_stop_prob: float | None = Field(None, gt=0, le=1, description="stop a class task (not a feature task) once its mean target probability reaches this")
-    feature_weight: float = Field(1.0, gt=0, description="lambda of Eq.5: CE(class) - lambda * feature")
-    batch_tasks: int = Field(4, gt=0, description="tasks optimised together in one batch")
-    restarts: int = Field(1, gt=0, description="independent initialisations per task; the lowest final loss wins")
+    lr: Float = Field(0.1, gt=0, description="learning rate")
+    weight_decay: Float = Field(0.0, ge=0)
+    steps: Int = Field(100, gt=0, le=100_000, description="optimisation steps per task")
+    samples_per_step: Int = Field(1, gt=0, le=1024, description="noise samples z drawn per step (S)")
+    early_stop_prob: OptFloat = Field(None, gt=0, le=1, description="stop a class task (not a feature task) once its mean target probability reaches this")
+    feature_weight: Float = Field(1.0, gt=0, description="lambda of Eq.5: CE(class) - lambda * feature")
+    batch_tasks: Int = Field(4, gt=0, le=1024, description="tasks optimised together in one batch")
+    restarts: Int = Field(1, gt=0, le=100, description="independent initialisations per task; the lowest final loss wins")
 
 
 class SampleConfig(_Section):
-    k: int = Field(10, gt=0, description="held-out images per task")
-    seeds: list[int] | None = Field(None, description="held-out seeds (default 0..k-1)")
-    batch_size: int = Field(8, gt=0)
+    k: Int = Field(10, gt=0, le=10_000, description="held-out images per task")
+    seeds: list[Int] | None = Field(None, description="held-out seeds (default 0..k-1)")
+    batch_size: Int = Field(8, gt=0, le=1024)
     baseline: bool = Field(True, description="also score the initial prompt on the held-out seeds (before/after)")
 
     @model_validator(mode="after")
@@ -134,8 +204,15 @@ class SampleConfig(_Section):
                 raise ValueError(f"sample.seeds has {len(self.seeds)} seeds but sample.k is {self.k}")
             bad = [s for s in self.seeds if not 0 <= s < HELD_OUT_SEED_LIMIT]
             if bad:
-                raise ValueError(f"sample.seeds must be in [0, 2**31) (training noise uses the rest): {bad[:3]}")
+                raise ValueError(f"sample.seeds must be in [0, 2**31) (training noise uses the rest): {_show(bad[:3])}")
         return self
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None:
+            _no_repeats(seeds, "held-out seed")
+        return seeds
 
     def seed_list(self) -> list[int]:
         return list(self.seeds) if self.seeds is not None else list(range(self.k))
@@ -143,33 +220,49 @@ class SampleConfig(_Section):
 
 class NeuronTarget(_Section):
     layer: str
-    unit: int = Field(ge=0)
+    unit: Int = Field(ge=0, lt=INDEX_LIMIT)
 
 
 class FeatureImagesConfig(_Section):
     path: str | None = Field(None, description="folder with one sub-folder per class (index or WordNet id), local or s3://")
     select: Literal["predicted", "labelled"] = Field("predicted", description="images the model predicts as c (Salient ImageNet) or labelled c")
-    max_per_class: int | None = Field(50, gt=0, description="images read per class folder")
+    max_per_class: OptInt = Field(50, gt=0, le=1_000_000, description="images read per class folder")
     wnids: list[str] | str | None = Field(None, description="WordNet id of each class (list or text file), for folders named by wnid")
-    batch_size: int = Field(16, gt=0)
+    batch_size: Int = Field(16, gt=0, le=1024)
 
 
 class TargetsConfig(_Section):
-    classes: list[int] = Field(default_factory=lambda: [0], min_length=1, description="class indices to audit")
+    classes: list[Int] = Field(default_factory=lambda: [0], min_length=1, description="class indices to audit")
     class_task: bool = Field(True, description="optimise the class explanation (Eq.3) for each class")
-    top_k: int = Field(5, ge=0, description="top-k features per class (Eq.5 tasks)")
+    top_k: Int = Field(5, ge=0, le=10_000, description="top-k features per class (Eq.5 tasks)")
     feature_source: Literal["weights", "images", "table"] = Field("weights", description="rank features by W[c,f] x mean activation over images, by weight alone, or read a table")
     feature_images: FeatureImagesConfig = Field(default_factory=FeatureImagesConfig)
     feature_table: str | None = Field(None, description="CSV/Parquet with class_index, feature_index, rank")
-    features: dict[int, list[int]] = Field(default_factory=dict, description="explicit features per class (overrides ranking)")
+    features: dict[Key, list[Int]] = Field(default_factory=dict, description="explicit features per class (overrides ranking)")
     neurons: list[NeuronTarget] = Field(default_factory=list, description="hidden neurons to explain (Eq.4)")
 
     @field_validator("classes")
     @classmethod
     def _non_negative(cls, classes: list[int]) -> list[int]:
         if any(c < 0 for c in classes):
-            raise ValueError(f"class indices must be >= 0: {classes}")
+            raise ValueError(f"class indices must be >= 0: {_show(classes)}")
+        for c in classes:
+            _index(c, "class index")
+        _no_repeats(classes, "class")
         return classes
+
+    @field_validator("features")
+    @classmethod
+    def _feature_lists(cls, features: dict[int, list[int]]) -> dict[int, list[int]]:
+        for c, fs in features.items():
+            try:
+                _index(c, "class index")
+                for f in fs:
+                    _index(f, "feature index")
+                _no_repeats(fs, "feature")
+            except ValueError as e:
+                raise ValueError(f"[{c}]: {e}") from None
+        return features
 
     @model_validator(mode="after")
     def _source_inputs(self) -> TargetsConfig:
@@ -184,14 +277,25 @@ class SegmentConfig(_Section):
     enabled: bool = Field(True, description="score images with Grounding DINO + SAM")
     detector: str = Field("IDEA-Research/grounding-dino-tiny", description="Grounding DINO: hub id or local folder ('tiny' builds a tiny random model)")
     sam: str | None = Field("facebook/sam-vit-base", description="SAM: hub id or local folder; null uses the boxes as masks")
-    box_threshold: float = Field(0.35, ge=0, le=1)
-    text_threshold: float = Field(0.25, ge=0, le=1)
-    prompts: dict[int, str] = Field(default_factory=dict, description="detection prompt per class index (default: the class name)")
-    batch_size: int = Field(4, gt=0)
+    box_threshold: Float = Field(0.35, ge=0, le=1)
+    text_threshold: Float = Field(0.25, ge=0, le=1)
+    prompts: dict[Key, str] = Field(default_factory=dict, description="detection prompt per class index (default: the class name)")
+    batch_size: Int = Field(4, gt=0, le=1024)
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts(cls, prompts: dict[int, str]) -> dict[int, str]:
+        for c, text in prompts.items():
+            try:
+                _index(c, "class index")
+                _plain_text(text, "the detection prompt")
+            except ValueError as e:
+                raise ValueError(f"[{c}]: {e}") from None
+        return prompts
 
 
 class VerdictConfig(_Section):
-    delta: float = Field(0.3, ge=0, le=1, description="a feature is core when its mean object fraction r >= delta")
+    delta: Float = Field(0.3, ge=0, le=1, description="a feature is core when its mean object fraction r >= delta")
 
 
 class StorageConfig(_Section):
@@ -201,39 +305,39 @@ class StorageConfig(_Section):
     endpoint_url: str | None = Field(None, description="S3 endpoint, e.g. http://127.0.0.1:8333 (default: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else AWS)")
     region: str | None = Field(None, description="S3 region (default: AWS_REGION or AWS_DEFAULT_REGION)")
     path_style: bool | None = Field(None, description="path-style addressing; default: on with a custom endpoint, off on AWS")
-    retry_seconds: float = Field(120.0, ge=0, description="keep retrying a failed storage call with backoff for this long")
-    connect_timeout: float = Field(5.0, gt=0, description="seconds to wait for a connection to the endpoint")
-    request_timeout: float = Field(60.0, gt=0, description="seconds to wait for one request")
+    retry_seconds: Float = Field(120.0, ge=0, le=86_400, description="keep retrying a failed storage call with backoff for this long")
+    connect_timeout: Float = Field(5.0, gt=0, le=86_400, description="seconds to wait for a connection to the endpoint")
+    request_timeout: Float = Field(60.0, gt=0, le=86_400, description="seconds to wait for one request")
 
 
 class ClusterConfig(_Section):
     """How `dxray audit` lays the work out on Ray."""
 
     address: str | None = Field(None, description="Ray address ('auto', ray://HOST:10001); default: RAY_ADDRESS, else a local Ray is started")
-    local_gpus: int | None = Field(None, ge=0, description="GPUs a local Ray advertises (logical ones allowed); default: those torch sees")
-    local_cpus: int | None = Field(None, gt=0, description="CPUs a local Ray advertises; default: all")
-    explainers: int | None = Field(None, gt=0, description="explainer actors; default: one per gpus_per_explainer of the cluster's GPUs (1 on a CPU-only cluster)")
-    gpus_per_explainer: float = Field(1.0, ge=0, description="GPUs pinned by each explainer actor (fractional allowed)")
-    cpus_per_explainer: float = Field(1.0, ge=0, description="CPUs reserved by each explainer actor")
-    segmenters: int = Field(1, ge=0, description="segmenter actors (Grounding DINO + SAM)")
-    gpus_per_segmenter: float = Field(0.0, ge=0, description="GPUs per segmenter actor (fractional: shares a GPU with an explainer; 0 = CPU)")
-    cpus_per_segmenter: float = Field(0.0, ge=0, description="CPUs reserved by each segmenter actor")
-    in_flight_per_actor: int = Field(2, gt=0, description="batches queued on each explainer at once (bounds memory; keeps the GPU busy)")
-    task_retries: int = Field(3, ge=0, description="times a batch is re-submitted after its actor died")
-    log_every_s: float = Field(30.0, gt=0, description="seconds between summary lines in the job log")
+    local_gpus: OptInt = Field(None, ge=0, le=4096, description="GPUs a local Ray advertises (logical ones allowed); default: those torch sees")
+    local_cpus: OptInt = Field(None, gt=0, le=1_000_000, description="CPUs a local Ray advertises; default: all")
+    explainers: OptInt = Field(None, gt=0, le=10_000, description="explainer actors; default: one per gpus_per_explainer of the cluster's GPUs (1 on a CPU-only cluster)")
+    gpus_per_explainer: Float = Field(1.0, ge=0, le=1024, description="GPUs pinned by each explainer actor (fractional allowed)")
+    cpus_per_explainer: Float = Field(1.0, ge=0, le=1024, description="CPUs reserved by each explainer actor")
+    segmenters: Int = Field(1, ge=0, le=10_000, description="segmenter actors (Grounding DINO + SAM)")
+    gpus_per_segmenter: Float = Field(0.0, ge=0, le=1024, description="GPUs per segmenter actor (fractional: shares a GPU with an explainer; 0 = CPU)")
+    cpus_per_segmenter: Float = Field(0.0, ge=0, le=1024, description="CPUs reserved by each segmenter actor")
+    in_flight_per_actor: Int = Field(2, gt=0, le=1000, description="batches queued on each explainer at once (bounds memory; keeps the GPU busy)")
+    task_retries: Int = Field(3, ge=0, le=1000, description="times a batch is re-submitted after its actor died")
+    log_every_s: Float = Field(30.0, gt=0, le=86_400, description="seconds between summary lines in the job log")
 
 
 class EstimateConfig(_Section):
     """Timing figures for `dxray audit --dry-run`; unset: taken from benchmarks/results/ when one fits."""
 
-    seconds_per_step: float | None = Field(None, gt=0, description="GPU seconds of one optimisation step of one task (one restart, optimize.samples_per_step noise samples, gradients through the sampler)")
-    seconds_per_image: float | None = Field(None, gt=0, description="GPU seconds per held-out or baseline image: sampling without gradients, plus Grounding DINO + SAM scoring when segment.enabled")
+    seconds_per_step: OptFloat = Field(None, gt=0, le=86_400, description="GPU seconds of one optimisation step of one task (one restart, optimize.samples_per_step noise samples, gradients through the sampler)")
+    seconds_per_image: OptFloat = Field(None, gt=0, le=86_400, description="GPU seconds per held-out or baseline image: sampling without gradients, plus Grounding DINO + SAM scoring when segment.enabled")
 
 
 class Config(_Section):
     output: str = Field("dxray-out", description="local folder or s3://bucket/prefix")
     run_id: str | None = Field(None, description="run folder name; default derived from the config, so a re-run resumes")
-    seed: int = Field(0, ge=0, description="base seed of initialisation and training noise")
+    seed: Int = Field(0, ge=0, lt=2**63, description="base seed of initialisation and training noise")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     cache_dir: str | None = Field(None, description="where tiny models are built (default ~/.cache/dxray)")
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
@@ -251,9 +355,18 @@ class Config(_Section):
     @field_validator("run_id")
     @classmethod
     def _run_id(cls, run_id: str | None) -> str | None:
-        if run_id is not None and (not run_id or "/" in run_id or run_id.startswith(".")):
-            raise ValueError(f"run_id {run_id!r} must be a plain folder name")
+        # A folder name locally and part of an S3 key: no separators, control or invisible characters.
+        if run_id is not None and (not run_id or "/" in run_id or "\\" in run_id or run_id.startswith(".")
+                                   or run_id != run_id.strip() or not run_id.isprintable() or len(run_id) > 100):
+            raise ValueError(f"run_id {_show(run_id)} must be a plain folder name (at most 100 printable "
+                             "characters, no '/' or '\\', not starting with '.')")
         return run_id
+
+    @field_validator("output", "cache_dir")
+    @classmethod
+    def _folder(cls, folder: str | None, info) -> str | None:
+        # An empty folder name would mean the current directory.
+        return None if folder is None else _plain_text(folder, f"{info.field_name} folder")
 
     def fingerprint(self) -> str:
         """Hash of everything that defines the results (not where they go)."""
@@ -275,30 +388,154 @@ class Config(_Section):
 
 
 def _field_path(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc)
+    out = ""
+    for part in loc:
+        part = f"[{part}]" if isinstance(part, int) else str(part)
+        out += part if not out or part.startswith("[") else f".{part}"
+    return out
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model inside an annotation (``Model``, ``list[Model]``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is list:
+        return _model_in(get_args(annotation)[0])
+    return None
+
+
+def _readable(model: type[BaseModel] | None, loc: tuple) -> tuple:
+    """``loc`` without pydantic's union-member labels ('list[str]', 'function-before[...]'): below a
+    section every string part is a field name (mapping fields have int keys, ``kwargs`` takes anything)."""
+    out = []
+    for part in loc:
+        if isinstance(part, int):
+            out.append(part)
+        elif model is not None and part in model.model_fields:
+            out.append(part)
+            model = _model_in(model.model_fields[part].annotation)
+        elif model is not None:  # a key the section does not have (extra_forbidden)
+            out.append(part)
+            model = None
+    return tuple(out)
 
 
 def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """The field names valid at ``loc`` (the parent of an unknown key)."""
     for part in loc:
+        if isinstance(part, int):  # an item of a list of sections
+            continue
         field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        model = _model_in(getattr(field, "annotation", None))
+        if model is None:
             return []
-        model = ann
     return sorted(model.model_fields)
 
 
 def _one_line(err: ValidationError, model: type[BaseModel]) -> str:
-    e = err.errors()[0]
+    errors = err.errors()
+    e = errors[0]
     loc = tuple(e["loc"])
-    where = _field_path(loc) or "config"
+    msg = e["msg"].removeprefix("Value error, ")
+    if len(loc) >= 2 and loc[-1] == "[key]":  # a mapping key that is not valid
+        loc, msg = loc[:-2], f"key {_show(loc[-2])}: {msg}"
+    loc = _readable(model, loc)
+    same = [x for x in errors[1:] if _readable(model, tuple(x["loc"])) == loc and x["msg"] != e["msg"]]
+    if same and not loc[-1:] == ("[key]",):  # the members of a union, each refused: "a list / a string"
+        msg = " / ".join(dict.fromkeys([msg, *(x["msg"].removeprefix("Value error, ") for x in same)]))
+        errors = [x for x in errors if x not in same]
+    if msg.startswith("[") and "]: " in msg:  # a validator named the item: "[3]: the prompt is empty"
+        item, msg = msg.split(": ", 1)
+        loc += (item,)
+    where = _clean(_field_path(loc), MAX_MESSAGE) or "config"
     if e["type"] == "extra_forbidden":
         valid = _valid_keys(model, loc[:-1])
-        return f"unknown config key '{where}'; valid keys: {', '.join(valid)}"
-    msg = e["msg"].removeprefix("Value error, ")
-    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"config field '{where}': {msg}{more}"
+        return _clean(f"unknown config key '{where}'; valid keys: {', '.join(valid)}")
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return _clean(f"config field '{where}': {msg}{more}")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: PyYAML silently keeps the last one, so a
+    second ``optimize:`` block would quietly replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base' entries may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # unhashable: the base class says so
+                    continue
+                if first is not None:
+                    raise _DuplicateKey(f"key {_show(key)} appears twice", first, line)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_object(self, node, deep=False):
+        # PyYAML's constructors let AttributeError, ValueError or KeyError escape for scalars that match no
+        # form of their type: '!!timestamp x', '2020-02-30', '!!bool x', an integer of 5000 digits.
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, AttributeError, KeyError, OverflowError) as e:
+            kind = str(node.tag).rsplit(":", 1)[-1]
+            problem = f"{_show(node.value)} is not a valid {kind} ({_clean(str(e), MAX_MESSAGE)})"
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, message: str, first: int, second: int):
+        where = f"lines {first} and {second}" if first != second else f"on line {first}"
+        super().__init__(f"{message} ({where})")
+
+
+def _yaml_problem(err: yaml.YAMLError, text: str) -> str:
+    """PyYAML's message on one line, keeping where it happened."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        words = ", ".join(w for w in (err.context, err.problem) if w) or "syntax error"
+        mark = err.problem_mark or err.context_mark
+        return f"{words} (line {mark.line + 1}, column {mark.column + 1})" if mark else words
+    if isinstance(err, yaml.reader.ReaderError):
+        line = text.count("\n", 0, err.position) + 1
+        column = err.position - (text.rfind("\n", 0, err.position) + 1) + 1
+        return f"unacceptable character #x{err.character:04x} (line {line}, column {column})"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def _load_yaml(text: str) -> Any:
+    """``text`` as YAML (safe types only); raises ValueError with a one-line reason."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as e:
+        raise ValueError(str(e)) from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"is not valid YAML: {_yaml_problem(e, text)}") from None
+    except RecursionError:
+        raise ValueError("is not valid YAML: nested too deeply") from None
+
+
+def _check_shape(data: Any) -> None:
+    """Refuse values nested too deeply or too many once YAML aliases are expanded (an alias can make a
+    structure recursive or exponentially large), and strings holding a NUL character (no path takes one)."""
+    stack = [(data, 0, ())]
+    count = 0
+    while stack:
+        value, depth, loc = stack.pop()
+        count += 1
+        if count > MAX_VALUES or depth > MAX_DEPTH:
+            raise ValueError(f"is nested deeper than {MAX_DEPTH} levels or holds more than {MAX_VALUES:,} values "
+                             "(YAML aliases included)")
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError(f"config field '{_clean(_field_path(loc), MAX_MESSAGE) or 'config'}' contains a NUL "
+                             "character")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1, (*loc, k)) for k, v in value.items())
+        elif isinstance(value, list | tuple | set):
+            stack.extend((v, depth + 1, (*loc, i)) for i, v in enumerate(value))
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -306,15 +543,33 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
+        shown = _show(item)
         if not sep or not key.strip():
-            raise DxrayError(f"override {item!r} must look like key=value")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+            raise DxrayError(f"override {shown} must look like key=value")
+        parts = [p.strip() for p in key.strip().split(".")]
+        if not all(parts):
+            raise DxrayError(f"override {shown}: the key has an empty part (write a.b=1)")
+        value = raw
+        if raw.strip():
+            try:
+                if any(isinstance(t, yaml.TagToken) for t in yaml.scan(raw, Loader=_Loader)):
+                    raise ValueError("YAML tags are not allowed in overrides")
+                value = _load_yaml(raw)
+                _check_shape(value)
+            except yaml.YAMLError as e:
+                raise DxrayError(_clean(f"override {shown} is not valid YAML: {_yaml_problem(e, raw)}")) from None
+            except RecursionError:
+                raise DxrayError(f"override {shown} is not valid YAML: nested too deeply") from None
+            except ValueError as e:
+                reason = str(e).replace(" (on line 1)", "")
+                raise DxrayError(_clean(f"override {shown}{' ' if reason.startswith('is ') else ': '}{reason}")) from None
+        else:
+            value = ""
         node = out
-        parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise DxrayError(f"override {item!r} conflicts with another override")
+                raise DxrayError(f"override {shown} conflicts with another override")
         node[parts[-1]] = value
     return out
 
@@ -329,22 +584,48 @@ def _merge(base: dict, extra: dict) -> dict:
 def build_config(data: dict[str, Any], overrides: list[str] = ()) -> Config:
     merged = _merge(data, parse_overrides(list(overrides)))
     try:
+        _check_shape(merged)
+    except ValueError as e:
+        raise DxrayError(_clean(str(e) if str(e).startswith("config field") else f"config {e}")) from None
+    try:
         return Config.model_validate(merged)
     except ValidationError as err:
         raise DxrayError(_one_line(err, Config)) from None
+    except RecursionError:
+        raise DxrayError("config is nested too deeply") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
     data: dict[str, Any] = {}
     if path is not None:
+        shown = _clean(str(path), 200)
         p = Path(path).expanduser()
+        if p.is_dir():
+            raise DxrayError(f"config file {shown} is a folder")
+        if not p.exists():
+            raise DxrayError(f"config file not found: {shown}")
         if not p.is_file():
-            raise DxrayError(f"config file not found: {path}")
+            raise DxrayError(f"config file {shown} is not a regular file")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise DxrayError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+            if p.stat().st_size > MAX_FILE_BYTES:
+                raise DxrayError(f"config file {shown} is larger than {MAX_FILE_BYTES // 2**20} MB")
+            raw = p.read_bytes()
+        except OSError as e:
+            raise DxrayError(_clean(f"config file {shown} cannot be read: {e.strerror or e}")) from None
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise DxrayError(f"config file {shown} is not UTF-8 text (byte {raw[e.start]:#04x} at offset "
+                             f"{e.start})") from None
+        try:
+            data = _load_yaml(text)
+            _check_shape(data)
+        except ValueError as e:
+            sep = " " if str(e).startswith("is ") else ": "
+            raise DxrayError(_clean(f"config file {shown}{sep}{e}")) from None
+        if data is None:
+            data = {}
         if not isinstance(data, dict):
-            raise DxrayError(f"config file {path} must hold a mapping at the top level")
+            raise DxrayError(f"config file {shown} must hold a mapping at the top level")
     return build_config(data, overrides)

@@ -1,3 +1,7 @@
+import os
+import re
+from pathlib import Path
+
 import pytest
 
 from dxray.config import Config, build_config, load_config, parse_overrides
@@ -68,3 +72,189 @@ def test_run_id_follows_what_defines_results():
     assert build_config({}, ["run_id=mine"]).resolved_run_id() == "mine"
     with pytest.raises(DxrayError, match="run_id"):
         build_config({}, ["run_id=a/b"])
+
+
+# Issue 22: no input gives a traceback; each bad input is one line naming the field.
+
+def _one_line_error(fn, *args) -> str:
+    with pytest.raises(DxrayError) as e:
+        fn(*args)
+    msg = str(e.value)
+    assert msg and "\n" not in msg and "\r" not in msg and len(msg) < 400, msg
+    return msg
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00", b"seed: 1\n\x80\x81\n", bytes(range(256))])
+def test_config_file_that_is_not_utf8_text(tmp_path, content):
+    f = tmp_path / "c.yaml"
+    f.write_bytes(content)
+    assert f"config file {f} is not UTF-8 text" in _one_line_error(load_config, f)
+
+
+def test_config_file_with_control_characters_is_one_line(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_bytes(b"seed: 1\x00\n")
+    assert "not valid YAML" in _one_line_error(load_config, f)
+
+
+def test_config_path_that_is_a_folder_or_unreadable(tmp_path, monkeypatch):
+    assert f"config file {tmp_path} is a folder" in _one_line_error(load_config, tmp_path)
+    f = tmp_path / "c.yaml"
+    f.write_text("seed: 1\n")
+    f.chmod(0)
+    try:
+        if os.access(f, os.R_OK):  # root reads it anyway: make the read fail as it would for anyone else
+            def refuse(self):
+                raise PermissionError(13, "Permission denied", str(self))
+            monkeypatch.setattr(Path, "read_bytes", refuse)
+        assert f"config file {f} cannot be read: Permission denied" in _one_line_error(load_config, f)
+    finally:
+        f.chmod(0o600)
+
+
+@pytest.mark.parametrize("override", ["optimize.lr=[1,", "a=: b", "x={", "seed='1", "seed=[[[[[[[[[[[["])
+def test_override_values_yaml_cannot_parse(override):
+    msg = _one_line_error(parse_overrides, [override])
+    assert f"override {override!r}" in msg and "not valid YAML" in msg
+
+
+@pytest.mark.parametrize("override", ["seed=!!python/object:os.system", "seed=!foo 1", "seed=!!str 5",
+                                      "x=!!binary aGVsbG8=", "x=[1, !!int 2]", "x={a: !t 1}", "x=!<tag:x> 1"])
+def test_override_values_with_yaml_tags_are_refused(override):
+    msg = _one_line_error(parse_overrides, [override])
+    assert f"override {override!r}" in msg and "YAML tags are not allowed in overrides" in msg
+
+
+@pytest.mark.parametrize("override", ["a..b=1", ".a=1", "a.=1", "a. .b=1"])
+def test_override_keys_with_empty_parts(override):
+    msg = _one_line_error(parse_overrides, [override])
+    assert f"override {override!r}" in msg and "empty" in msg
+
+
+def test_override_value_with_a_duplicate_key():
+    msg = _one_line_error(parse_overrides, ["classifier.kwargs={a: 1, a: 2}"])
+    assert "key 'a' appears twice" in msg
+
+
+def test_yaml_errors_in_a_config_file_keep_line_and_column(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("seed: 1\noptimize:\n  steps: [1, 2\n  lr: 3\n")
+    msg = _one_line_error(load_config, f)
+    assert "not valid YAML" in msg and re.search(r"line \d+, column \d+", msg), msg
+    f.write_text("seed: 1\nseed2: 'x\n")
+    assert re.search(r"line \d+, column \d+", _one_line_error(load_config, f))
+
+
+def test_a_key_given_twice_in_a_config_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("seed: 1\noptimize:\n  steps: 3\nprompt:\n  n_tokens: 1\ndevice: cpu\n"
+                 "classifier:\n  spec: tiny\noptimize:\n  lr: 0.1\n")
+    assert f"config file {f}: key 'optimize' appears twice (lines 2 and 9)" in _one_line_error(load_config, f)
+    f.write_text("optimize:\n  steps: 3\n  lr: 0.1\n  steps: 4\n")
+    assert "key 'steps' appears twice (lines 2 and 4)" in _one_line_error(load_config, f)
+    f.write_text("targets:\n  features: {0: [1], 0: [2]}\n")
+    assert "key 0 appears twice" in _one_line_error(load_config, f)
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optimize:\n  <<: {steps: 3, lr: 0.5}\n  steps: 4\n")
+    assert load_config(f).optimize.steps == 4
+
+
+@pytest.mark.parametrize("override, field, words", [
+    ("targets.classes=[1, 2, 1]", "targets.classes", "twice"),
+    ("sample.seeds=[3, 4, 3]", "sample.seeds", "twice"),
+    ("optimize.steps=true", "optimize.steps", "boolean"),
+    ("optimize.lr=true", "optimize.lr", "boolean"),
+    ("targets.classes=[true]", "targets.classes", "boolean"),
+    ("generator.grad_steps=false", "generator.grad_steps", "boolean"),
+    ("optimize.lr=.inf", "optimize.lr", "finite"),
+    ("optimize.lr=.nan", "optimize.lr", "finite"),
+    ("verdict.delta=.nan", "verdict.delta", "finite"),
+    ("cluster.gpus_per_explainer=.inf", "cluster.gpus_per_explainer", "finite"),
+    ("output=''", "output", "empty"),
+    ("output='   '", "output", "empty"),
+    ("seed=1e400", "seed", ""),
+    ("seed=99999999999999999999999", "seed", ""),
+    ("seed=9223372036854775808", "seed", ""),
+    ("optimize.steps=1000000000000", "optimize.steps", ""),
+    ("optimize.samples_per_step=100000000", "optimize.samples_per_step", ""),
+    ("optimize.restarts=101", "optimize.restarts", ""),
+    ("optimize.batch_tasks=100000000", "optimize.batch_tasks", ""),
+    ("sample.k=100000000", "sample.k", ""),
+    ("sample.batch_size=100000000", "sample.batch_size", ""),
+    ("segment.batch_size=100000000", "segment.batch_size", ""),
+    ("targets.top_k=100000000", "targets.top_k", ""),
+    ("generator.resolution=1000000", "generator.resolution", ""),
+    ("targets.classes=[99999999999999999999]", "targets.classes", ""),
+    ("targets.features={0: [1, 2, 1]}", "targets.features", "twice"),
+    ("targets.features={0: [-1]}", "targets.features", ""),
+    ("targets.features={cat: [1]}", "targets.features", "integer"),
+    ("targets.features={'0': [1]}", "targets.features", "integer"),
+    ("targets.features={true: [1]}", "targets.features", ""),
+    ("segment.prompts={cat: a cat}", "segment.prompts", "integer"),
+    ("segment.prompts={3: ''}", "segment.prompts[3]", "the detection prompt is empty"),
+    ("segment.prompts={3: '  '}", "segment.prompts[3]", "the detection prompt is empty"),
+])
+def test_values_that_used_to_be_accepted_silently(override, field, words):
+    msg = _one_line_error(build_config, {}, [override])
+    assert f"config field '{field}" in msg and words in msg, msg
+
+
+@pytest.mark.parametrize("run_id", ["x" * 101, "a\x00b", "a\nb", "a\tb", "a\\b", "a/b", "", ".hidden", " a"])
+def test_run_id_must_be_a_plain_short_name(run_id):
+    msg = _one_line_error(build_config, {"run_id": run_id})
+    assert "config field 'run_id'" in msg
+
+
+def test_long_template_names_the_clip_limit():
+    msg = _one_line_error(build_config, {"prompt": {"templates": ["a photo of {} " + "very " * 80]}})
+    assert "config field 'prompt.templates'" in msg and "77 tokens" in msg
+
+
+def test_numbers_that_stay_valid():
+    cfg = build_config({}, ["optimize.lr=1", "sample.k=2", "sample.seeds=[0, 5]", "seed=9223372036854775807",
+                            "targets.features={0: [1, 2], 3: [4]}", "segment.prompts={3: a cat}",
+                            "verdict.delta=0", "cluster.gpus_per_explainer=0.5"])
+    assert cfg.optimize.lr == 1.0 and isinstance(cfg.optimize.lr, float)
+    assert cfg.targets.features == {0: [1, 2], 3: [4]} and cfg.segment.prompts == {3: "a cat"}
+
+
+@pytest.mark.parametrize("data", [
+    {"run_id": "\n" * 50 + "x" * 5000},
+    {"prompt": {"templates": ["no placeholder\n" * 500]}},
+    {"prompt": {"init": "bad\n" * 500}},
+    {"optimize": {"optimizer": "x\n" * 500}},
+    {"bad\nkey" * 100: 1},
+    {"optimize": {"bad\u202ekey": 1}},
+    {"output": "out\x00put"},
+    {"classifier": {"spec": "a\x00b"}},
+])
+def test_every_config_error_is_one_short_line(data):
+    msg = _one_line_error(build_config, data)
+    assert msg.isprintable(), msg
+
+
+def test_recursive_or_huge_yaml_aliases(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("classifier:\n  kwargs: &a {x: *a}\n")
+    assert "config file" in _one_line_error(load_config, f)
+    laughs = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    laughs += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    f.write_text("classifier:\n  kwargs:\n" + "".join(f"    {line}\n" for line in laughs))
+    assert "config file" in _one_line_error(load_config, f)
+    f.write_text("classifier:\n  kwargs: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert "config file" in _one_line_error(load_config, f)
+
+
+@pytest.mark.parametrize("text", ["!!timestamp x", "2020-02-30", "!!int abc", "!!float x", "!!bool x",
+                                  "9" * 5000, "9999-12-31 23:59:60"])
+def test_values_pyyaml_cannot_construct(tmp_path, text):
+    # PyYAML raises AttributeError/ValueError/KeyError here, not YAMLError
+    f = tmp_path / "c.yaml"
+    f.write_text(f"seed: 1\nrun_id: {text}\n")
+    msg = _one_line_error(load_config, f)
+    assert "not valid YAML" in msg and "line 2, column 9" in msg, msg
+    if not text.startswith("!"):
+        assert "not valid YAML" in _one_line_error(parse_overrides, [f"run_id={text}"])
