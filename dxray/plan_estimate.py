@@ -312,8 +312,12 @@ def _hours(seconds: float) -> str:
 def render(plan: Plan):
     """The plan as a rich table."""
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table("", "count", "how", title=f"dxray audit --dry-run: {plan.run_id}", title_justify="left")
+    table = Table("", "count", "how", title=Text(f"dxray audit --dry-run: {plan.run_id}"), title_justify="left")
+    # Cells as plain Text: templates, paths and model names are the user's strings, not rich markup ('[/]').
+    add_row = table.add_row
+    table.add_row = lambda *cells, **kw: add_row(*(Text(c) if isinstance(c, str) else c for c in cells), **kw)
     templates = ", ".join(repr(x) for x in plan.templates)
     table.add_row("classes", _n(plan.classes), "targets.classes")
     table.add_row("templates", _n(len(plan.templates)), templates)
