@@ -33,7 +33,7 @@ from dxray.features import RankedFeature
 from dxray.generator import check_model_ref
 from dxray.objectives import Objective
 from dxray.storage import package_versions, redact, redact_text
-from dxray.storage.fs import check_output
+from dxray.storage.fs import check_output, check_reachable
 from dxray.storage.images import encode_png, thumbnail_png
 from dxray.storage.schemas import TABLES
 from dxray.storage.sink import RunSink
@@ -665,6 +665,8 @@ def open_run(run: str, storage: StorageConfig | None = None) -> RunSink:
     """The sink of an existing run folder (local path or URI ending in the run id)."""
     parent, _, run_id = run.rstrip("/").rpartition("/")
     sink = RunSink(parent or ".", run_id, storage=storage)
+    if sink.fs.type_name == "s3":
+        check_reachable(run, sink.root, sink.storage)  # seconds, not storage.retry_seconds of retries
     if sink.read_table("tasks") is None:
         raise DxrayError(f"no run found at {run} (expected a tasks/ table inside)")
     return sink

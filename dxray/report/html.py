@@ -9,19 +9,16 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.dataset as ds
 from jinja2 import Environment, StrictUndefined
 
 from dxray.errors import DxrayError
 from dxray.report.template import TEMPLATE
-from dxray.storage.fs import retrying
-from dxray.storage.schemas import TABLES
 
 # Only the columns the report shows: samples also hold masks and boxes, which can be large.
 _COLUMNS = {
@@ -38,17 +35,7 @@ THUMB_WIDTH = 96
 
 def _read(sink, name: str) -> list[dict[str, Any]]:
     """The rows of one table (only the report's columns), [] when the run has no such table."""
-    from pyarrow import fs as pafs
-
-    folder = f"{sink.root}/{name}"
-
-    def read() -> pa.Table | None:
-        if sink.fs.get_file_info(folder).type != pafs.FileType.Directory:
-            return None
-        return ds.dataset(folder, filesystem=sink.fs, format="parquet", schema=TABLES[name]).to_table(
-            columns=_COLUMNS[name])
-
-    table = retrying(read, deadline_s=sink.storage.retry_seconds, what=f"reading {sink.uri(name)}")
+    table = sink.read_table(name, columns=_COLUMNS[name])
     return [] if table is None else table.to_pylist()
 
 
@@ -200,18 +187,34 @@ def _context(sink, out: Path) -> dict:
             })
         view.append({"class_index": c, "name": name, "anchor": f"class-{c}", "groups": groups})
 
+    # Neuron tasks (Eq. 4) belong to no class: their own section, after the classes.
+    neurons = sorted((_task_view(t, by_task.get(t["task_id"], []), None, links, f"{t['layer']}:{t['feature_index']}")
+                      for t in tasks if t["class_index"] is None),
+                     key=lambda t: (t["layer"] or "", t["feature_index"] or 0, t["template"]))
     n_failed = sum((t["status"] or "error") != "ok" for t in tasks)
     gen, clf = config.get("generator") or {}, config.get("classifier") or {}
     return {
         "run_id": sink.run_id, "generator": gen.get("model"), "classifier": clf.get("spec"), "delta": delta,
         "n_ok": len(tasks) - n_failed, "n_failed": n_failed, "n_samples": len(samples),
         "finished": _when(manifest.get("finished")), "several_templates": len(templates) > 1,
-        "summary": summary, "classes": view,
+        "summary": summary, "classes": view, "neurons": neurons,
     }
 
 
+# Text-direction controls survive HTML escaping and can reorder what a reader sees (a class name holding U+202E
+# shows its tail reversed): every value rendered is passed through _visible, which shows each as "[U+202E]".
+_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _visible(value):
+    if isinstance(value, str) and _BIDI.search(value):
+        return _BIDI.sub(lambda m: f"[U+{ord(m.group()):04X}]", value)
+    return value
+
+
 def render(context: dict) -> str:
-    env = Environment(autoescape=True, undefined=StrictUndefined, trim_blocks=False, lstrip_blocks=False)
+    env = Environment(autoescape=True, undefined=StrictUndefined, trim_blocks=False, lstrip_blocks=False,
+                      finalize=_visible)
     return env.from_string(TEMPLATE).render(**context)
 
 

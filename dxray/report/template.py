@@ -156,6 +156,13 @@ figcaption { font-size: .75rem; color: var(--muted); font-variant-numeric: tabul
 </section>
 {%- endfor %}
 
+{%- if neurons %}
+<section class="neurons" id="neurons">
+<h2>Neurons<a class="top" href="#summary">↑ summary</a></h2>
+{%- for t in neurons %}{{ task_block(t) }}{% endfor %}
+</section>
+{%- endif %}
+
 <script>
 (function () {
   "use strict";

@@ -79,9 +79,10 @@ def is_transient(err: BaseException) -> bool:
     return not _PERMANENT.search(text) and bool(_TRANSIENT.search(text))
 
 
-def retrying(call: Callable[[], T], *, deadline_s: float, what: str) -> T:
+def retrying(call: Callable[[], T], *, deadline_s: float, what: str, quiet: bool = False) -> T:
     """``call()``, retried with exponential backoff and jitter while it fails with a transient error.
 
+    ``quiet``: log the retries at debug level only (a probe whose failure becomes its own one line).
     ``what`` names the operation and its URI ("writing s3://b/run/tasks/part-x.parquet"). A permanent
     error (access denied, no such bucket, not found, ...) is raised at once, unchanged; a transient
     one still failing after ``deadline_s`` seconds becomes a one-line :class:`DxrayError`.
@@ -102,7 +103,7 @@ def retrying(call: Callable[[], T], *, deadline_s: float, what: str) -> T:
                 raise DxrayError(f"storage unavailable while {what}: still failing after "
                                  f"{time.monotonic() - start:.0f} s ({_one_line(err)})") from err
             pause = min(left, delay * random.uniform(0.5, 1.0))
-            loud = time.monotonic() - logged >= 30  # the first failure, then one line every 30 s
+            loud = not quiet and time.monotonic() - logged >= 30  # the first failure, then one line every 30 s
             log.log(logging.WARNING if loud else logging.DEBUG, "%s failed (%s); retrying for up to %.0f s more",
                     what, _one_line(err, 160), left)
             logged = time.monotonic() if loud else logged
@@ -190,7 +191,7 @@ def check_output(output: str, storage: StorageConfig) -> None:
 
     where = redact(output)
     try:
-        retrying(write_and_delete, deadline_s=min(storage.retry_seconds, CHECK_SECONDS), what=f"checking {where}")
+        retrying(write_and_delete, deadline_s=min(storage.retry_seconds, CHECK_SECONDS), what=f"checking {where}", quiet=True)
     except DxrayError as err:
         if fs.type_name != "s3" or err.__cause__ is None:
             raise
@@ -208,6 +209,29 @@ def check_output(output: str, storage: StorageConfig) -> None:
             raise DxrayError(f"output {where}: access denied{' - ' + hint if hint else ''}; check {CREDENTIAL_VARS}, "
                              f"and that these credentials may write to bucket '{bucket}' ({_one_line(err, 160)})") from None
         raise DxrayError(f"output {where} is not writable: {_one_line(err, 200)}") from None
+
+
+def check_reachable(run: str, path: str, storage: StorageConfig) -> None:
+    """Prove the S3 endpoint of an existing run answers (one listing of the run folder, retried for a
+    few seconds), so that a read command on an unreachable endpoint fails in seconds, not minutes."""
+    fs = s3_filesystem(storage, sdk_attempts=1)
+    try:
+        retrying(lambda: fs.get_file_info(path), deadline_s=min(storage.retry_seconds, CHECK_SECONDS),
+                 what=f"checking {redact(run)}", quiet=True)
+    except DxrayError as err:
+        if err.__cause__ is None:
+            raise
+        endpoint = redact(endpoint_url(storage) or "the AWS default endpoint")
+        raise DxrayError(f"run {redact(run)}: cannot reach the S3 endpoint {endpoint} ({_one_line(err.__cause__, 120)}); "
+                         f"is it running? It comes from storage.endpoint_url, else AWS_ENDPOINT_URL_S3 / "
+                         f"AWS_ENDPOINT_URL") from None
+    except OSError as err:
+        text = str(err)
+        if _NO_BUCKET.search(text):
+            raise DxrayError(f"no run found at {redact(run)}: bucket '{path.split('/', 1)[0]}' does not exist") from None
+        if _ACCESS.search(text):
+            raise DxrayError(f"run {redact(run)}: access denied; check {CREDENTIAL_VARS} ({_one_line(err, 160)})") from None
+        raise DxrayError(f"run {redact(run)} cannot be read: {_one_line(err, 200)}") from None
 
 
 def _check_local(output: str) -> None:

@@ -19,15 +19,31 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dxray.config import StorageConfig
+from dxray.errors import DxrayError
 from dxray.storage import redact
 from dxray.storage.fs import filesystem as resolve_filesystem
-from dxray.storage.fs import retrying
+from dxray.storage.fs import is_transient, retrying
 from dxray.storage.schemas import TABLES, to_table
 
 
 def resolve_output(output: str, storage: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI such as s3://bucket/prefix."""
     return resolve_filesystem(output, storage)
+
+
+def _short(err: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _castable(found: pa.DataType, wanted: pa.DataType) -> bool:
+    if found == wanted or pa.types.is_null(found):
+        return True
+    try:
+        pa.array([], type=found).cast(wanted)
+        return True
+    except (pa.ArrowException, TypeError, ValueError):
+        return False
 
 
 class RunSink:
@@ -95,15 +111,43 @@ class RunSink:
         table = to_table(name, rows)
         return self._atomic(f"{name}/part-{part}.parquet", lambda tmp: pq.write_table(table, tmp, filesystem=self.fs))
 
-    def read_table(self, name: str) -> pa.Table | None:
+    def read_table(self, name: str, columns: list[str] | None = None) -> pa.Table | None:
+        """The whole table (or ``columns`` of it), None when the run has none. A part that is not a
+        readable Parquet file of the table's schema (corrupt, truncated, empty, other columns) is a
+        one-line DxrayError that names it, not a pyarrow traceback."""
         folder = f"{self.root}/{name}"
 
         def read() -> pa.Table | None:
             if self.fs.get_file_info(folder).type != pafs.FileType.Directory:
                 return None
-            return ds.dataset(folder, filesystem=self.fs, format="parquet", schema=TABLES[name]).to_table()
+            return ds.dataset(folder, filesystem=self.fs, format="parquet", schema=TABLES[name]).to_table(
+                columns=columns)
 
-        return self._retry(read, "reading", name)
+        try:
+            return self._retry(read, "reading", name)
+        except (pa.ArrowException, OSError) as err:
+            if isinstance(err, OSError) and is_transient(err):
+                raise
+            raise DxrayError(f"run {self.uri('')}: {self._bad_part(name, folder)} ({_short(err)}); delete it "
+                             f"and re-run the run's command to write it again") from None
+
+    def _bad_part(self, name: str, folder: str) -> str:
+        """Which file of a table that failed to read is at fault (looked for only after a failure)."""
+        schema = TABLES[name]
+        for info in self.fs.get_file_info(pafs.FileSelector(folder, recursive=True)):
+            base = info.base_name
+            if info.type != pafs.FileType.File or base.startswith((".", "_")):
+                continue
+            try:
+                with self.fs.open_input_file(info.path) as f:
+                    found = pq.read_schema(f)
+                for field in found:
+                    if field.name in schema.names and not _castable(field.type, schema.field(field.name).type):
+                        return f"{info.path[len(self.root) + 1:]} has column {field.name!r} of type {field.type}, " \
+                               f"not {schema.field(field.name).type}"
+            except (pa.ArrowException, OSError):
+                return f"{info.path[len(self.root) + 1:]} is not a readable Parquet file"
+        return f"table {name} cannot be read"
 
     def committed_task_ids(self) -> set[str]:
         table = self.read_table("tasks")
