@@ -195,10 +195,7 @@ def check_output(output: str, storage: StorageConfig) -> None:
     except DxrayError as err:
         if fs.type_name != "s3" or err.__cause__ is None:
             raise
-        endpoint = redact(endpoint_url(storage) or "the AWS default endpoint")
-        raise DxrayError(f"output {where}: cannot reach the S3 endpoint {endpoint} ({_one_line(err.__cause__, 120)}); "
-                         f"is it running? It comes from storage.endpoint_url, else AWS_ENDPOINT_URL_S3 / "
-                         f"AWS_ENDPOINT_URL") from None
+        raise _unreachable(f"output {where}", storage, err.__cause__) from None
     except OSError as err:
         text = str(err)
         bucket = base.split("/", 1)[0]
@@ -211,6 +208,13 @@ def check_output(output: str, storage: StorageConfig) -> None:
         raise DxrayError(f"output {where} is not writable: {_one_line(err, 200)}") from None
 
 
+def _unreachable(label: str, storage: StorageConfig, cause: BaseException) -> DxrayError:
+    """The one line for a probe that never reached the S3 endpoint; ``label`` is "output URI" or "run URI"."""
+    endpoint = redact(endpoint_url(storage) or "the AWS default endpoint")
+    return DxrayError(f"{label}: cannot reach the S3 endpoint {endpoint} ({_one_line(cause, 120)}); is it running? "
+                      f"It comes from storage.endpoint_url, else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
+
+
 def check_reachable(run: str, path: str, storage: StorageConfig) -> None:
     """Prove the S3 endpoint of an existing run answers (one listing of the run folder, retried for a
     few seconds), so that a read command on an unreachable endpoint fails in seconds, not minutes."""
@@ -221,10 +225,7 @@ def check_reachable(run: str, path: str, storage: StorageConfig) -> None:
     except DxrayError as err:
         if err.__cause__ is None:
             raise
-        endpoint = redact(endpoint_url(storage) or "the AWS default endpoint")
-        raise DxrayError(f"run {redact(run)}: cannot reach the S3 endpoint {endpoint} ({_one_line(err.__cause__, 120)}); "
-                         f"is it running? It comes from storage.endpoint_url, else AWS_ENDPOINT_URL_S3 / "
-                         f"AWS_ENDPOINT_URL") from None
+        raise _unreachable(f"run {redact(run)}", storage, err.__cause__) from None
     except OSError as err:
         text = str(err)
         if _NO_BUCKET.search(text):
