@@ -2,7 +2,7 @@
 
 Image-steps per second = (tasks x noise samples) optimised per second (one image-step: encode the
 prompt, 4 LCM steps with gradients, decode, classifier, backward, AdamW). dxray's engine is
-``dxray.explain.optimize`` with S noise samples per step and several tasks per batch; the baseline
+``dxray.optimize.optimize`` with S noise samples per step and several tasks per batch; the baseline
 (``naive_*`` below, written by hand) is the loop research code usually has: one noise sample per
 forward, full VAE decode, tasks one after another, default precision, no checkpointing; same modules,
 same objective (class CE), same noise seeds, same number of image-steps. Each lever is measured on
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from _models import classifier_for, components, tiny_autoencoder
 
-from dxray.explain import OptimizeSettings, Target, optimize, sample
+from dxray.optimize import OptimizeSettings, Target, optimize, sample
 from dxray.generator import LCMGenerator, training_seed
 from dxray.objectives import class_ce
 
@@ -278,7 +278,7 @@ def flops(bench: Bench, engine: dict) -> dict:
 
 
 def sampling_seconds_per_image(bench: Bench, batch: int = 8, reps: int = 3) -> float:
-    """No-grad held-out sampling (dxray.explain.sample, batch 8), for the projection."""
+    """No-grad held-out sampling (dxray.optimize.sample, batch 8), for the projection."""
     gen = bench.generator()
     rows = gen.init_rows(1, "random", 0)
     seeds = list(range(batch))

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from _models import classifier_for, components
 
-from dxray.explain import OptimizeSettings, Target, optimize
+from dxray.optimize import OptimizeSettings, Target, optimize
 from dxray.generator import LCMGenerator
 from dxray.objectives import class_ce
 

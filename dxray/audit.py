@@ -19,7 +19,7 @@ from pathlib import Path
 from dxray import classifiers, features, objectives, prompts
 from dxray.config import Config, StorageConfig
 from dxray.errors import DxrayError
-from dxray.explain import (
+from dxray.optimize import (
     HardSettings,
     OptimizeResult,
     OptimizeSettings,

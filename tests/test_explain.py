@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dxray.explain import OptimizeSettings, Target, optimize, sample
+from dxray.optimize import OptimizeSettings, Target, optimize, sample
 from dxray.objectives import Objective, class_ce, neuron
 
 
@@ -61,7 +61,7 @@ def test_sample_is_reproducible_and_scored(tiny_generator, tiny_classifier):
 
 
 def test_best_of_restarts_takes_the_lowest_final_loss():
-    from dxray.explain import OptimizeResult, best_of
+    from dxray.optimize import OptimizeResult, best_of
 
     rows = torch.zeros(1, 2)
     a = OptimizeResult(rows, loss_curve=[3.0, 2.0], init_seed=1)

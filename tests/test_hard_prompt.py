@@ -11,7 +11,7 @@ from test_toyworld import HELD_OUT, _preset_prompt, world  # noqa: F401  (the tr
 from dxray import prompts
 from dxray.config import build_config, load_config
 from dxray.errors import DxrayError
-from dxray.explain import HardSettings, OptimizeSettings, Target, best_of, optimize, sample
+from dxray.optimize import HardSettings, OptimizeSettings, Target, best_of, optimize, sample
 from dxray.objectives import class_ce
 from dxray.prompts import MAX_LENGTH
 from dxray.toyworld import render

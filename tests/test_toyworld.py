@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from dxray.explain import OptimizeSettings, Target, best_of, optimize, sample
+from dxray.optimize import OptimizeSettings, Target, best_of, optimize, sample
 from dxray.objectives import class_ce
 from dxray.toyworld import render
 
