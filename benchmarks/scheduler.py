@@ -51,14 +51,22 @@ class SimulatedExplainer:
 
         time.sleep(self.work * len(specs))
         rows = [Finished({"run_id": "bench", "task_id": s.task_id, "kind": s.kind, "class_index": s.class_index,
-                          "status": "ok", "steps": 1, "final_loss": 0.0}, [], None) for s in specs]
+                          "status": "ok", "error": None, "steps": 1, "final_loss": 0.0}, [], None) for s in specs]
         return rows, [[] for _ in specs]
 
 
-def _commit(sink):
-    from dxray.audit import commit
+def _callables(sink) -> dict:
+    """The scheduler's callables for the simulated explainers: items are TaskSpecs, results Finished."""
+    from dxray.audit import Finished, commit
 
-    return lambda done, scores, error: commit(sink, done, scores, error)
+    def fail(spec, done, stage, message):
+        return commit(sink, Finished({"run_id": "bench", "task_id": spec.task_id, "status": "error",
+                                      "error": f"{stage}: {message}"}, [], None))
+
+    return {"explain": lambda actor, specs: actor.run.options(num_returns=2).remote(specs),
+            "score": lambda actor, images, done: actor.score.remote(images, [d.prompt for d in done]),
+            "needs_scoring": lambda done: bool(done.prompt), "commit": lambda done, scores: commit(sink, done, scores),
+            "fail": fail}
 
 
 def _scheduled(n_actors: int, specs, work: float, sink, batch: int) -> float:
@@ -70,8 +78,7 @@ def _scheduled(n_actors: int, specs, work: float, sink, batch: int) -> float:
     ray.get([a.ready.remote() for a in actors])
     try:
         t0 = time.perf_counter()
-        error_row = lambda spec, error: {"run_id": "bench", "task_id": spec.task_id, "status": "error", "error": error}  # noqa: E731
-        rows = Scheduler(actors, [], _commit(sink), error_row, in_flight_per_actor=2, log_every_s=3600).run(specs, batch)
+        rows = Scheduler(actors, [], **_callables(sink), in_flight_per_actor=2, log_every_s=3600).run(specs, batch)
         elapsed = time.perf_counter() - t0
     finally:
         for a in actors:

@@ -13,7 +13,7 @@ from dxray import audit
 from dxray.config import Config
 from dxray.distributed.actors import ExplainerActor, SegmenterActor
 from dxray.distributed.cluster import connect
-from dxray.distributed.scheduler import Scheduler, error_row_for
+from dxray.distributed.scheduler import SEGMENT, Scheduler
 from dxray.errors import DxrayError
 
 log = logging.getLogger("dxray")
@@ -119,6 +119,26 @@ def _first_ready(actors: list, what: str) -> None:
         raise DxrayError(f"the {what} actor failed to start: {first.strip()}") from None
 
 
+def _scheduler_callables(cfg: Config, sink) -> dict:
+    """What the scheduler calls: its items are ``audit.TaskSpec``s, its results ``audit.Finished``
+    (the actors' ``run`` returns them with the images to score), and every row goes through
+    ``audit.commit``. A failure's (stage, message) becomes the task's error text."""
+
+    def explain(actor, specs):
+        return actor.run.options(num_returns=2).remote(specs)
+
+    def score(actor, images, finished):
+        return actor.score.remote(images, [f.prompt for f in finished])
+
+    def fail(spec, finished, stage: str, message: str) -> dict:
+        if stage == SEGMENT:  # the task is explained: its row, with the segmenter's error
+            return audit.commit(sink, finished, None, f"segmentation failed: {message}")
+        return audit.commit(sink, audit.Finished(audit._task_row(sink.run_id, spec, cfg, None, message), [], None))
+
+    return {"explain": explain, "score": score, "needs_scoring": lambda finished: bool(finished.prompt),
+            "commit": lambda finished, scores: audit.commit(sink, finished, scores), "fail": fail}
+
+
 def run_distributed(cfg: Config, address: str | None = None, progress=None) -> audit.RunSummary:
     import ray
 
@@ -153,8 +173,8 @@ def run_distributed(cfg: Config, address: str | None = None, progress=None) -> a
             _first_ready(explainers, "explainer")
             _first_ready(segmenters, "segmenter")
             emit("actors", {"explainers": n, "gpus_per_explainer": gpe, "segmenters": len(segmenters)})
-            sched = Scheduler(explainers, segmenters, lambda done, scores, error: audit.commit(p.sink, done, scores, error),
-                              error_row_for(p.sink.run_id, cfg), in_flight_per_actor=c.in_flight_per_actor, task_retries=c.task_retries,
+            sched = Scheduler(explainers, segmenters, **_scheduler_callables(cfg, p.sink),
+                              in_flight_per_actor=c.in_flight_per_actor, task_retries=c.task_retries,
                               log_every_s=c.log_every_s, progress=emit)
             for row in sched.run(p.todo, cfg.optimize.batch_tasks):
                 audit.count(summary, row)

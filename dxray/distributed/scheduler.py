@@ -1,13 +1,33 @@
-"""The scheduler: fans batches of tasks out to explainer actors, streams their images to segmenter
-actors, and commits each finished task from the driver.
+"""The scheduler: fans batches of opaque items out to explainer actors, hands each explained batch's
+images to a segmenter actor, and commits every item's result from the driver.
 
-- Work in flight is bounded (``in_flight_per_actor`` batches per explainer).
-- A batch whose actor died (or whose node vanished) is re-submitted, up to ``task_retries`` times;
-  the actor itself is restarted by Ray. An exception inside a task is the task's error row.
-- Commits (samples part, then the task row) run on a small thread pool so storage latency overlaps
-  the next results; a task row on storage means the task is complete.
-- Progress goes to a callback (done / failed / left / ETA) and, every ``log_every_s``, one summary
-  line to the log, which is what ``ray job logs`` shows.
+It owns the fan-out, the bound on work in flight, the retries, and the turning of every failure
+into a ``(stage, message)`` pair; it knows nothing of what a task, a row or an image is. The caller
+gives it callables (as Ray's ``ActorPool`` takes a function of an actor and a value):
+
+- ``explain(actor, items) -> (results_ref, images_ref)``; ``results_ref`` resolves to one result
+  per item, in order, and ``images_ref`` travels to a segmenter through the object store, never
+  through the driver;
+- ``score(actor, images_ref, results) -> ref`` resolving to one score per result (None: not scored);
+- ``needs_scoring(result)``; ``commit(result, scores or None) -> row``;
+  ``fail(item, result or None, stage, message) -> row``, ``stage`` being one of:
+
+  ``EXPLAIN``  the explainer's code raised for the batch (message: one line of the cause);
+  ``SEGMENT``  the segmenter's code raised for the batch;
+  ``SCHEDULE`` the scheduler gave up: retries spent, or every actor of a kind died for good.
+
+Behaviour:
+
+- Work in flight is bounded: ``in_flight_per_actor`` batches per explainer; segmenters queue their
+  calls themselves.
+- A batch whose actor died (or whose node vanished) is re-submitted to a healthy actor, up to
+  ``task_retries`` times; Ray restarts the actor, and a ``ready()`` probe says when it is back (a
+  probe that raises ``ActorDiedError`` means it is dead for good). Lost images re-run the
+  explanation; a dead segmenter has the same images scored on a healthy one (nothing is
+  re-optimised). An exception inside a task fails every item of that batch.
+- ``commit`` and ``fail`` run on a small thread pool so storage latency overlaps the next results.
+- Progress goes to a callback (``start``, ``task``, ``retry``, ``log``, ``done``) and, every
+  ``log_every_s``, one summary line to the log, which is what ``ray job logs`` shows.
 """
 
 from __future__ import annotations
@@ -17,33 +37,55 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ray
+from ray import ObjectRef
 from ray.exceptions import ActorDiedError, ObjectLostError, OwnerDiedError, RayError, RayTaskError
 
-from dxray.audit import Finished, TaskSpec, _one_line, _task_row
+from dxray.errors import one_line
 
 log = logging.getLogger("dxray")
 
-Commit = Callable[[Finished, list[dict] | None, str | None], dict]
+EXPLAIN = "explain"  # the explainer's task code raised
+SEGMENT = "segment"  # the segmenter's task code raised
+SCHEDULE = "schedule"  # gave up: retries spent, or every actor of a kind died for good
+
 Progress = Callable[[str, dict], None]
 
 
 @dataclass
 class Batch:
-    specs: list[TaskSpec]
+    items: list
     attempt: int = 0
 
 
 @dataclass
-class _Pending:
-    kind: str  # explain | score
+class _Explaining:
+    """A batch in flight on explainer ``actor``."""
+
     batch: Batch
     actor: int
-    images: object = None  # ObjectRef of the explainer's images (explain) / finished rows (score)
-    finished: list[Finished] = field(default_factory=list)
-    scored: list[int] = field(default_factory=list)
+    images: ObjectRef
+
+
+@dataclass
+class _Explained:
+    """An explained batch waiting for a segmenter: its results, the images to score, and which
+    results need scoring (indices into ``batch.items`` and ``results``)."""
+
+    batch: Batch
+    results: list
+    images: ObjectRef
+    scored: list[int]
+
+
+@dataclass
+class _Scoring:
+    """An explained batch in flight on segmenter ``actor``."""
+
+    explained: _Explained
+    actor: int
 
 
 @dataclass
@@ -74,7 +116,7 @@ class _Pool:
         self.load = [0] * len(self.actors)
         self.limit = limit
         self.down: dict[int, float] = {}  # actor -> earliest time of its next probe (inf: dead for good)
-        self.probes: dict[object, int] = {}
+        self.probes: dict[ObjectRef, int] = {}
         self.last_error = ""
 
     def pick(self) -> int | None:
@@ -82,7 +124,7 @@ class _Pool:
         return min(free, key=self.load.__getitem__) if free else None
 
     def failed(self, i: int, err: BaseException) -> None:
-        self.last_error = _one_line(err)
+        self.last_error = one_line(err)
         self.down.setdefault(i, 0.0)
 
     def dead(self) -> bool:
@@ -95,12 +137,12 @@ class _Pool:
             if when <= now and i not in probing:
                 self.probes[self.actors[i].ready.remote()] = i
 
-    def on_probe(self, ref) -> None:
+    def on_probe(self, ref: ObjectRef) -> None:
         i = self.probes.pop(ref)
         try:
             ray.get(ref)
         except ActorDiedError as err:  # not restarting: its constructor failed again
-            self.last_error = _one_line(err)
+            self.last_error = one_line(err)
             self.down[i] = float("inf")
         except Exception:  # still restarting
             self.down[i] = time.monotonic() + 1.0
@@ -108,173 +150,201 @@ class _Pool:
             self.down.pop(i, None)
 
 
+@dataclass
+class _Run:
+    """The state of one ``Scheduler.run``."""
+
+    queue: deque[Batch]  # batches waiting for an explainer (retries go first)
+    tally: Tally
+    explainers: _Pool
+    segmenters: _Pool
+    commits: ThreadPoolExecutor
+    to_score: deque[_Explained] = field(default_factory=deque)  # waiting for a healthy segmenter
+    pending: dict[ObjectRef, _Explaining | _Scoring] = field(default_factory=dict)
+    futures: deque[Future] = field(default_factory=deque)  # commits and failures, in submission order
+    rows: list[dict] = field(default_factory=list)  # committed rows, in completion order
+    last_log: float = field(default_factory=time.monotonic)
+
+
 def _system_failure(err: BaseException) -> bool:
     """An actor or node died (retry), rather than the task's own code raising (an error row)."""
     return isinstance(err, RayError) and not isinstance(err, RayTaskError)
 
 
+def _cause(err: BaseException) -> BaseException:
+    """What a task's code raised (a ``RayTaskError`` wraps it)."""
+    return getattr(err, "cause", None) or err
+
+
 class Scheduler:
-    def __init__(self, explainers: Sequence, segmenters: Sequence, commit: Commit,
-                 error_row: Callable[[TaskSpec, str], dict], *, in_flight_per_actor: int = 2, task_retries: int = 3,
-                 log_every_s: float = 30.0, progress: Progress | None = None, commit_threads: int = 8):
+    def __init__(self, explainers: Sequence, segmenters: Sequence, *,
+                 explain: Callable[[object, list], tuple[ObjectRef, ObjectRef]],
+                 score: Callable[[object, ObjectRef, list], ObjectRef],
+                 needs_scoring: Callable[[object], bool],
+                 commit: Callable[[object, object | None], dict],
+                 fail: Callable[[object, object | None, str, str], dict],
+                 in_flight_per_actor: int = 2, task_retries: int = 3, log_every_s: float = 30.0,
+                 progress: Progress | None = None, commit_threads: int = 8):
         if not explainers:
             raise ValueError("the scheduler needs at least one explainer actor")
         self.explainers = list(explainers)
         self.segmenters = list(segmenters)
+        self.explain = explain
+        self.score = score
+        self.needs_scoring = needs_scoring
         self.commit = commit
+        self.fail = fail
         self.in_flight = in_flight_per_actor
         self.retries = task_retries
         self.log_every = log_every_s
         self.progress = progress or (lambda event, data: None)
         self.commit_threads = commit_threads
-        self.error_row = error_row
 
-    # -- submission --------------------------------------------------------------------------------
-    def _explain(self, batch: Batch, i: int) -> tuple[object, _Pending]:
-        self.explain_pool.load[i] += 1
-        rows, images = self.explainers[i].run.options(num_returns=2).remote(batch.specs)
-        return rows, _Pending("explain", batch, i, images)
-
-    def _score(self, p: _Pending, j: int) -> tuple[object, _Pending]:
-        self.score_pool.load[j] += 1
-        prompts = [f.prompt for f in p.finished]
-        ref = self.segmenters[j].score.remote(p.images, prompts)
-        return ref, _Pending("score", p.batch, j, p.images, p.finished, [k for k, q in enumerate(prompts) if q])
+    def run(self, items: list, batch_size: int) -> list[dict]:
+        """Explain, score and commit every item; returns the committed rows (in completion order)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        queue = deque(Batch(items[i:i + batch_size]) for i in range(0, len(items), batch_size))
+        self.progress("start", {"tasks": len(items), "batches": len(queue), "explainers": len(self.explainers)})
+        with ThreadPoolExecutor(self.commit_threads, thread_name_prefix="dxray-commit") as commits:
+            r = _Run(queue, Tally(len(items)), _Pool(self.explainers, self.in_flight),
+                     _Pool(self.segmenters, 1 << 30), commits)  # a segmenter queues its calls itself
+            try:
+                while r.queue or r.pending or r.to_score:
+                    self._step(r)
+                self._drain(r, block=True)
+            finally:
+                for f in r.futures:  # started commits finish (the pool waits); queued ones are dropped
+                    f.cancel()
+        log.info(r.tally.line())
+        self.progress("done", {"line": r.tally.line()})
+        return r.rows
 
     # -- the loop ----------------------------------------------------------------------------------
-    def run(self, todo: list[TaskSpec], batch_size: int) -> list[dict]:
-        """Run every task; returns the committed task rows (in completion order)."""
-        self.explain_pool = _Pool(self.explainers, self.in_flight)
-        self.score_pool = _Pool(self.segmenters, 1 << 30)  # a segmenter queues its calls itself
-        queue = deque(Batch(todo[i:i + batch_size]) for i in range(0, len(todo), batch_size))
-        to_score: deque[_Pending] = deque()  # explained batches waiting for a healthy segmenter
-        tally = Tally(len(todo))
-        pending: dict[object, _Pending] = {}
-        futures: deque[Future] = deque()
-        rows: list[dict] = []
-        last_log = time.monotonic()
-        self.progress("start", {"tasks": len(todo), "batches": len(queue), "explainers": len(self.explainers)})
-
-        def finish(row: dict) -> None:
-            rows.append(row)
-            if row["status"] == "ok":
-                tally.done += 1
+    def _step(self, r: _Run) -> None:
+        self._give_up_on_dead_pools(r)
+        r.explainers.probe()
+        r.segmenters.probe()
+        while r.queue and (i := r.explainers.pick()) is not None:
+            self._submit_explain(r, r.queue.popleft(), i)
+        while r.to_score and (j := r.segmenters.pick()) is not None:
+            self._submit_score(r, r.to_score.popleft(), j)
+        waiting_on = [*r.pending, *r.explainers.probes, *r.segmenters.probes]
+        if not waiting_on:
+            time.sleep(0.2)  # every actor is restarting: wait for the next probe
+            return
+        ready, _ = ray.wait(waiting_on, num_returns=1, timeout=min(self.log_every, 1.0))
+        for ref in ready:
+            if ref in r.explainers.probes:
+                r.explainers.on_probe(ref)
+            elif ref in r.segmenters.probes:
+                r.segmenters.on_probe(ref)
+            elif isinstance(p := r.pending.pop(ref), _Explaining):
+                self._on_explained(r, ref, p)
             else:
-                tally.failed += 1
+                self._on_scored(r, ref, p)
+        self._drain(r, block=False)
+        if time.monotonic() - r.last_log >= self.log_every:
+            r.last_log = time.monotonic()
+            log.info(r.tally.line())
+            self.progress("log", {"line": r.tally.line()})
+
+    def _give_up_on_dead_pools(self, r: _Run) -> None:
+        """Every actor of a kind gone for good: what waits for that kind cannot run."""
+        if r.explainers.dead() and r.queue:
+            message = f"every explainer actor died: {r.explainers.last_error}"
+            for batch in r.queue:
+                for item in batch.items:
+                    self._fail(r, item, None, SCHEDULE, message)
+            r.queue.clear()
+        if r.segmenters.dead() and r.to_score:
+            message = f"every segmenter actor died: {r.segmenters.last_error}"
+            for e in r.to_score:
+                for k in e.scored:
+                    self._fail(r, e.batch.items[k], e.results[k], SCHEDULE, message)
+            r.to_score.clear()
+
+    # -- submission --------------------------------------------------------------------------------
+    def _submit_explain(self, r: _Run, batch: Batch, i: int) -> None:
+        r.explainers.load[i] += 1
+        results, images = self.explain(self.explainers[i], batch.items)
+        r.pending[results] = _Explaining(batch, i, images)
+
+    def _submit_score(self, r: _Run, e: _Explained, j: int) -> None:
+        r.segmenters.load[j] += 1
+        r.pending[self.score(self.segmenters[j], e.images, e.results)] = _Scoring(e, j)
+
+    def _commit(self, r: _Run, result, scores) -> None:
+        r.futures.append(r.commits.submit(self.commit, result, scores))
+
+    def _fail(self, r: _Run, item, result, stage: str, message: str) -> None:
+        r.futures.append(r.commits.submit(self.fail, item, result, stage, message))
+
+    def _retry_or_fail(self, r: _Run, batch: Batch, why: str, results: list | None = None) -> None:
+        """Explain ``batch`` again, or (retries spent) fail its items, with their ``results`` if known."""
+        if batch.attempt < self.retries:
+            r.tally.retried += len(batch.items)
+            log.warning("dxray: re-submitting %d task(s) after %s (attempt %d of %d)", len(batch.items), why,
+                        batch.attempt + 2, self.retries + 1)
+            r.queue.appendleft(Batch(batch.items, batch.attempt + 1))
+            self.progress("retry", {"tasks": len(batch.items), "why": why, "attempt": batch.attempt + 2})
+        else:
+            message = f"gave up after {self.retries + 1} attempts: {why}"
+            for k, item in enumerate(batch.items):
+                self._fail(r, item, results[k] if results else None, SCHEDULE, message)
+
+    def _drain(self, r: _Run, block: bool) -> None:
+        while r.futures and (block or r.futures[0].done()):
+            row = r.futures.popleft().result()  # a storage failure past its retries ends the run here
+            r.rows.append(row)
+            if row["status"] == "ok":
+                r.tally.done += 1
+            else:
+                r.tally.failed += 1
             self.progress("task", row)
 
-        def submit_commit(done: Finished, scores, error) -> None:
-            futures.append(pool.submit(self.commit, done, scores, error))
-
-        def fail(specs: list[TaskSpec], why: str) -> None:
-            for spec in specs:
-                submit_commit(Finished(self.error_row(spec, why), [], None), None, None)
-
-        def retry_or_fail(batch: Batch, why: str) -> None:
-            if batch.attempt < self.retries:
-                tally.retried += len(batch.specs)
-                log.warning("dxray: re-submitting %d task(s) after %s (attempt %d of %d)", len(batch.specs), why,
-                            batch.attempt + 2, self.retries + 1)
-                queue.appendleft(Batch(batch.specs, batch.attempt + 1))
-                self.progress("retry", {"tasks": len(batch.specs), "why": why, "attempt": batch.attempt + 2})
-            else:
-                fail(batch.specs, f"gave up after {self.retries + 1} attempts: {why}")
-
-        def drain(block: bool) -> None:
-            while futures and (block or futures[0].done()):
-                finish(futures.popleft().result())  # a storage failure past its retries ends the run here
-
-        with ThreadPoolExecutor(self.commit_threads, thread_name_prefix="dxray-commit") as pool:
-            try:
-                while queue or pending or to_score:
-                    if self.explain_pool.dead() and queue:  # gone for good: the rest cannot run
-                        fail([s for b in queue for s in b.specs], f"every explainer actor died: {self.explain_pool.last_error}")
-                        queue.clear()
-                    if self.score_pool.dead() and to_score:
-                        fail([q.batch.specs[k] for q in to_score for k, f in enumerate(q.finished) if f.prompt],
-                             f"every segmenter actor died: {self.score_pool.last_error}")
-                        to_score.clear()
-                    self.explain_pool.probe()
-                    self.score_pool.probe()
-                    while queue and (i := self.explain_pool.pick()) is not None:
-                        ref, p = self._explain(queue.popleft(), i)
-                        pending[ref] = p
-                    while to_score and (j := self.score_pool.pick()) is not None:
-                        ref, p = self._score(to_score.popleft(), j)
-                        pending[ref] = p
-                    probes = list(self.explain_pool.probes) + list(self.score_pool.probes)
-                    waiting_on = list(pending) + probes
-                    if not waiting_on:
-                        time.sleep(0.2)  # every actor is restarting: wait for the next probe
-                        continue
-                    ready, _ = ray.wait(waiting_on, num_returns=1, timeout=min(self.log_every, 1.0))
-                    for ref in ready:
-                        if ref in self.explain_pool.probes:
-                            self.explain_pool.on_probe(ref)
-                        elif ref in self.score_pool.probes:
-                            self.score_pool.on_probe(ref)
-                        else:
-                            p = pending.pop(ref)
-                            if p.kind == "explain":
-                                self.explain_pool.load[p.actor] -= 1
-                                self._on_explained(ref, p, to_score, submit_commit, retry_or_fail)
-                            else:
-                                self.score_pool.load[p.actor] -= 1
-                                self._on_scored(ref, p, to_score, submit_commit, retry_or_fail)
-                    drain(block=False)
-                    if time.monotonic() - last_log >= self.log_every:
-                        last_log = time.monotonic()
-                        log.info(tally.line())
-                        self.progress("log", {"line": tally.line()})
-                drain(block=True)
-            finally:
-                for f in futures:  # started commits finish (the pool waits); queued ones are dropped
-                    f.cancel()
-        log.info(tally.line())
-        self.progress("done", {"line": tally.line()})
-        return rows
-
-    def _on_explained(self, ref, p: _Pending, to_score, submit_commit, retry_or_fail) -> None:
+    # -- results -----------------------------------------------------------------------------------
+    def _on_explained(self, r: _Run, ref: ObjectRef, p: _Explaining) -> None:
+        r.explainers.load[p.actor] -= 1
         try:
-            p.finished = ray.get(ref)
+            results = ray.get(ref)
         except Exception as err:
             if _system_failure(err):
-                self.explain_pool.failed(p.actor, err)
-                retry_or_fail(p.batch, f"explainer {p.actor} failed ({type(err).__name__})")
-            else:  # the task code raised: every task of the batch gets the error row
-                message = _one_line(getattr(err, "cause", None) or err)
-                for spec in p.batch.specs:
-                    submit_commit(Finished(self.error_row(spec, message), [], None), None, None)
+                r.explainers.failed(p.actor, err)
+                self._retry_or_fail(r, p.batch, f"explainer {p.actor} failed ({type(err).__name__})")
+            else:  # the task code raised: every item of the batch fails with it
+                message = one_line(_cause(err))
+                for item in p.batch.items:
+                    self._fail(r, item, None, EXPLAIN, message)
             return
-        scored = any(f.prompt for f in p.finished) and self.segmenters
-        for f in p.finished:
-            if not (scored and f.prompt):
-                submit_commit(f, None, None)
+        scored = [k for k, res in enumerate(results) if self.needs_scoring(res)] if self.segmenters else []
+        for k, res in enumerate(results):
+            if k not in scored:
+                self._commit(r, res, None)
         if scored:
-            to_score.append(p)
+            r.to_score.append(_Explained(p.batch, results, p.images, scored))
 
-    def _on_scored(self, ref, p: _Pending, to_score, submit_commit, retry_or_fail) -> None:
+    def _on_scored(self, r: _Run, ref: ObjectRef, p: _Scoring) -> None:
+        r.segmenters.load[p.actor] -= 1
+        e = p.explained
         try:
             scores = ray.get(ref)
         except Exception as err:
-            specs = [p.batch.specs[k] for k in p.scored]
-            if isinstance(err, ObjectLostError | OwnerDiedError):  # the images are gone: optimise again
-                retry_or_fail(Batch(specs, p.batch.attempt), f"images lost ({type(err).__name__})")
+            items = [e.batch.items[k] for k in e.scored]
+            results = [e.results[k] for k in e.scored]
+            if isinstance(err, ObjectLostError | OwnerDiedError):  # the images are gone: explain again
+                self._retry_or_fail(r, Batch(items, e.batch.attempt), f"images lost ({type(err).__name__})", results)
             elif _system_failure(err):  # the segmenter died: score the same images on a healthy one
-                self.score_pool.failed(p.actor, err)
-                if p.batch.attempt < self.retries:
-                    p.batch = Batch(p.batch.specs, p.batch.attempt + 1)
-                    to_score.append(_Pending("explain", p.batch, -1, p.images, p.finished))
+                r.segmenters.failed(p.actor, err)
+                if e.batch.attempt < self.retries:
+                    r.to_score.append(replace(e, batch=Batch(e.batch.items, e.batch.attempt + 1)))
                 else:
-                    retry_or_fail(Batch(specs, p.batch.attempt), f"segmenter {p.actor} failed ({type(err).__name__})")
-            else:
-                message = f"segmentation failed: {_one_line(getattr(err, 'cause', None) or err)}"
-                for k in p.scored:
-                    submit_commit(p.finished[k], None, message)
+                    self._retry_or_fail(r, Batch(items, e.batch.attempt),
+                                        f"segmenter {p.actor} failed ({type(err).__name__})", results)
+            else:  # the segmenter's code raised for this batch
+                message = one_line(_cause(err))
+                for item, res in zip(items, results, strict=True):
+                    self._fail(r, item, res, SEGMENT, message)
             return
-        for k in p.scored:
-            submit_commit(p.finished[k], scores[k], None)
-
-
-def error_row_for(run_id: str, cfg) -> Callable[[TaskSpec, str], dict]:
-    return lambda spec, error: _task_row(run_id, spec, cfg, None, error)
+        for k in e.scored:
+            self._commit(r, e.results[k], scores[k])
