@@ -1,13 +1,25 @@
-"""Optimise soft or hard prompts against objectives, then sample held-out images. No I/O.
+"""Optimise prompts against objectives, then sample held-out images. No I/O.
+
+This module owns the optimisation loop (:func:`optimize`), picking the best restart (:func:`best_of`)
+and rendering a result's rows for held-out seeds with their scores (:func:`sample`). It reads and
+writes nothing: the caller (``dxray.audit``) builds targets and stores results.
 
 Several tasks are optimised in one batch (each with its own prompt and rows);
 the batch loss is the sum of per-task means, so tasks never influence each
 other's gradients, and a task that stops (early stop or non-finite loss) simply
 leaves the batch.
 
-A hard prompt (``OptimizeSettings.hard``) learns logits over allowed token ids instead of rows:
-each step draws straight-through Gumbel-softmax rows of the embedding table (annealed temperature),
-injected exactly like soft rows; its result is the argmax tokens, their rows and their decoded text.
+The loop never knows how a prompt is parameterised (like Lucent's ``render_vis(param_f=...)``): it
+goes through a :class:`PromptParam`, which gives the parameters to optimise (one per target) and their
+learning rate, each step's rows to inject, and the result fields (before the first step: the start,
+for the baseline). :func:`prompt_param` builds one of the two from ``OptimizeSettings``:
+
+- :class:`SoftPrompts` (``hard`` is None): the learnable rows are the parameters;
+- :class:`HardPrompts` (``OptimizeSettings.hard``): logits over allowed token ids; each step draws
+  straight-through Gumbel-softmax rows of the embedding table (annealed temperature), injected exactly
+  like soft rows; its result is the argmax tokens, their rows and their decoded text.
+
+A caller may pass its own parameterisation: ``optimize(..., param=...)``.
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -103,32 +116,98 @@ class Sample:
 StepCallback = Callable[[int, list[OptimizeResult]], None]
 
 
-def optimize(generator: LCMGenerator, classifier, targets: Sequence[Target], settings: OptimizeSettings,
-             on_step: StepCallback | None = None) -> list[OptimizeResult]:
-    """Optimise every target's prompt together; returns one result per target, in order."""
-    soft_prompts = [generator.soft_prompt(t.template, t.n_tokens) for t in targets]
+# -- prompt parameterisations --------------------------------------------------------------------
+class PromptParam(Protocol):
+    """How every target's prompt is parameterised: the loop in :func:`optimize` only goes through this.
+
+    ``parameters()`` are what the optimiser updates, one per target, in target order (the loop drops a
+    stopped task's gradient by that index); ``lr`` is the learning rate they want; ``rows(i, step, seed)``
+    are target ``i``'s rows (n_tokens × D) to inject at ``step``, differentiable in its parameter (``seed``:
+    the step's first noise seed, for a parameterisation that draws); ``result_fields(i)`` are the
+    :class:`OptimizeResult` fields that describe target ``i``'s prompt now: ``rows`` (float32, CPU) and
+    whatever else it has (hard: ``token_ids``, ``text``). Called before the first step it gives the start
+    (``start_rows``, for the baseline); after the last, the result.
+    """
+
+    lr: float
+
+    def parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def rows(self, i: int, step: int, seed: int) -> torch.Tensor: ...
+
+    def result_fields(self, i: int) -> dict[str, Any]: ...
+
+
+class SoftPrompts:
+    """Soft prompts: each target's learnable rows are its parameter (on the generator's device)."""
+
+    def __init__(self, generator: LCMGenerator, targets: Sequence[Target], lr: float):
+        self.lr = lr
+        self.params = [torch.nn.Parameter(generator.init_rows(t.n_tokens, t.init, t.seed).to(generator.device))
+                       for t in targets]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self.params
+
+    def rows(self, i: int, step: int, seed: int) -> torch.Tensor:
+        return self.params[i]
+
+    def result_fields(self, i: int) -> dict[str, Any]:
+        return {"rows": self.params[i].detach().cpu().clone()}
+
+
+class HardPrompts:
+    """Hard prompts: per target, logits (n_tokens × V, on the CPU) over the allowed token ids. Each step's
+    rows are a straight-through Gumbel-softmax draw of embedding-table rows (seeded by the step's first
+    noise seed) at the annealed temperature; the prompt is the argmax tokens, their rows and their text."""
+
+    def __init__(self, generator: LCMGenerator, targets: Sequence[Target], hard: HardSettings, steps: int, lr: float):
+        self.hard, self.steps, self.lr = hard, steps, lr
+        self.tokenizer = generator.tokenizer
+        self.vocab, self.table = hard_vocabulary(generator, hard)
+        self.params = [torch.nn.Parameter(init_logits(generator, self.vocab, t)) for t in targets]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self.params
+
+    def rows(self, i: int, step: int, seed: int) -> torch.Tensor:
+        tau = prompts.temperature(step, self.steps, self.hard.tau_start, self.hard.tau_end)
+        return prompts.hard_rows(self.params[i], self.table, tau, seed)
+
+    def result_fields(self, i: int) -> dict[str, Any]:
+        logits = self.params[i].detach()
+        token_ids = prompts.chosen_ids(logits, self.vocab)
+        rows = self.table[logits.argmax(-1).to(self.table.device)].float().cpu().clone()
+        return {"rows": rows, "token_ids": token_ids, "text": prompts.decode(self.tokenizer, token_ids)}
+
+
+def prompt_param(generator: LCMGenerator, targets: Sequence[Target], settings: OptimizeSettings) -> PromptParam:
+    """The parameterisation ``settings`` asks for: hard prompts when ``settings.hard`` is set, else soft.
+    Draws every target's initial rows or logits, in target order."""
     hard = settings.hard
-    lr = settings.lr
     if hard is None:
-        params = [torch.nn.Parameter(generator.init_rows(t.n_tokens, t.init, t.seed).to(generator.device))
-                  for t in targets]
-        rows_of = lambda i, step, seed: params[i]  # noqa: E731
-    else:
-        vocab, table = hard_vocabulary(generator, hard)
-        params = [torch.nn.Parameter(init_logits(generator, vocab, t)) for t in targets]  # logits stay on the CPU
-        lr = hard.lr or settings.lr
+        return SoftPrompts(generator, targets, settings.lr)
+    return HardPrompts(generator, targets, hard, settings.steps, hard.lr or settings.lr)
 
-        def rows_of(i, step, seed):
-            tau = prompts.temperature(step, settings.steps, hard.tau_start, hard.tau_end)
-            return prompts.hard_rows(params[i], table, tau, seed)
 
+def optimize(generator: LCMGenerator, classifier, targets: Sequence[Target], settings: OptimizeSettings,
+             on_step: StepCallback | None = None, *, param: PromptParam | None = None) -> list[OptimizeResult]:
+    """Optimise every target's prompt together; returns one result per target, in order.
+
+    ``param``: the prompts' parameterisation (default: :func:`prompt_param` of ``settings``), built for
+    these targets; ``settings.hard`` is then only read by whoever built it.
+    """
+    soft_prompts = [generator.soft_prompt(t.template, t.n_tokens) for t in targets]
+    if param is None:
+        param = prompt_param(generator, targets, settings)
+    params = param.parameters()
+    if len(params) != len(targets):
+        raise ValueError(f"{len(targets)} targets but the prompt parameterisation has {len(params)} parameters")
     opt_cls = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
-    opt = opt_cls(params, lr=lr, weight_decay=settings.weight_decay)
+    opt = opt_cls(params, lr=param.lr, weight_decay=settings.weight_decay)
     layers = sorted(set().union(*(t.objective.layers for t in targets)) - {"logits"})
-    results = [OptimizeResult(rows=p.detach().cpu().clone(), init_seed=t.seed) for p, t in zip(params, targets, strict=True)]
-    for r, p in zip(results, params, strict=True):
-        if hard is not None:
-            _set_discrete(r, p, vocab, table, generator.tokenizer)
+    results = [OptimizeResult(**param.result_fields(i), init_seed=t.seed) for i, t in enumerate(targets)]
+    for r in results:
         r.start_rows = r.rows
     active = list(range(len(targets)))
     done_groups: set[int] = set()
@@ -139,7 +218,7 @@ def optimize(generator: LCMGenerator, classifier, targets: Sequence[Target], set
             break
         seeds = [[training_seed(targets[i].seed, step, j, s) for j in range(s)] for i in active]
         cond = generator.encode([soft_prompts[i] for i in active],
-                                [rows_of(i, step, seeds[slot][0]) for slot, i in enumerate(active)])
+                                [param.rows(i, step, seeds[slot][0]) for slot, i in enumerate(active)])
         images = generator.generate(cond, seeds)
         acts = classifier(images, layers=layers)
         total = 0.0
@@ -177,12 +256,10 @@ def optimize(generator: LCMGenerator, classifier, targets: Sequence[Target], set
         if on_step is not None:
             on_step(step, results)
     elapsed = time.perf_counter() - started
-    for r, p in zip(results, params, strict=True):
-        # Stopped tasks got no update after stopping: their rows (or logits) are the ones that did.
-        if hard is None:
-            r.rows = p.detach().cpu().clone()
-        else:
-            _set_discrete(r, p, vocab, table, generator.tokenizer)
+    for i, r in enumerate(results):
+        # Stopped tasks got no update after stopping: their parameters are the ones that reached the target.
+        for name, value in param.result_fields(i).items():
+            setattr(r, name, value)
         r.seconds = elapsed / max(len(targets), 1)
     return results
 
@@ -195,16 +272,9 @@ def hard_vocabulary(generator: LCMGenerator, hard: HardSettings) -> tuple[list[i
 
 
 def init_logits(generator: LCMGenerator, vocab: Sequence[int], target: Target) -> torch.Tensor:
+    """A target's initial hard-prompt logits (n_tokens × len(vocab), CPU), drawn from its seed."""
     gen = torch.Generator().manual_seed(target.seed)
     return prompts.init_logits(generator.tokenizer, vocab, target.n_tokens, target.init, gen)
-
-
-def _set_discrete(res: OptimizeResult, logits: torch.Tensor, vocab, table: torch.Tensor, tokenizer) -> None:
-    """A hard prompt's result: the argmax tokens, their embedding rows and their text."""
-    cols = logits.detach().argmax(-1).to(table.device)
-    res.token_ids = prompts.chosen_ids(logits, vocab)
-    res.rows = table[cols].float().cpu().clone()
-    res.text = prompts.decode(tokenizer, res.token_ids)
 
 
 def best_of(results: Sequence[OptimizeResult]) -> OptimizeResult:

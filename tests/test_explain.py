@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from dxray.optimize import OptimizeSettings, Target, optimize, sample
 from dxray.objectives import Objective, class_ce, neuron
+from dxray.optimize import OptimizeSettings, Target, optimize, sample
 
 
 def test_optimize_records_curves_and_fresh_noise_each_step(tiny_generator, tiny_classifier):
@@ -121,3 +121,68 @@ def test_a_restart_that_stops_early_stops_its_siblings_only(tiny_generator, tiny
     assert first.stopped_early and first.steps == 1
     assert not sibling.stopped_early and sibling.steps == 1  # its group is done
     assert other.steps == 3  # another task's group runs on
+
+
+def test_the_loop_goes_through_any_prompt_parameterisation(tiny_generator, tiny_classifier):
+    """optimize() knows prompts only through PromptParam: a caller's own parameterisation (Lucent's
+    param_f) gets each step's rows asked for with the step's first noise seed, its lr used, and its
+    result fields written; a wrapper around the default soft prompts changes nothing."""
+    from dxray.optimize import SoftPrompts, prompt_param
+
+    g = tiny_generator
+    targets = [Target(class_ce(c), "{}", 2, "random", seed=c + 3, class_index=c) for c in (0, 1)]
+    settings = OptimizeSettings(steps=3, lr=0.1, samples_per_step=2)
+
+    class Recording:
+        def __init__(self, inner, lr):
+            self.inner, self.lr, self.calls = inner, lr, []
+
+        def parameters(self):
+            return self.inner.parameters()
+
+        def rows(self, i, step, seed):
+            self.calls.append((i, step, seed))
+            return self.inner.rows(i, step, seed)
+
+        def result_fields(self, i):
+            return self.inner.result_fields(i)
+
+    default = optimize(g, tiny_classifier, targets, settings)
+    assert isinstance(prompt_param(g, targets, settings), SoftPrompts)
+    wrapped = Recording(prompt_param(g, targets, settings), settings.lr)
+    same = optimize(g, tiny_classifier, targets, settings, param=wrapped)
+    assert sorted(wrapped.calls) == sorted((i, step, same[i].train_seeds[step][0]) for i in (0, 1) for step in range(3))
+    for a, b in zip(default, same, strict=True):
+        assert torch.equal(a.rows, b.rows) and torch.equal(a.start_rows, b.start_rows)
+        assert a.loss_curve == b.loss_curve and a.train_seeds == b.train_seeds
+    # The optimiser takes the parameterisation's lr, not settings.lr: at lr 0 nothing moves.
+    frozen = optimize(g, tiny_classifier, targets, settings, param=Recording(prompt_param(g, targets, settings), 0.0))
+    assert all(torch.equal(r.rows, r.start_rows) for r in frozen)
+    assert not any(torch.equal(r.rows, r.start_rows) for r in default)
+
+    class ScaledDirection:
+        """Rows = a learnable scale × a fixed direction (a parameterisation optimize() has never heard of)."""
+
+        lr = 0.5
+
+        def __init__(self):
+            self.direction = g.init_rows(2, "random", 0)
+            self.scales = [torch.nn.Parameter(torch.ones(1)) for _ in targets]
+
+        def parameters(self):
+            return self.scales
+
+        def rows(self, i, step, seed):
+            return self.scales[i] * self.direction
+
+        def result_fields(self, i):
+            return {"rows": self.rows(i, 0, 0).detach().clone(), "text": f"scale {self.scales[i].item():.3f}"}
+
+    scaled = ScaledDirection()
+    results = optimize(g, tiny_classifier, targets, settings, param=scaled)
+    for r, p in zip(results, scaled.scales, strict=True):
+        assert torch.equal(r.start_rows, scaled.direction) and r.steps == 3
+        assert p.item() != 1.0 and torch.equal(r.rows, (p * scaled.direction).detach())
+        assert r.text == f"scale {p.item():.3f}"
+    with pytest.raises(ValueError, match="2 targets but the prompt parameterisation has 1 parameters"):
+        optimize(g, tiny_classifier, targets, settings, param=Recording(prompt_param(g, targets[:1], settings), 0.1))

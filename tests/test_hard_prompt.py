@@ -11,8 +11,8 @@ from test_toyworld import HELD_OUT, _preset_prompt, world  # noqa: F401  (the tr
 from dxray import prompts
 from dxray.config import build_config, load_config
 from dxray.errors import DxrayError
-from dxray.optimize import HardSettings, OptimizeSettings, Target, best_of, optimize, sample
 from dxray.objectives import class_ce
+from dxray.optimize import HardSettings, OptimizeSettings, Target, best_of, optimize, sample
 from dxray.prompts import MAX_LENGTH
 from dxray.toyworld import render
 from dxray.toyworld.train import world_tokenizer
@@ -220,3 +220,43 @@ def _tokenizers_for_cli(cache_dir):
     from dxray.tiny import ensure_tiny_lcm
 
     return CLIPTokenizer.from_pretrained(ensure_tiny_lcm(cache_dir) / "tokenizer")
+
+
+def test_prompt_param_picks_soft_or_hard_and_each_keeps_its_interface(tiny_generator):
+    """The one factory: soft rows are the parameters themselves (settings.lr); hard rows are exactly
+    rows of the allowed part of the embedding table, seeded per step, with the gradient reaching the
+    logits (hard.lr, else settings.lr); a hard result's rows are the table rows of its token ids."""
+    from dxray.optimize import HardPrompts, SoftPrompts, prompt_param
+
+    g = tiny_generator
+    targets = [Target(class_ce(c), "{}", 2, "random", seed=c, class_index=c) for c in (0, 1)]
+    soft = prompt_param(g, targets, OptimizeSettings(steps=4, lr=0.2))
+    assert isinstance(soft, SoftPrompts) and soft.lr == 0.2 and len(soft.parameters()) == 2
+    for i, t in enumerate(targets):
+        assert soft.rows(i, 3, 99) is soft.parameters()[i]
+        assert torch.equal(soft.result_fields(i)["rows"], g.init_rows(2, "random", t.seed))
+        assert soft.result_fields(i).keys() == {"rows"}
+
+    words = ["x", "y", "z"]
+    allowed = prompts.vocabulary_ids(g.tokenizer, words)
+    table = g.text_encoder.get_input_embeddings().weight.detach()
+    hard = prompt_param(g, targets, OptimizeSettings(steps=4, lr=0.2, hard=HardSettings(vocabulary=words)))
+    assert isinstance(hard, HardPrompts) and hard.lr == 0.2
+    assert prompt_param(g, targets, OptimizeSettings(lr=0.2, hard=HardSettings(lr=0.7, vocabulary=words))).lr == 0.7
+    [logits, _] = hard.parameters()
+    assert logits.shape == (2, len(allowed))
+    drawn = [hard.rows(0, step, seed) for step in range(4) for seed in (1, 2)]
+    for rows in drawn:
+        for row in rows.detach():
+            [[tid]] = (table == row).all(1).nonzero().tolist()
+            assert tid in allowed
+    assert torch.equal(hard.rows(0, 1, 5), hard.rows(0, 1, 5))  # the Gumbel noise is the seed's
+    assert len({tuple(r.detach().flatten().tolist()) for r in drawn}) > 1
+    drawn[0].sum().backward()
+    assert logits.grad is not None and (logits.grad.abs().sum(1) > 0).all()
+    for i in (0, 1):
+        fields = hard.result_fields(i)
+        assert fields.keys() == {"rows", "token_ids", "text"}
+        assert fields["token_ids"] == prompts.chosen_ids(hard.parameters()[i], allowed)
+        assert torch.equal(fields["rows"], table[fields["token_ids"]])
+        assert fields["text"] == prompts.decode(g.tokenizer, fields["token_ids"])
