@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dxray.tiny import tiny_clip_tokenizer, tiny_lcm_components
+from dxray.models.tiny import tiny_clip_tokenizer, tiny_lcm_components
 
 
 def sd15_components() -> dict:
@@ -58,7 +58,7 @@ def classifier_for(size: str):
     from dxray.classifiers import Classifier
 
     if size == "tiny":
-        from dxray.tiny import tiny_classifier
+        from dxray.models.tiny import tiny_classifier
 
         model, _ = tiny_classifier()
         return Classifier(model, final_layer="classifier.1", class_names=["a", "b"], input_size=(64, 64),

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from _models import classifier_for, components, tiny_autoencoder
 
-from dxray.optimize import OptimizeSettings, Target, optimize, sample
 from dxray.generator import LCMGenerator, training_seed
 from dxray.objectives import class_ce
+from dxray.optimize import OptimizeSettings, Target, optimize, sample
 
 RESULTS = Path(__file__).parent / "results"
 # Per preset: dxray's default for the measured step (tasks per batch = optimize.batch_tasks' default).
@@ -414,11 +414,13 @@ def grad_steps_objective(bench: Bench, a) -> dict:
     trained toy world when it is cached (it reacts to prompts), else on the preset's random models."""
     if _toyworld_ready():
         from dxray.classifiers import load_classifier
+        from dxray.toyworld.train import ensure_toyworld
 
         world = "toyworld"
-        gen_of = lambda k: LCMGenerator.from_pretrained("toyworld", device=str(bench.device), resolution=32,  # noqa: E731
-                                                        grad_steps=k)
-        clf = load_classifier("toyworld", device=bench.device)
+        root = ensure_toyworld()  # cached (checked above): nothing is trained
+        gen_of = lambda k: LCMGenerator.from_pretrained(str(root / "generator"), device=str(bench.device),  # noqa: E731
+                                                        resolution=32, grad_steps=k)
+        clf = load_classifier(f"hf:{root / 'classifier'}", device=bench.device)
         classes = list(range(min(6, clf.num_classes)))
     else:
         world = f"{bench.preset} random weights (toy world not cached: random models barely react to prompts)"
@@ -451,7 +453,7 @@ def _segment_figure(preset: str, device: torch.device, assumed: float) -> tuple[
     from dxray.plan_estimate import load_figures
 
     want = "tiny" if preset == "tiny" else "IDEA-Research/grounding-dino-tiny,facebook/sam-vit-base"
-    for f in load_figures():
+    for f in load_figures(RESULTS):
         name = f["file"].rsplit("/", 1)[-1]
         on_gpu = bool(f.get("gpu")) or f.get("device") == "cuda"
         if name.startswith("segment-") and f.get("model") == want and on_gpu == (device.type == "cuda"):

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from _models import classifier_for, components
 
-from dxray.optimize import OptimizeSettings, Target, optimize
 from dxray.generator import LCMGenerator
 from dxray.objectives import class_ce
+from dxray.optimize import OptimizeSettings, Target, optimize
 
 RESULTS = Path(__file__).parent / "results"
 

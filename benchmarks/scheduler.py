@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the Se
 
 def _specs(n: int):
     from dxray import objectives
-    from dxray.audit import TaskSpec
+    from dxray.pipeline.tasks import TaskSpec
 
     return [TaskSpec(f"{i:016x}", "class", objectives.class_ce(i % 1000), "{}", "random", i, class_index=i % 1000,
                      class_name=f"class {i % 1000}") for i in range(n)]
@@ -39,7 +39,7 @@ class SimulatedExplainer:
     """Returns finished task rows after ``work`` seconds per task (0: no-op)."""
 
     def __init__(self, work: float):
-        import dxray.audit  # noqa: F401  (imports torch: done before timing starts, as a real actor's load)
+        import dxray.pipeline.job  # noqa: F401  (imports torch: done before timing starts, as a real actor's load)
 
         self.work = work
 
@@ -47,7 +47,7 @@ class SimulatedExplainer:
         return True
 
     def run(self, specs):
-        from dxray.audit import Finished
+        from dxray.pipeline.rows import Finished
 
         time.sleep(self.work * len(specs))
         rows = [Finished({"run_id": "bench", "task_id": s.task_id, "kind": s.kind, "class_index": s.class_index,
@@ -57,16 +57,26 @@ class SimulatedExplainer:
 
 def _callables(sink) -> dict:
     """The scheduler's callables for the simulated explainers: items are TaskSpecs, results Finished."""
-    from dxray.audit import Finished, commit
+    from dxray.pipeline.rows import Finished
+
+    commit = _commit(sink)
 
     def fail(spec, done, stage, message):
-        return commit(sink, Finished({"run_id": "bench", "task_id": spec.task_id, "status": "error",
+        return commit(Finished({"run_id": "bench", "task_id": spec.task_id, "status": "error",
                                       "error": f"{stage}: {message}"}, [], None))
 
     return {"explain": lambda actor, specs: actor.run.options(num_returns=2).remote(specs),
             "score": lambda actor, images, done: actor.score.remote(images, [d.prompt for d in done]),
-            "needs_scoring": lambda done: bool(done.prompt), "commit": lambda done, scores: commit(sink, done, scores),
+            "needs_scoring": lambda done: bool(done.prompt), "commit": commit,
             "fail": fail}
+
+
+def _commit(sink):
+    """The audit's own commit (samples, then the task row) into ``sink``."""
+    from dxray.config import load_config
+    from dxray.pipeline.job import AuditJob
+
+    return AuditJob(load_config(None, []), "audit", sink=sink).commit
 
 
 def _scheduled(n_actors: int, specs, work: float, sink, batch: int) -> float:
@@ -88,18 +98,17 @@ def _scheduled(n_actors: int, specs, work: float, sink, batch: int) -> float:
 
 
 def overhead(n: int, batch: int) -> dict:
-    from dxray.audit import commit
     from dxray.storage.sink import RunSink
 
     specs = _specs(n)
     with tempfile.TemporaryDirectory() as tmp:
-        sink = RunSink(tmp, "loop")
+        commit = _commit(RunSink(tmp, "loop"))
         explainer = SimulatedExplainer(0.0)
         t0 = time.perf_counter()
         for i in range(0, n, batch):
             rows, _ = explainer.run(specs[i:i + batch])
             for done in rows:
-                commit(sink, done)
+                commit(done)
         loop = time.perf_counter() - t0
         sched = _scheduled(1, specs, 0.0, RunSink(tmp, "ray"), batch)
     return {"tasks": n, "batch_tasks": batch, "scheduler_ms_per_task": round(sched / n * 1e3, 2),

@@ -41,12 +41,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    detector, sam = ("tiny", "tiny") if args.model == "tiny" else args.model.split(",")
+    cache = tempfile.mkdtemp(prefix="dxray-bench-")
+    if args.model == "tiny":
+        from dxray.models.tiny_segment import ensure_tiny_grounding_dino, ensure_tiny_sam
+
+        detector, sam = str(ensure_tiny_grounding_dino(cache)), str(ensure_tiny_sam(cache))
+    else:
+        detector, sam = args.model.split(",")
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8) for _ in range(args.images)]
     prompts = ["goldfish.", "tabby cat."] * (args.images // 2) + ["goldfish."] * (args.images % 2)
-    cache = tempfile.mkdtemp(prefix="dxray-bench-")
-    kw = dict(box_threshold=0.35, batch_size=args.batch, cache_dir=cache)
+    kw = dict(box_threshold=0.35, batch_size=args.batch)
     full = throughput(Segmenter(detector, sam, **kw), images, prompts, args.repeats)
     boxes = throughput(Segmenter(detector, None, **kw), images, prompts, args.repeats)
     out = {"model": args.model, "images": args.images, "size": args.size, "batch": args.batch,

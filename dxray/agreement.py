@@ -408,8 +408,8 @@ def write_annotation_ranking(cfg, path: str) -> tuple[str, int]:
     """``dxray rank-features --from-annotations``: the annotated top-k of ``targets.classes`` written as
     the run's ``feature_ranking`` table (read back with ``targets.feature_source=table``). Returns
     (table folder, classes)."""
-    from dxray.audit import open_sink
     from dxray.features import ranking_rows
+    from dxray.runs import open_sink
 
     if not cfg.targets.top_k:
         raise DxrayError("targets.top_k is 0: nothing to rank")

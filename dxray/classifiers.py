@@ -23,13 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dxray.errors import DxrayError
+from dxray.errors import DxrayError, one_line
 
 IMAGENET_SIZE = (224, 224)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HEAD_NAMES = ("fc", "classifier", "head", "heads", "last_linear")  # usual final-layer attributes
-ALIASES: dict[str, Callable[[str | None], str]] = {}  # bare name -> f(cache_dir) returning the real spec
 _IDENT = re.compile(r"[A-Za-z_][\w.]*")
 _HF_HUB_KEYS = ("revision", "local_files_only", "token", "cache_dir", "subfolder")
 
@@ -57,11 +56,6 @@ class _Built:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     hf: bool = False
-
-
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _names_list(names: Sequence[str], limit: int = 30) -> str:
@@ -126,19 +120,19 @@ def read_state_dict(path: str, allow_pickle: bool = False, pickle_hint: str = _P
         try:
             state = load_file(str(p))
         except SafetensorError as err:
-            raise DxrayError(f"cannot read checkpoint {path}: {_one_line(err, 150)}") from None
+            raise DxrayError(f"cannot read checkpoint {path}: {one_line(err, 150, typed=False)}") from None
     else:
         try:
             state = torch.load(p, map_location="cpu", weights_only=not allow_pickle)
         except pickle.UnpicklingError as err:
             if allow_pickle:
-                raise DxrayError(f"cannot read checkpoint {path}: {_one_line(err, 150)}") from None
+                raise DxrayError(f"cannot read checkpoint {path}: {one_line(err, 150, typed=False)}") from None
             found = re.search(r"GLOBAL ([\w.]+)", str(err))
             what = f" ({found.group(1)})" if found else ""
             raise DxrayError(f"checkpoint {path} holds objects that weights_only loading refuses{what}; "
                              f"{pickle_hint}") from None
         except Exception as err:
-            raise DxrayError(f"cannot read checkpoint {path}: {_one_line(err, 150)}") from None
+            raise DxrayError(f"cannot read checkpoint {path}: {one_line(err, 150, typed=False)}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict | nn.Module):
             state = state[key]
@@ -154,7 +148,7 @@ def _fit(model: nn.Module, state: dict[str, Tensor], path: str) -> None:
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:
-        raise DxrayError(f"checkpoint {path} does not fit the model: {_one_line(err, 200)}") from None
+        raise DxrayError(f"checkpoint {path} does not fit the model: {one_line(err, 200, typed=False)}") from None
     if missing or unexpected:
         raise DxrayError(f"checkpoint {path} does not fit the model: {len(missing)} missing keys {missing[:3]}, "
                          f"{len(unexpected)} unexpected keys {unexpected[:3]}")
@@ -177,7 +171,7 @@ def _build_torchvision(name: str, weights: str | None, kwargs: dict, meta: bool,
         with _meta_or_not(meta):
             model = models.get_model(name, weights=None if meta else enum, **kwargs)
     except ValueError as err:
-        raise DxrayError(f"cannot build torchvision:{name}: {_one_line(err, 200)}") from None
+        raise DxrayError(f"cannot build torchvision:{name}: {one_line(err, 200, typed=False)}") from None
     if weights not in (None, "none") and enum is None:
         _load_file(model, weights, meta, allow_pickle)
     if enum is None:
@@ -254,7 +248,7 @@ def _build_timm(name: str, weights: str | None, kwargs: dict, meta: bool, allow_
         with _meta_or_not(meta):
             model = timm.create_model(name, pretrained=pretrained and not meta, **kwargs)
     except RuntimeError as err:
-        raise DxrayError(f"cannot build timm:{name}: {_one_line(err, 200)}") from None
+        raise DxrayError(f"cannot build timm:{name}: {one_line(err, 200, typed=False)}") from None
     if file:
         _load_file(model, weights, meta, allow_pickle)
     cfg = timm.data.resolve_data_config(model=model)
@@ -275,7 +269,7 @@ def _build_callable(spec: str, weights: str | None, kwargs: dict, meta: bool, al
     try:
         fn = functools.reduce(getattr, attr.split("."), importlib.import_module(module_name))
     except (ImportError, AttributeError) as err:
-        raise DxrayError(f"cannot import classifier builder {spec!r}: {_one_line(err, 150)}") from None
+        raise DxrayError(f"cannot import classifier builder {spec!r}: {one_line(err, 150, typed=False)}") from None
     with _meta_or_not(meta):
         model = fn(**kwargs)
     if not isinstance(model, nn.Module):
@@ -418,7 +412,6 @@ BUILDERS: dict[str, Callable[..., _Built]] = {
 
 
 def _build(spec: str, weights: str | None, kwargs: dict | None, meta: bool, allow_pickle: bool = False) -> _Built:
-    spec = resolve_alias(spec)
     scheme, sep, ref = spec.partition(":")
     if sep and ref and scheme in BUILDERS:
         builder = BUILDERS[scheme]
@@ -430,7 +423,7 @@ def _build(spec: str, weights: str | None, kwargs: dict | None, meta: bool, allo
     try:
         return builder(ref, weights, dict(kwargs or {}), meta, allow_pickle)
     except TypeError as err:  # almost always a bad keyword in `kwargs`
-        raise DxrayError(f"cannot build classifier {spec!r} with kwargs {kwargs}: {_one_line(err, 150)}") from None
+        raise DxrayError(f"cannot build classifier {spec!r} with kwargs {kwargs}: {one_line(err, 150, typed=False)}") from None
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -604,24 +597,3 @@ class Classifier(nn.Module):
         if missing:
             raise DxrayError(f"layer {missing[0]!r} did not run in the forward pass")
         return {"logits": logits, **{n: acts[n] for n in wanted}}
-
-
-def resolve_alias(spec: str, cache_dir: str | None = None) -> str:
-    """The real spec behind a bare alias such as ``tiny`` (models built into ``cache_dir`` on first use)."""
-    return ALIASES[spec](cache_dir) if spec in ALIASES else spec
-
-
-def _tiny_spec(cache_dir: str | None) -> str:
-    from dxray.tiny import ensure_tiny_classifier
-
-    return f"hf:{ensure_tiny_classifier(cache_dir)}"
-
-
-def _toyworld_spec(cache_dir: str | None) -> str:
-    from dxray.toyworld.train import ensure_toyworld
-
-    return f"hf:{ensure_toyworld(cache_dir) / 'classifier'}"
-
-
-ALIASES["tiny"] = _tiny_spec  # tiny random classifier, built on first use
-ALIASES["toyworld"] = _toyworld_spec  # the toy world's biased classifier, trained on first use

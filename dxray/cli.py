@@ -116,7 +116,7 @@ def _task_bar(quiet: bool, first: str, infos: dict[str, Callable[[dict], str]]):
                 _progress["skipped"] = data["skipped"]
             if event == "task":
                 failed += data["status"] != "ok"
-                _progress["committed"] += 1
+                _progress["committed"] += data["status"] == "ok"  # committed: a task row of status ok
                 bar.update(tasks_bar, advance=1, info=f"{failed} failed" if failed else "")
             elif event in infos:
                 bar.update(tasks_bar, info=infos[event](data))
@@ -150,8 +150,9 @@ def explain(
     Example: dxray explain jobs/configs/tiny.yaml output=dxray-out optimize.steps=50
     """
     try:
-        from dxray.audit import preflight, run
         from dxray.config import load_config
+        from dxray.pipeline.local import run
+        from dxray.pipeline.preflight import preflight
 
         cfg = load_config(config, overrides or [])
         quiet_libraries()
@@ -180,8 +181,8 @@ def audit(
     """
 
     try:
-        from dxray.audit import preflight
         from dxray.config import load_config
+        from dxray.pipeline.preflight import preflight
 
         cfg = load_config(config, overrides or [])
         quiet_libraries()
@@ -232,7 +233,7 @@ def redecide(
     """
     from rich.table import Table
 
-    from dxray.audit import redecide as run_redecide
+    from dxray.runs import redecide as run_redecide
 
     if not 0.0 <= delta <= 1.0:  # checked here so the message names the option the user typed
         _fail(f"--delta must be between 0 and 1, got {delta}")

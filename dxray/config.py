@@ -6,8 +6,6 @@ one-line :class:`DxrayError` that names the field.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -328,10 +326,11 @@ class ClusterConfig(_Section):
 
 
 class EstimateConfig(_Section):
-    """Timing figures for `dxray audit --dry-run`; unset: taken from benchmarks/results/ when one fits."""
+    """Timing figures for `dxray audit --dry-run`; unset: taken from the ``figures`` folder when one fits."""
 
     seconds_per_step: OptFloat = Field(None, gt=0, le=86_400, description="GPU seconds of one optimisation step of one task (one restart, optimize.samples_per_step noise samples, gradients through the sampler)")
     seconds_per_image: OptFloat = Field(None, gt=0, le=86_400, description="GPU seconds per held-out or baseline image: sampling without gradients, plus Grounding DINO + SAM scoring when segment.enabled")
+    figures: str = Field("benchmarks/results", description="folder of benchmark results (*.json) the timing figures come from, relative to the working directory (a checkout's benchmarks/results)")
 
 
 class Config(_Section):
@@ -369,19 +368,10 @@ class Config(_Section):
         return None if folder is None else _plain_text(folder, f"{info.field_name} folder")
 
     def fingerprint(self) -> str:
-        """Hash of everything that defines the results (not where they go)."""
-        data = self.model_dump(mode="json", exclude={"output", "run_id", "device", "cache_dir", "storage", "cluster",
-                                                          "estimate"})
-        data["optimize"].pop("batch_tasks")
-        if data["prompt"]["kind"] == "soft":  # soft prompts: the run ids from before hard prompts stay
-            data["prompt"].pop("kind")
-            data["prompt"].pop("hard")
-        if data["generator"].get("grad_steps") is None:
-            data["generator"].pop("grad_steps", None)  # unset: the run ids from before the option stay
-        data["sample"].pop("batch_size")
-        data["segment"].pop("batch_size")
-        data.pop("verdict")  # verdicts are re-decidable from stored r: same run
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+        """Hash of everything that defines the results (not where they go): see dxray.pipeline.identity."""
+        from dxray.pipeline.identity import run_fingerprint
+
+        return run_fingerprint(self)
 
     def resolved_run_id(self) -> str:
         return self.run_id or f"run-{self.fingerprint()}"
@@ -432,7 +422,7 @@ def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
-def _one_line(err: ValidationError, model: type[BaseModel]) -> str:
+def _validation_line(err: ValidationError, model: type[BaseModel]) -> str:
     errors = err.errors()
     e = errors[0]
     loc = tuple(e["loc"])
@@ -590,7 +580,7 @@ def build_config(data: dict[str, Any], overrides: list[str] = ()) -> Config:
     try:
         return Config.model_validate(merged)
     except ValidationError as err:
-        raise DxrayError(_one_line(err, Config)) from None
+        raise DxrayError(_validation_line(err, Config)) from None
     except RecursionError:
         raise DxrayError("config is nested too deeply") from None
 

@@ -9,9 +9,14 @@ class DxrayError(Exception):
     """
 
 
-def one_line(err: BaseException, limit: int | None = None) -> str:
-    """An error as one line: 'TypeName: first line of its message' (the type alone when it has none), cut at limit."""
+def one_line(err: BaseException, limit: int | None = None, *, typed: bool = True) -> str:
+    """An error as one line, the one helper for it: 'TypeName: first line of its message' (the type alone
+    when it has none), or with ``typed=False`` its whole message with whitespace collapsed (the type when
+    it has none); cut at ``limit`` characters with '...'."""
     text = str(err)
-    first = text.splitlines()[0] if text else ""
-    line = f"{type(err).__name__}: {first}" if first else type(err).__name__
-    return line if limit is None else line[:limit]
+    if typed:
+        first = text.splitlines()[0] if text else ""
+        line = f"{type(err).__name__}: {first}" if first else type(err).__name__
+    else:
+        line = " ".join(text.split()) or type(err).__name__
+    return line if limit is None or len(line) <= limit else line[:limit] + "..."

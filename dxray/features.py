@@ -192,10 +192,16 @@ def rank_from_images(classifier, folder: ImageFolder, classes: list[int], k: int
     """Top-k per class by W[c, f] × mean activation; a class with no images falls back to the weights."""
     check_image_folder(folder, classes, select)
     acts = mean_activations(classifier, folder, classes, select, limit, batch_size)
-    weight = classifier.final_weight
+    return rank_from_means(classifier.final_weight, classes, acts, k, select)
+
+
+def rank_from_means(weight: Tensor, classes: list[int], means: dict[int, tuple[Tensor, int]], k: int,
+                    select: str) -> list[RankedFeature]:
+    """Top-k per class from (mean activation, image count) per class; a class with no images falls
+    back to the weights alone (said in its ``source``). In-process and Ray ranking both end here."""
     ranked: list[RankedFeature] = []
     for c in classes:
-        mean, n = acts[c]
+        mean, n = means.get(c, (None, 0))
         if n:
             ranked += rank_by_activation(weight, mean, c, k, f"images-{select}", n)
         else:

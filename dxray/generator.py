@@ -77,22 +77,6 @@ def guidance_embedding(w: float, dim: int) -> torch.Tensor:
     return LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, torch.tensor([w]), embedding_dim=dim)
 
 
-def _tiny(cache_dir: str | None) -> str:
-    from dxray.tiny import ensure_tiny_lcm
-
-    return str(ensure_tiny_lcm(cache_dir))
-
-
-def _toyworld(cache_dir: str | None) -> str:
-    from dxray.toyworld.train import ensure_toyworld
-
-    return str(ensure_toyworld(cache_dir) / "generator")
-
-
-# Bare names for models dxray builds itself on first use: name -> f(cache_dir) returning a local folder.
-ALIASES: dict[str, Callable[[str | None], str]] = {"tiny": _tiny, "toyworld": _toyworld}
-
-
 def training_seed(base: int, step: int, sample: int, samples_per_step: int) -> int:
     """Seed of training noise; always >= 2**31, so it never collides with a held-out seed."""
     return 2**31 + (base * 1_000_003 + step * samples_per_step + sample) % 2**31
@@ -139,12 +123,10 @@ class LCMGenerator:
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model: str, *, lora: str | None = None, tiny_vae: str | None = None,
-                        device: str = "auto", dtype: str = "auto", cache_dir: str | None = None, **options) -> LCMGenerator:
+                        device: str = "auto", dtype: str = "auto", **options) -> LCMGenerator:
         """Load an LCM checkpoint, or an SD1.5-family base plus an LCM-LoRA, from the hub or a folder."""
         from diffusers import AutoencoderTiny, DiffusionPipeline
 
-        if model in ALIASES:
-            model = ALIASES[model](cache_dir)
         for ref, what in ((model, "generator model"), (lora, "LoRA"), (tiny_vae, "tiny VAE")):
             if ref:
                 check_model_ref(ref, what)

@@ -2,7 +2,7 @@
 
 This module owns the optimisation loop (:func:`optimize`), picking the best restart (:func:`best_of`)
 and rendering a result's rows for held-out seeds with their scores (:func:`sample`). It reads and
-writes nothing: the caller (``dxray.audit``) builds targets and stores results.
+writes nothing: the caller (:class:`dxray.pipeline.explainer.Explainer`) builds targets and stores results.
 
 Several tasks are optimised in one batch (each with its own prompt and rows);
 the batch loss is the sum of per-task means, so tasks never influence each

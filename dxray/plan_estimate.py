@@ -2,7 +2,7 @@
 
 :func:`estimate` is a pure function of the config, the classifier's architecture metadata
 (:func:`dxray.classifiers.describe`, built on the meta device) and the benchmark figures; :func:`dry_run`
-adds the checks of :func:`dxray.audit.preflight` (which also probes the output storage) and the I/O.
+adds the checks of :func:`dxray.pipeline.preflight.preflight` (which also probes the output storage) and the I/O.
 With ``feature_source`` ``weights`` or ``images`` the ranking needs the weights or the images, so the dry
 run counts ``top_k`` features per class instead: the count, not which features, sets the cost.
 
@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +27,6 @@ from dxray.config import Config
 from dxray.errors import DxrayError
 from dxray.features import RankedFeature
 
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 KINDS = ("class", "feature", "neuron")
 
 
@@ -78,8 +75,9 @@ class Plan:
 
 
 # -- benchmark figures -------------------------------------------------------------------------------
-def load_figures(folder: str | Path = RESULTS) -> list[dict]:
-    """The committed benchmark results (``sampler-*.json``, ``segment-*.json``), each with its ``file``."""
+def load_figures(folder: str | Path) -> list[dict]:
+    """The benchmark results in ``folder`` (``sampler-*.json``, ``segment-*.json``; a checkout's
+    ``benchmarks/results``), each with its ``file``; none when the folder is not there."""
     figures = []
     for path in sorted(Path(folder).glob("*.json")) if Path(folder).is_dir() else []:
         try:
@@ -87,7 +85,7 @@ def load_figures(folder: str | Path = RESULTS) -> list[dict]:
         except (OSError, ValueError):
             continue
         if isinstance(doc, dict):
-            figures.append({**doc, "file": f"benchmarks/results/{path.name}"})
+            figures.append({**doc, "file": f"{Path(folder).as_posix().rstrip('/')}/{path.name}"})
     return figures
 
 
@@ -173,7 +171,7 @@ def timings(cfg: Config, figures: list[dict]) -> tuple[Timing, Timing, list[str]
 # -- counting ----------------------------------------------------------------------------------------
 def features_per_class(cfg: Config, info: classifiers.ClassifierInfo,
                        ranking: list[RankedFeature] | None = None) -> tuple[dict[int, int], str]:
-    """Feature tasks per class (one template), as :func:`dxray.audit.rank_features` would produce them:
+    """Feature tasks per class (one template), as :func:`dxray.pipeline.ranking.rank_features` would produce them:
     explicit ``targets.features`` win; else ``ranking`` (a table) or ``top_k`` (weights / images)."""
     t = cfg.targets
     d = info.feature_dim
@@ -228,72 +226,25 @@ def estimate(cfg: Config, info: classifiers.ClassifierInfo, figures: list[dict] 
 
 
 # -- the dry run -------------------------------------------------------------------------------------
-def _tiny_architecture(folder: Path) -> None:
-    from dxray.tiny import tiny_classifier
-
-    model, _ = tiny_classifier()  # a few kB of random weights in memory; only its config is written
-    model.config.save_pretrained(folder)
-
-
-def _toyworld_architecture(folder: Path) -> None:
-    from dxray.toyworld.train import classifier_config
-
-    classifier_config().save_pretrained(folder)
-
-
-@contextmanager
-def architecture_only_aliases() -> Iterator[None]:
-    """Bare classifier aliases (``tiny``, ``toyworld``) build or train their model into the cache on
-    first use. While this is open, an alias not built yet resolves to a throwaway folder holding only
-    the architecture's config, so describing it builds, trains and saves nothing."""
-    from dxray.tiny import cache_root
-    from dxray.toyworld.train import folder as toyworld_folder
-
-    saved = dict(classifiers.ALIASES)
-    # alias -> (the folder its first use builds, which holds .complete once built; config writer)
-    writers = {"tiny": (lambda cd: cache_root(cd) / "tiny-classifier", _tiny_architecture),
-               "toyworld": (toyworld_folder, _toyworld_architecture)}
-    with tempfile.TemporaryDirectory(prefix="dxray-dry-run-") as tmp:
-        def alias(name, built_at, write):
-            def resolve(cache_dir):
-                if (built_at(cache_dir) / ".complete").exists():
-                    return saved[name](cache_dir)  # already there: nothing is built
-                target = Path(tmp) / name
-                if not target.exists():
-                    write(target)
-                return f"hf:{target}"
-            return resolve
-
-        for name, (built_at, write) in writers.items():
-            if name in classifiers.ALIASES:
-                classifiers.ALIASES[name] = alias(name, built_at, write)
-        try:
-            yield
-        finally:
-            classifiers.ALIASES.clear()
-            classifiers.ALIASES.update(saved)
-
-
 def _warn(message: str) -> None:
     sys.stderr.write(f"warning: {message}\n")
     sys.stderr.flush()
 
 
 def dry_run(cfg: Config, figures: list[dict] | None = None, warn: Callable[[str], None] | None = None) -> Plan:
-    """Every check of :func:`dxray.audit.preflight` (output storage included), then the plan; loads no
+    """Every check of :func:`dxray.pipeline.preflight.preflight` (output storage included), then the plan; loads no
     model weights and starts no Ray. What a real run needs but is not on this machine is listed in
     ``Plan.missing`` and in one ``warn`` line (default: ``warning: ...`` on stderr) instead of stopping it."""
-    from dxray.audit import preflight
     from dxray.features import read_ranking_table
+    from dxray.pipeline.preflight import preflight
 
     missing: list[str] = []
-    with architecture_only_aliases():
-        info = preflight(cfg, missing)
+    info = preflight(cfg, missing, build=False)  # a preset not built yet: described from its architecture
     t = cfg.targets
     ranking = None
     if t.top_k and t.feature_source == "table" and f"targets.feature_table {t.feature_table}" not in missing:
         ranking = read_ranking_table(t.feature_table, [c for c in t.classes if c not in t.features], t.top_k)
-    plan = estimate(cfg, info, load_figures() if figures is None else figures, ranking)
+    plan = estimate(cfg, info, load_figures(cfg.estimate.figures) if figures is None else figures, ranking)
     plan.missing = missing
     if missing:
         (warn or _warn)(f"missing: {'; '.join(missing)} (not found here; the plan is the config's, and a real run "

@@ -78,11 +78,9 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
 
 
-def _load(ref: str, what: str, tiny, cache_dir, *classes):
-    """from_pretrained every class from one hub id / folder ("tiny" builds the tiny model first)."""
-    if ref == "tiny":
-        ref = str(tiny(cache_dir))
-    elif ref.startswith(("/", "./", "../", "~")):
+def _load(ref: str, what: str, *classes):
+    """from_pretrained every class from one hub id / folder."""
+    if ref.startswith(("/", "./", "../", "~")):
         if not Path(ref).expanduser().is_dir():
             raise DxrayError(f"{what} folder not found: {ref}")
         ref = str(Path(ref).expanduser())
@@ -99,15 +97,13 @@ class Segmenter:
     """Holds Grounding DINO + SAM (Ray-Data-style stateful holder: load in __init__, work in __call__)."""
 
     def __init__(self, detector: str, sam: str | None, *, device="cpu", box_threshold=0.35, text_threshold=0.25,
-                 batch_size=4, cache_dir=None):
+                 batch_size=4):
         from transformers import (
             AutoModelForZeroShotObjectDetection,
             AutoProcessor,
             SamModel,
             SamProcessor,
         )
-
-        from dxray.tiny_segment import ensure_tiny_grounding_dino, ensure_tiny_sam
 
         for name, value in (("box_threshold", box_threshold), ("text_threshold", text_threshold)):
             if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
@@ -116,12 +112,12 @@ class Segmenter:
             raise DxrayError(f"segment.batch_size must be a positive integer, got {batch_size!r}")
         self.device, self.batch_size = torch.device(device), batch_size
         self.box_threshold, self.text_threshold = float(box_threshold), float(text_threshold)
-        self.processor, self.detector = _load(detector, "detector", ensure_tiny_grounding_dino, cache_dir,
+        self.processor, self.detector = _load(detector, "detector",
                                               AutoProcessor, AutoModelForZeroShotObjectDetection)
         self.detector.to(self.device).eval()
         self.sam_processor = self.sam = None
         if sam is not None:
-            self.sam_processor, self.sam = _load(sam, "SAM", ensure_tiny_sam, cache_dir, SamProcessor, SamModel)
+            self.sam_processor, self.sam = _load(sam, "SAM", SamProcessor, SamModel)
             self.sam.to(self.device).eval()
         # transformers renamed box_threshold -> threshold in the post-processing
         params = inspect.signature(self.processor.post_process_grounded_object_detection).parameters

@@ -25,15 +25,17 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_generator(cache_dir):
     from dxray.generator import LCMGenerator
+    from dxray.models.tiny import ensure_tiny_lcm
 
-    return LCMGenerator.from_pretrained("tiny", cache_dir=str(cache_dir), device="cpu", resolution=64)
+    return LCMGenerator.from_pretrained(str(ensure_tiny_lcm(cache_dir)), device="cpu", resolution=64)
 
 
 @pytest.fixture(scope="session")
 def tiny_classifier(cache_dir):
     from dxray.classifiers import load_classifier
+    from dxray.models.tiny import ensure_tiny_classifier
 
-    return load_classifier("tiny", device="cpu")
+    return load_classifier(f"hf:{ensure_tiny_classifier(cache_dir)}", device="cpu")
 
 
 @pytest.fixture

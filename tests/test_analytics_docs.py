@@ -63,8 +63,9 @@ def _table(root: str, name: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, cache_dir) -> str:
-    from dxray.audit import redecide, run
     from dxray.config import load_config
+    from dxray.pipeline.local import run
+    from dxray.runs import redecide
 
     out = tmp_path_factory.mktemp("analytics") / "out"
     cfg = load_config(TINY_YAML, [f"output={out}", f"cache_dir={cache_dir}", "optimize.steps=2", "sample.k=2",

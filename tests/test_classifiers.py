@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from dxray import classifiers
 from dxray.classifiers import describe, load_classifier
 from dxray.errors import DxrayError
+from dxray.generator import LCMGenerator
 
 NAMES = ["cat", "dog", "fish"]
 
@@ -175,12 +176,22 @@ def test_preprocess_resizes_normalises_and_is_differentiable(tv):
     assert torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
 
 
-def test_callable_spec_and_aliases(monkeypatch):
+def test_callable_spec():
     clf = load_classifier("torchvision.models:resnet18", kwargs={"num_classes": 4}, input_size=32)
     assert clf(images(1, 32, 32))["logits"].shape == (1, 4)
-    monkeypatch.setitem(classifiers.ALIASES, "mini", lambda cache_dir: "torchvision.models:resnet18")
-    info = describe("mini", kwargs={"num_classes": 4}, class_names=list("abcd"))
-    assert (info.spec, info.num_classes, info.class_names) == ("mini", 4, list("abcd"))
+    info = describe("torchvision.models:resnet18", kwargs={"num_classes": 4}, class_names=list("abcd"))
+    assert (info.spec, info.num_classes, info.class_names) == ("torchvision.models:resnet18", 4, list("abcd"))
+
+
+def test_core_loaders_know_no_preset_names(tmp_path, monkeypatch):
+    """'tiny' is resolved by dxray.models; to the core loaders it is only a hub id that does not exist."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("DXRAY_CACHE", str(tmp_path))
+    with pytest.raises(DxrayError, match="tiny"):
+        load_classifier("tiny")
+    with pytest.raises(DxrayError, match="cannot load generator 'tiny'"):
+        LCMGenerator.from_pretrained("tiny", device="cpu")
+    assert not any(tmp_path.iterdir())  # nothing was built
 
 
 def test_describe_reads_architecture_only(hf_dir, tmp_path):

@@ -24,7 +24,7 @@ from ray._private.resource_and_label_spec import ResourceAndLabelSpec
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from dxray.config import Config, load_config
-from dxray.distributed.audit import layout
+from dxray.distributed.layout import layout
 
 ROOT = Path(__file__).resolve().parents[1]
 AWS = ROOT / "cluster" / "aws.yaml"

@@ -314,7 +314,7 @@ def test_audit_ranks_features_over_an_image_folder_on_ray(ray_local, tmp_path, c
     (8, ["cluster.explainers=3"], 3),  # explicit (an autoscaling cluster)
 ])
 def test_layout_packs_explainers_per_gpu(gpus, overrides, expected, tmp_path):
-    from dxray.distributed.audit import layout
+    from dxray.distributed.layout import layout
 
     n, _ = layout(load_config(TINY_YAML, [f"output={tmp_path}", *overrides]), gpus)
     assert n == expected
@@ -326,14 +326,14 @@ def test_layout_packs_explainers_per_gpu(gpus, overrides, expected, tmp_path):
     (True, [], (1, 0.0)),  # no explicit count: nothing to scale for, one CPU explainer
 ])
 def test_layout_keeps_gpu_requests_on_a_cluster_that_scales_from_zero(scales_up, explainers, expected, tmp_path):
-    from dxray.distributed.audit import layout
+    from dxray.distributed.layout import layout
 
     cfg = load_config(TINY_YAML, [f"output={tmp_path}", "cluster.gpus_per_explainer=0.75", *explainers])
     assert layout(cfg, 0, scales_up=scales_up) == expected
 
 
 def test_layout_with_no_room_is_a_one_line_error(tmp_path):
-    from dxray.distributed.audit import layout
+    from dxray.distributed.layout import layout
 
     cfg = load_config(TINY_YAML, [f"output={tmp_path}", "cluster.gpus_per_explainer=1", "cluster.gpus_per_segmenter=0.25"])
     with pytest.raises(DxrayError, match="no room for an explainer"):

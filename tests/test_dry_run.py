@@ -25,7 +25,9 @@ def _tiny(tmp_path, *overrides, cache=None):
 
 @pytest.mark.parametrize("extra", [[], ["targets.features={0: [1, 2]}"]], ids=["top_k", "explicit-features"])
 def test_counts_equal_an_independent_computation(tmp_path, cache_dir, tiny_classifier, extra):
-    from dxray.audit import plan, preflight, rank_features
+    from dxray.pipeline.preflight import preflight
+    from dxray.pipeline.ranking import rank_features
+    from dxray.pipeline.tasks import plan
 
     overrides = ["targets.top_k=3", 'prompt.templates=["{}", "a photo of {}"]', "optimize.restarts=2", "sample.k=3",
                  "targets.neurons=[{layer: penultimate, unit: 1}]", *extra]
@@ -47,7 +49,7 @@ def test_counts_equal_an_independent_computation(tmp_path, cache_dir, tiny_class
 
     # ... and what the real planner makes of the same config, with the loaded classifier's ranking.
     info = preflight(cfg)
-    specs = plan(cfg, info, rank_features(cfg, tiny_classifier), info.feature_dim)
+    specs = plan(cfg, info, rank_features(cfg, tiny_classifier))
     assert dict(Counter(s.kind for s in specs)) == kinds
 
 
@@ -60,7 +62,7 @@ def test_segmentation_off_and_no_baseline(tmp_path):
 
 def test_estimate_uses_the_configured_seconds(tmp_path):
     cfg = _tiny(tmp_path, "estimate.seconds_per_step=2.5", "estimate.seconds_per_image=0.5")
-    p = estimate(cfg, TINY_INFO, load_figures())
+    p = estimate(cfg, TINY_INFO, load_figures(ROOT / 'benchmarks' / 'results'))
     assert p.step.seconds == 2.5 and p.step.source == "estimate.seconds_per_step"
     assert p.image.seconds == 0.5 and p.image.source == "estimate.seconds_per_image"
     expected = (p.optimisation_steps * 2.5 + (p.held_out_images + p.baseline_images) * 0.5) / 3600
@@ -70,12 +72,12 @@ def test_estimate_uses_the_configured_seconds(tmp_path):
 
 def test_estimate_from_the_committed_benchmark_or_says_what_it_needs(tmp_path):
     bench = json.loads((ROOT / "benchmarks" / "results" / "sampler-tiny-64.json").read_text())
-    p = estimate(_tiny(tmp_path), TINY_INFO, load_figures())  # tiny preset: 64 px, 4 steps, no checkpointing
+    p = estimate(_tiny(tmp_path), TINY_INFO, load_figures(ROOT / 'benchmarks' / 'results'))  # tiny preset: 64 px, 4 steps, no checkpointing
     assert p.step.seconds == pytest.approx(bench["opt_step_s"] * 2)  # 2 noise samples per step
     assert "sampler-tiny-64.json" in p.step.source and "CPU" in p.step.source
     assert "segment-tiny-128.json" in p.image.source and p.gpu_hours is not None
 
-    p = estimate(_tiny(tmp_path, "generator.resolution=128"), TINY_INFO, load_figures())
+    p = estimate(_tiny(tmp_path, "generator.resolution=128"), TINY_INFO, load_figures(ROOT / 'benchmarks' / 'results'))
     assert p.gpu_hours is None and p.step.seconds is None and p.optimisation_steps == 20
     assert any("does not match 128 px" in n for n in p.notes)
     from rich.console import Console

@@ -71,15 +71,23 @@ def test_best_of_restarts_takes_the_lowest_final_loss():
     assert best_of([failed, a]).init_seed == 1
 
 
-def test_restarts_in_the_audit_keep_the_winner_and_its_init(tiny_config):
-    from dxray.audit import Auditor, plan, preflight, rank_features
-    from dxray.storage.sink import RunSink
+def _job(cfg):
+    """A prepared in-process job and its runner (the pieces ``dxray explain`` drives)."""
+    from dxray.pipeline.job import AuditJob
+    from dxray.pipeline.local import LocalRunner
 
+    job = AuditJob(cfg, "explain")
+    job.preflight()
+    runner = LocalRunner(cfg)
+    job.prepare(runner.classifier)
+    return job, runner
+
+
+def test_restarts_in_the_audit_keep_the_winner_and_its_init(tiny_config):
     cfg = tiny_config.model_copy(update={"optimize": tiny_config.optimize.model_copy(update={"restarts": 2})})
-    info = preflight(cfg)
-    auditor = Auditor(cfg)
-    [spec] = [s for s in plan(cfg, info, rank_features(cfg, auditor.classifier), 16) if s.kind == "class"][:1]
-    rows = auditor.run_batch([spec], RunSink(cfg.output, "r"))
+    job, auditor = _job(cfg)
+    spec = next(s for s in job.todo if s.kind == "class")
+    rows = [job.commit(*t) for t in auditor.run_batch([spec], job.sink)]
     assert rows[0]["status"] == "ok"
     runs = optimize(auditor.generator, auditor.classifier,
                     [Target(spec.objective, spec.template, 1, spec.init, spec.seed + k, spec.class_index) for k in (0, 1)],
@@ -91,15 +99,11 @@ def test_restarts_in_the_audit_keep_the_winner_and_its_init(tiny_config):
 
 def test_early_stop_stops_class_tasks_but_not_feature_tasks(tiny_config):
     """early_stop_prob is about the class probability: a feature task (CE - λ·feature) runs all its steps."""
-    from dxray.audit import Auditor, plan, preflight, rank_features
-    from dxray.storage.sink import RunSink
-
     cfg = tiny_config.model_copy(update={"optimize": tiny_config.optimize.model_copy(
         update={"early_stop_prob": 1e-9, "steps": 3})})
-    auditor = Auditor(cfg)
-    specs = plan(cfg, preflight(cfg), rank_features(cfg, auditor.classifier), 16)
-    batch = [next(s for s in specs if s.kind == "class"), next(s for s in specs if s.kind == "feature")]
-    rows = {r["kind"]: r for r in auditor.run_batch(batch, RunSink(cfg.output, "r"))}
+    job, auditor = _job(cfg)
+    batch = [next(s for s in job.todo if s.kind == "class"), next(s for s in job.todo if s.kind == "feature")]
+    rows = {r["kind"]: r for r in (job.commit(*t) for t in auditor.run_batch(batch, job.sink))}
     assert rows["class"]["stopped_early"] and rows["class"]["steps"] == 1
     assert not rows["feature"]["stopped_early"] and rows["feature"]["steps"] == 3
 

@@ -3,7 +3,7 @@ import torch
 
 from dxray.errors import DxrayError
 from dxray.generator import LCMGenerator, training_seed
-from dxray.tiny import tiny_lcm_components
+from dxray.models.tiny import tiny_lcm_components
 
 
 def _twin(g: LCMGenerator, **kw) -> LCMGenerator:

@@ -74,7 +74,7 @@ def test_bad_grad_steps_in_the_config_names_the_field(k):
 
 
 def test_unset_grad_steps_keeps_existing_run_and_task_ids():
-    from dxray.audit import _task_id
+    from dxray.pipeline.identity import task_id as _task_id
 
     # Values computed by the code before the option existed.
     assert Config().fingerprint() == "08ca9b68c9d7"
@@ -87,7 +87,7 @@ def test_unset_grad_steps_keeps_existing_run_and_task_ids():
 
 
 def test_explainer_passes_grad_steps_to_the_generator(tmp_path, cache_dir):
-    from dxray.audit import Explainer
+    from dxray.pipeline.explainer import Explainer
 
     cfg = load_config(TINY_YAML, [f"output={tmp_path}", f"cache_dir={cache_dir}", "device=cpu",
                                   "generator.grad_steps=2"])

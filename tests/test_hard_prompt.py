@@ -128,7 +128,7 @@ def test_a_multi_token_word_is_a_one_line_error(tiny_generator, tiny_config):
     with pytest.raises(DxrayError, match="word 'goldfish' is 8 tokens for this tokenizer; each word must be a single token") as err:
         prompts.vocabulary_ids(tiny_generator.tokenizer, ["x", "goldfish"])
     assert "\n" not in str(err.value)
-    from dxray.audit import Explainer
+    from dxray.pipeline.explainer import Explainer
 
     cfg = load_config(TINY_YAML, [f"output={tiny_config.output}", f"cache_dir={tiny_config.cache_dir}", "device=cpu",
                                   "prompt.kind=hard", "prompt.hard.vocabulary=[x, goldfish]"])
@@ -156,7 +156,7 @@ def test_config_hard_prompt_and_template_presets(tmp_path):
 
 
 def test_run_and_task_ids_change_with_hard_settings_only_for_hard_prompts():
-    from dxray.audit import _task_id
+    from dxray.pipeline.identity import task_id as _task_id
 
     soft = build_config({})
     assert soft.fingerprint() == build_config({}, ["prompt.hard.tau_start=3", "prompt.templates=[object]"]).fingerprint()
@@ -217,7 +217,7 @@ def test_explain_with_hard_prompts_writes_the_words(tmp_path, cache_dir):
 def _tokenizers_for_cli(cache_dir):
     from transformers import CLIPTokenizer
 
-    from dxray.tiny import ensure_tiny_lcm
+    from dxray.models.tiny import ensure_tiny_lcm
 
     return CLIPTokenizer.from_pretrained(ensure_tiny_lcm(cache_dir) / "tokenizer")
 

@@ -8,10 +8,10 @@ import pytest
 from conftest import ROOT, TINY_YAML
 from typer.testing import CliRunner
 
-from dxray.audit import preflight
 from dxray.cli import app
 from dxray.config import load_config
 from dxray.errors import DxrayError
+from dxray.pipeline.preflight import preflight
 from dxray.plan_estimate import dry_run
 
 IMAGENET_FULL = ROOT / "jobs" / "configs" / "imagenet_full.yaml"
@@ -54,9 +54,10 @@ def test_out_of_range_targets_are_refused_before_any_run_folder(tmp_path, cache_
 
 
 def test_layer_widths_come_from_the_architecture(cache_dir):
-    from dxray.classifiers import describe, resolve_alias
+    from dxray.classifiers import describe
+    from dxray.models.tiny import ensure_tiny_classifier
 
-    info = describe(resolve_alias("tiny"))
+    info = describe(f"hf:{ensure_tiny_classifier(cache_dir)}")
     assert info.layer_widths["logits"] == 2 and info.layer_widths["penultimate"] == 16
     assert info.layer_widths["resnet.embedder"] == 8 and info.layer_widths["resnet.encoder.stages.1"] == 16
     info = describe("torchvision:resnet50", weights="DEFAULT")  # meta device: nothing downloaded
@@ -72,7 +73,7 @@ def test_units_in_range_pass(tmp_path, cache_dir):
 # -- item 2: templates longer than the CLIP text encoder's 77 tokens --------------------------------
 @pytest.mark.parametrize("built", [False, True], ids=["tiny-not-built", "tiny-built"])
 def test_overlong_template_is_refused_with_its_token_count(tmp_path, cache_dir, built):
-    from dxray.tiny import ensure_tiny_lcm
+    from dxray.models.tiny import ensure_tiny_lcm
 
     cache = cache_dir if built else tmp_path / "empty-cache"
     if built:
@@ -88,7 +89,7 @@ def test_overlong_template_is_refused_with_its_token_count(tmp_path, cache_dir, 
 
 
 def test_local_generator_folder_tokenizer(tmp_path, cache_dir):
-    from dxray.tiny import ensure_tiny_lcm
+    from dxray.models.tiny import ensure_tiny_lcm
 
     folder = ensure_tiny_lcm(cache_dir)  # a local folder: its tokenizer/ is read, nothing else
     msg = refused(tmp_path, f"generator.model={folder}", "prompt.templates=['{} " + "y" * 90 + "']")

@@ -13,12 +13,12 @@ import torch
 from conftest import ROOT, TINY_YAML
 from PIL import Image
 
-from dxray import audit
 from dxray.classifiers import load_classifier
 from dxray.config import load_config
 from dxray.distributed import rank
 from dxray.errors import DxrayError
 from dxray.features import ImageFolder, mean_activations, rank_from_images, read_ranking_table
+from dxray.pipeline.ranking import image_folder
 
 CLASSES = ["red", "green", "blue"]
 PER_FOLDER = 4
@@ -42,7 +42,7 @@ def write_images(root, folders=3, per_folder=PER_FOLDER, seed=0):
 def world(tmp_path_factory):
     """A 3-class tiny classifier whose bias is centred on the images, so every class is predicted for
     some of them, and some images are predicted as another class than their folder's."""
-    from dxray.tiny import tiny_classifier
+    from dxray.models.tiny import tiny_classifier
 
     tmp = tmp_path_factory.mktemp("rank")
     images = write_images(tmp / "imgs")
@@ -76,7 +76,7 @@ def assert_same_ranking(mine, ref):
 def test_actor_class_sums_a_batch_without_a_cluster(world):
     tmp, clf = world
     cfg = config(tmp, tmp / "imgs")
-    folder = audit.image_folder(cfg)
+    folder = image_folder(cfg)
     paths = [p for c in range(3) for p in folder.images(c)]
     rows = {"path": np.array(paths), "folder_class": np.repeat(np.arange(3), PER_FOLDER)}
     for select in ("labelled", "predicted"):

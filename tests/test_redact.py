@@ -49,14 +49,17 @@ def test_no_command_line_error_echoes_a_credential(override, tmp_path, cache_dir
 
 
 def test_manifests_and_error_rows_are_masked(tmp_path):
-    from dxray.audit import Finished, commit
+    from dxray.config import load_config
+    from dxray.pipeline.job import AuditJob
+    from dxray.pipeline.rows import Finished
     from dxray.storage.sink import RunSink
 
     sink = RunSink(str(tmp_path), "run-x")
     sink.write_manifest({"models": {"generator": FORMS["password"]}, "config": {"output": FORMS["query"]}})
     assert SECRET not in (tmp_path / "run-x" / "manifest.json").read_text()
     row = {"run_id": "run-x", "task_id": "t1", "kind": "class", "status": "ok", "error": None}
-    written = commit(sink, Finished(row, [], None), error=f"OSError: cannot fetch {FORMS['presigned']}")
+    job = AuditJob(load_config(None, [f"output={tmp_path}", "run_id=run-x"]), "explain", sink=sink)
+    written = job.commit(Finished(row, [], None), error=f"OSError: cannot fetch {FORMS['presigned']}")
     assert written["status"] == "error" and SECRET not in written["error"]
     import pyarrow.dataset as ds
 

@@ -13,7 +13,7 @@ DECIDED = ("verdicts/part-all.parquet", "classes/part-all.parquet", "manifest.js
 
 @pytest.fixture
 def finished(tiny_config):
-    from dxray.audit import run
+    from dxray.pipeline.local import run
 
     summary = run(tiny_config)
     assert summary.failed == 0 and summary.verdicts > 0
@@ -33,7 +33,7 @@ def test_a_redecide_that_cannot_write_classes_leaves_the_run_as_it_was(finished)
     """A real fault: the classes part cannot be replaced (a folder stands at its name)."""
     from pathlib import Path
 
-    from dxray.audit import redecide
+    from dxray.runs import redecide
 
     _, root = finished
     root = Path(root)
@@ -52,7 +52,7 @@ def test_a_redecide_failing_at_the_manifest_puts_verdicts_and_classes_back(finis
     """Disk full while writing the manifest, the last write (a fault this machine cannot make happen)."""
     from pathlib import Path
 
-    from dxray.audit import redecide
+    from dxray.runs import redecide
     from dxray.storage.sink import RunSink
 
     _, root = finished
@@ -71,7 +71,8 @@ def test_a_redecide_failing_at_the_manifest_puts_verdicts_and_classes_back(finis
 def test_the_manifest_records_the_delta_and_a_resume_keeps_it(finished, caplog):
     from pathlib import Path
 
-    from dxray.audit import redecide, run
+    from dxray.pipeline.local import run
+    from dxray.runs import redecide
 
     cfg, root = finished
     root = Path(root)
@@ -99,7 +100,7 @@ def test_the_manifest_records_the_delta_and_a_resume_keeps_it(finished, caplog):
 def test_redecide_refuses_an_unfinished_run(finished):
     from pathlib import Path
 
-    from dxray.audit import redecide
+    from dxray.runs import redecide
 
     _, root = finished
     (Path(root) / "manifest.json").unlink()

@@ -25,8 +25,9 @@ def run_dir(tmp_path_factory, cache_dir):
     """A real tiny run (2 classes, 2 templates, top-2 features), then: one failed feature task and one
     learned prompt added to its tasks table, and re-decided with a delta between the observed r values
     so both verdicts (and the biased? hint) can appear."""
-    from dxray.audit import open_run, redecide, run
     from dxray.config import load_config
+    from dxray.pipeline.local import run
+    from dxray.runs import open_run, redecide
 
     out = tmp_path_factory.mktemp("report") / "out"
     cfg = load_config(TINY_YAML, [
@@ -122,7 +123,7 @@ def _parse(path: Path) -> _Page:
 
 
 def test_report_html_structure(run_dir, report):
-    from dxray.audit import open_run
+    from dxray.runs import open_run
 
     sink = open_run(str(run_dir))
     classes = sink.read_table("classes").to_pylist()

@@ -30,8 +30,9 @@ def _overrides(out, cache_dir):
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, cache_dir):
     """A real tiny run with a neuron task, plus one failed neuron task row (a fault preflight now refuses)."""
-    from dxray.audit import open_run, run
     from dxray.config import load_config
+    from dxray.pipeline.local import run
+    from dxray.runs import open_run
 
     out = tmp_path_factory.mktemp("readers") / "out"
     cfg = load_config(TINY_YAML, _overrides(out, cache_dir))

@@ -246,4 +246,6 @@ def test_a_segmenter_exception_fails_the_scored_items_with_their_results(make, r
 def test_one_line():
     assert one_line(ValueError("first\nsecond")) == "ValueError: first"
     assert one_line(KeyError()) == "KeyError"
-    assert one_line(RuntimeError("x" * 50), limit=20) == "RuntimeError: xxxxxx"
+    assert one_line(RuntimeError("x" * 50), limit=20) == "RuntimeError: xxxxxx..."
+    assert one_line(OSError("no\n  space  left"), typed=False) == "no space left"
+    assert one_line(KeyError(), typed=False) == "KeyError"

@@ -5,6 +5,12 @@ import pytest
 import torch
 
 from dxray.errors import DxrayError
+from dxray.models.tiny_segment import (
+    ensure_tiny_grounding_dino,
+    ensure_tiny_sam,
+    tiny_grounding_dino,
+    tiny_sam,
+)
 from dxray.segment import (
     Segmenter,
     boxes_mask,
@@ -13,12 +19,12 @@ from dxray.segment import (
     rle_encode,
     union_fraction,
 )
-from dxray.tiny_segment import (
-    ensure_tiny_grounding_dino,
-    ensure_tiny_sam,
-    tiny_grounding_dino,
-    tiny_sam,
-)
+
+
+def _tiny(cache) -> tuple[str, str]:
+    """The tiny Grounding DINO and SAM folders (built on first use), as a user's local models are given."""
+    return str(ensure_tiny_grounding_dino(cache)), str(ensure_tiny_sam(cache))
+
 
 PROMPTS = ["goldfish.", "tabby cat.", "dog.", "cat.", "goldfish.", "tabby cat."]
 
@@ -39,7 +45,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def low(cache):
-    return Segmenter("tiny", "tiny", box_threshold=0.0, text_threshold=0.0, batch_size=4, cache_dir=cache)
+    return Segmenter(*_tiny(cache), box_threshold=0.0, text_threshold=0.0, batch_size=4)
 
 
 @pytest.mark.parametrize(("name", "prompt"), [
@@ -149,7 +155,7 @@ def test_segmenter_on_images(low, images):
 def test_segmenter_batched_equals_one_by_one(cache, images):
     # noise images only: on a solid colour many queries tie and float noise reorders them
     noise, prompts = images[:3] + images[5:], PROMPTS[:3] + PROMPTS[5:]
-    batched, single = (Segmenter("tiny", "tiny", box_threshold=0.5, batch_size=n, cache_dir=cache) for n in (4, 1))
+    batched, single = (Segmenter(*_tiny(cache), box_threshold=0.5, batch_size=n) for n in (4, 1))
     a_all, b_all = batched(noise, prompts), single(noise, prompts)
     assert len({len(a.boxes) for a in a_all}) > 1  # SAM gets a ragged batch of boxes
     for a, b in zip(a_all, b_all, strict=True):
@@ -178,7 +184,7 @@ def test_sam_gets_ragged_box_lists(cache, images):
         return segmenter
 
     prompts = ["goldfish.", "tabby cat.", "the tabby cat."]
-    batched, single = (fake(Segmenter("tiny", "tiny", batch_size=n, cache_dir=cache)) for n in (3, 1))
+    batched, single = (fake(Segmenter(*_tiny(cache), batch_size=n)) for n in (3, 1))
     a_all, b_all = batched(images[:3], prompts), single(images[:3], prompts)
     assert [len(a.boxes) for a in a_all] == [1, 2, 3]
     for a, b in zip(a_all, b_all, strict=True):
@@ -194,7 +200,7 @@ def test_sam_gets_ragged_box_lists(cache, images):
 
 
 def test_boxes_outside_the_image_are_clipped(cache, images):
-    segmenter = Segmenter("tiny", None, box_threshold=0.0, cache_dir=cache)
+    segmenter = Segmenter(_tiny(cache)[0], None, box_threshold=0.0)
     detect = segmenter.detector
 
     def corner_boxes(**inputs):  # centre (0, 0), size 0.5 x 0.5: three quarters lie outside
@@ -210,7 +216,7 @@ def test_boxes_outside_the_image_are_clipped(cache, images):
 
 
 def test_nothing_detected_at_threshold_one(cache, images):
-    results = Segmenter("tiny", "tiny", box_threshold=1.0, cache_dir=cache)(images, PROMPTS)
+    results = Segmenter(*_tiny(cache), box_threshold=1.0)(images, PROMPTS)
     for image, res in zip(images, results, strict=True):
         h, w = image.shape[:2]
         assert res.object_fraction == 0.0 and res.boxes == [] and res.box_scores == []
@@ -218,7 +224,7 @@ def test_nothing_detected_at_threshold_one(cache, images):
 
 
 def test_without_sam_the_mask_is_the_union_of_boxes(cache, images):
-    results = Segmenter("tiny", None, box_threshold=0.5, cache_dir=cache)(images, PROMPTS)
+    results = Segmenter(_tiny(cache)[0], None, box_threshold=0.5)(images, PROMPTS)
     assert any(res.boxes for res in results)
     for image, res in zip(images, results, strict=True):
         h, w = image.shape[:2]
@@ -249,7 +255,7 @@ def test_mismatched_images_and_prompts(low, images):
     ({"batch_size": 0}, "segment.batch_size"),
 ])
 def test_bad_settings_are_one_line_errors(cache, kwargs, match):
-    args = {"detector": "tiny", "sam": "tiny", "cache_dir": cache, **kwargs}
+    args = {"detector": _tiny(cache)[0], "sam": _tiny(cache)[1], **kwargs}
     with pytest.raises(DxrayError, match=match) as e:
         Segmenter(args.pop("detector"), args.pop("sam"), **args)
     assert "\n" not in str(e.value)
@@ -258,8 +264,8 @@ def test_bad_settings_are_one_line_errors(cache, kwargs, match):
 def test_unloadable_models_are_one_line_errors(cache, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail at once instead of retrying the network
     with pytest.raises(DxrayError, match="cannot load detector 'no-such-org/no-such-model'") as e:
-        Segmenter("no-such-org/no-such-model", None, cache_dir=cache)
+        Segmenter("no-such-org/no-such-model", None)
     assert "\n" not in str(e.value)
     with pytest.raises(DxrayError, match="cannot load SAM") as e:
-        Segmenter("tiny", str(tmp_path), cache_dir=cache)  # an existing folder without a model
+        Segmenter(_tiny(cache)[0], str(tmp_path))  # an existing folder without a model
     assert "\n" not in str(e.value)

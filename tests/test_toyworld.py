@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-from dxray.optimize import OptimizeSettings, Target, best_of, optimize, sample
 from dxray.objectives import class_ce
+from dxray.optimize import OptimizeSettings, Target, best_of, optimize, sample
 from dxray.toyworld import render
 
 TOY_YAML = ROOT / "jobs" / "configs" / "toyworld.yaml"

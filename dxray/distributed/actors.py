@@ -1,22 +1,15 @@
 """Model holders for Ray: load in ``__init__``, work in methods on plain data.
 
-They are plain classes (unit-testable without a cluster); the scheduler wraps them with
+They are plain classes (unit-testable without a cluster); the runner wraps them with
 ``ray.remote``. Neither assumes CUDA: ``device: auto`` takes the GPU Ray assigned, if any.
 """
 
 from __future__ import annotations
 
-from dxray.audit import (
-    Explainer,
-    Finished,
-    TaskSpec,
-    _one_line,
-    _task_row,
-    load_segmenter,
-    package,
-    score,
-)
 from dxray.config import Config
+from dxray.pipeline.explainer import Explainer
+from dxray.pipeline.rows import Finished, package, segmentation_columns
+from dxray.pipeline.tasks import TaskSpec
 from dxray.quiet import quiet_libraries
 from dxray.storage.sink import RunSink
 
@@ -36,27 +29,19 @@ class ExplainerActor:
         return str(self.explainer.generator.device)
 
     def run(self, specs: list[TaskSpec]) -> tuple[list[Finished], list[list]]:
-        finished, images = [], []
-        for outcome in self.explainer.explain(specs):
-            try:
-                done, imgs = package(outcome, self.cfg, self.sink)
-            except Exception as err:  # the image store failed for this task: record it, keep the batch
-                row = _task_row(self.sink.run_id, outcome.spec, self.cfg, outcome.result,
-                                f"writing images failed: {_one_line(err)}")
-                done, imgs = Finished(row, [], None), []
-            finished.append(done)
-            images.append(imgs)
-        return finished, images
+        done = [package(outcome, self.cfg, self.sink) for outcome in self.explainer.explain(specs)]
+        return [f for f, _ in done], [images for _, images in done]
 
 
 class SegmenterActor:
-    """Grounding DINO + SAM (or the toy world's exact segmenter): scores the images of a batch."""
+    """Grounding DINO + SAM (or a preset's exact segmenter): scores the images of a batch."""
 
     def __init__(self, cfg: Config):
         quiet_libraries()
+        from dxray import models
         from dxray.generator import resolve_device
 
-        self.segmenter = load_segmenter(cfg, resolve_device(cfg.device))
+        self.segmenter = models.load_segmenter(cfg.segment, device=resolve_device(cfg.device), cache_dir=cfg.cache_dir)
 
     def ready(self) -> bool:
         return True
@@ -64,5 +49,5 @@ class SegmenterActor:
     def score(self, images: list[list], prompts: list[str | None]) -> list[list[dict] | None]:
         """Per task: the segmentation columns of each image, or None when the task is not scored."""
         # Arrays from the object store are read-only views; the processors want writable ones.
-        return [score(self.segmenter, [i.copy() for i in imgs], p) if p and imgs else None
+        return [segmentation_columns(self.segmenter, [i.copy() for i in imgs], p) if p and imgs else None
                 for imgs, p in zip(images, prompts, strict=True)]

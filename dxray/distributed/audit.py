@@ -1,63 +1,100 @@
-"""The audit on Ray (``dxray audit`` / ``jobs/audit.py``): same config, same tables as ``dxray explain``.
+"""The audit on Ray (``dxray audit`` / ``jobs/audit.py``): the same :class:`AuditJob` as ``dxray explain``,
+the same config and tables; only how batches run differs.
 
-validate (no model loaded) → join or start Ray → rank features → plan, skip committed tasks →
+preflight (no model loaded) → join or start Ray → rank features → plan, skip committed tasks →
 explainer + segmenter actors → scheduler → verdicts, classes, manifest (last).
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from dxray import audit
 from dxray.config import Config
+from dxray.distributed import scheduler
 from dxray.distributed.actors import ExplainerActor, SegmenterActor
 from dxray.distributed.cluster import connect
-from dxray.distributed.scheduler import SEGMENT, Scheduler
+from dxray.distributed.layout import layout
 from dxray.errors import DxrayError
+from dxray.pipeline import rows
+from dxray.pipeline.job import AuditJob, RunSummary
 
 log = logging.getLogger("dxray")
 
+# The scheduler's stages, in the pipeline's stage labels (an explainer's own code raising is its batch's
+# optimisation failing: Explainer.explain and rows.package turn every other failure into the task's error).
+STAGES = {scheduler.EXPLAIN: rows.OPTIMISE, scheduler.SEGMENT: rows.SEGMENT, scheduler.SCHEDULE: rows.SCHEDULE}
 
-def layout(cfg: Config, cluster_gpus: float, scales_up: bool = False) -> tuple[int, float]:
-    """(explainer count, GPUs per explainer): as many explainers of ``gpus_per_explainer`` as fit beside
-    the segmenters. A fractional request must fit on one GPU (Ray never splits an actor across GPUs),
-    so packing is per GPU. A CPU-only cluster gets one CPU explainer unless told otherwise; on a cluster
-    that ``scales_up`` (one we joined, not a local one) explicit ``cluster.explainers`` keep their GPUs even
-    while it has none, so the autoscaler adds GPU nodes for them."""
-    import math
+
+def run_distributed(cfg: Config, address: str | None = None, progress=None) -> RunSummary:
+    import ray
+
+    cfg = _pin_storage(cfg)
+    job = AuditJob(cfg, "audit")
+    job.preflight()  # every check that needs no model, storage reachability included
+    _check(cfg)
+    emit = progress or (lambda event, data: None)
+    where = connect(cfg.cluster, address)
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    n, gpe = layout(cfg, gpus, scales_up=where != "local")
+    if gpe and not gpus:
+        log.warning("dxray: the cluster has no GPU yet; %d explainer(s) of %g GPU wait for the autoscaler to add GPU "
+                    "nodes (cluster.gpus_per_explainer=0 runs them on CPUs)", n, gpe)
+    job.prepare(*_ranking_inputs(cfg))
+    emit("plan", job.plan_event() | {"explainers": n, "cluster": where})
+    segmenters = 0  # started in this session (none when every task was committed before)
+    if job.todo:
+        with _actors(cfg, job.sink.run_id, n, gpe, gpus) as (explainers, segs):
+            segmenters = len(segs)
+            emit("actors", {"explainers": n, "gpus_per_explainer": gpe, "segmenters": segmenters})
+            c = cfg.cluster
+            sched = scheduler.Scheduler(explainers, segs, **_callables(job), in_flight_per_actor=c.in_flight_per_actor,
+                                        task_retries=c.task_retries, log_every_s=c.log_every_s, progress=emit)
+            for row in sched.run(job.todo, cfg.optimize.batch_tasks):
+                job.count(row)
+    return job.finish(f"ray ({where}): {n} explainer(s) x {gpe:g} GPU",
+                      extra={"cluster": {"explainers": n, "gpus_per_explainer": gpe, "segmenters": segmenters}})
+
+
+def _callables(job: AuditJob) -> dict:
+    """What the scheduler calls: its items are TaskSpecs, its results Finished tasks (the explainer
+    actors' ``run`` returns them with the images to score); every row goes through ``job.commit``."""
+
+    def fail(spec, finished, stage: str, message: str) -> dict:
+        stage = STAGES[stage]
+        if finished is not None and stage == rows.SEGMENT:  # explained: its row, with the segmenter's error
+            return job.commit(finished, None, rows.error_text(stage, message))
+        return job.commit(rows.error_row(job.sink.run_id, spec, job.cfg, stage, message))
+
+    return {"explain": lambda actor, specs: actor.run.options(num_returns=2).remote(specs),
+            "score": lambda actor, images, finished: actor.score.remote(images, [f.prompt for f in finished]),
+            "needs_scoring": lambda finished: bool(finished.prompt),
+            "commit": lambda finished, scores: job.commit(finished, scores), "fail": fail}
+
+
+@contextmanager
+def _actors(cfg: Config, run_id: str, n: int, gpe: float, gpus: float) -> Iterator[tuple[list, list]]:
+    """The run's explainer and segmenter actors, once one of each kind is ready; killed on the way out."""
+    import ray
 
     c = cfg.cluster
-    gpe = c.gpus_per_explainer if cluster_gpus > 0 or (scales_up and c.explainers is not None) else 0.0
-    if c.explainers is not None:
-        return c.explainers, gpe
-    if gpe == 0:
-        return 1, 0.0
-    gpus = int(cluster_gpus + 1e-9)
-    segs = c.segmenters if cfg.segment.enabled and c.gpus_per_segmenter > 0 else 0
-    gps = c.gpus_per_segmenter
-    if gpe >= 1:
-        n = int((gpus - math.ceil(segs * gps - 1e-9)) / gpe + 1e-9)
-    else:
-        per = [int(1 / gpe + 1e-9)] * gpus  # explainers on each GPU
-        free = [1 - k * gpe for k in per]
-        for _ in range(segs):  # each segmenter into a GPU's leftover, else in place of an explainer
-            fits = [g for g in range(gpus) if free[g] + 1e-9 >= gps]
-            if not fits:
-                g = max(range(gpus), key=lambda g: (per[g], free[g]), default=None)
-                if g is None or per[g] == 0:
-                    break
-                per[g] -= 1
-                free[g] += gpe
-                fits = [g] if free[g] + 1e-9 >= gps else []
-            if fits:
-                free[fits[0]] -= gps
-        n = sum(per)
-    if n < 1:
-        raise DxrayError(f"cluster has {cluster_gpus:g} GPU(s): no room for an explainer of {gpe:g} GPU beside "
-                         f"{c.segmenters} segmenter(s) of {c.gpus_per_segmenter:g}; lower cluster.gpus_per_explainer "
-                         f"or set cluster.explainers (an autoscaling cluster adds nodes on demand)")
-    return n, gpe
+    opts = dict(max_restarts=-1, max_task_retries=0)
+    explainers, segmenters = [], []
+    try:
+        explainers = [ray.remote(ExplainerActor).options(
+            num_gpus=gpe, num_cpus=c.cpus_per_explainer, name=f"dxray-explainer-{run_id}-{i}",
+            **opts).remote(cfg, run_id) for i in range(n)]
+        if cfg.segment.enabled:
+            segmenters = [ray.remote(SegmenterActor).options(
+                num_gpus=c.gpus_per_segmenter if gpus or gpe else 0, num_cpus=c.cpus_per_segmenter,
+                name=f"dxray-segmenter-{run_id}-{i}", **opts).remote(cfg) for i in range(c.segmenters)]
+        _first_ready(explainers, "explainer")
+        _first_ready(segmenters, "segmenter")
+        yield explainers, segmenters
+    finally:
+        for actor in explainers + segmenters:
+            ray.kill(actor, no_restart=True)
 
 
 def _check(cfg: Config) -> None:
@@ -67,7 +104,7 @@ def _check(cfg: Config) -> None:
 
 
 def _ranking_inputs(cfg: Config):
-    """(image ranker, classifier) for ``audit.prepare``: classifier actors on Ray Data rank over the
+    """(classifier, image ranker) for ``AuditJob.prepare``: classifier actors on Ray Data rank over the
     image folder; weight ranking needs the final layer, loaded on the driver's CPU."""
     t = cfg.targets
     if t.feature_source == "images":
@@ -76,14 +113,11 @@ def _ranking_inputs(cfg: Config):
         def on_ray(todo: list[int]):
             return [r for r in rank_features_distributed(cfg).ranked if r.class_index in todo]
 
-        return on_ray, None
+        return None, on_ray
     if t.feature_source == "weights" and t.top_k:
-        from dxray import classifiers
+        from dxray import models
 
-        c = cfg.classifier
-        return None, classifiers.load_classifier(audit.classifier_spec(cfg), **audit.classifier_kwargs(cfg),
-                                                 input_size=c.input_size, final_layer=c.final_layer, device="cpu",
-                                                 allow_pickle=c.allow_pickle)
+        return models.load_classifier(cfg.classifier, device="cpu", cache_dir=cfg.cache_dir), None
     return None, None
 
 
@@ -117,70 +151,3 @@ def _first_ready(actors: list, what: str) -> None:
         cause = getattr(cause, "cause", None) or cause
         first = next((ln for ln in reversed(str(cause).splitlines()) if ln.strip()), type(cause).__name__)
         raise DxrayError(f"the {what} actor failed to start: {first.strip()}") from None
-
-
-def _scheduler_callables(cfg: Config, sink) -> dict:
-    """What the scheduler calls: its items are ``audit.TaskSpec``s, its results ``audit.Finished``
-    (the actors' ``run`` returns them with the images to score), and every row goes through
-    ``audit.commit``. A failure's (stage, message) becomes the task's error text."""
-
-    def explain(actor, specs):
-        return actor.run.options(num_returns=2).remote(specs)
-
-    def score(actor, images, finished):
-        return actor.score.remote(images, [f.prompt for f in finished])
-
-    def fail(spec, finished, stage: str, message: str) -> dict:
-        if stage == SEGMENT:  # the task is explained: its row, with the segmenter's error
-            return audit.commit(sink, finished, None, f"segmentation failed: {message}")
-        return audit.commit(sink, audit.Finished(audit._task_row(sink.run_id, spec, cfg, None, message), [], None))
-
-    return {"explain": explain, "score": score, "needs_scoring": lambda finished: bool(finished.prompt),
-            "commit": lambda finished, scores: audit.commit(sink, finished, scores), "fail": fail}
-
-
-def run_distributed(cfg: Config, address: str | None = None, progress=None) -> audit.RunSummary:
-    import ray
-
-    started = datetime.now(UTC)
-    info = audit.preflight(cfg)  # every check that needs no model, storage reachability included
-    cfg = _pin_storage(cfg)
-    _check(cfg)
-    emit = progress or (lambda event, data: None)
-    where = connect(cfg.cluster, address)
-    gpus = float(ray.cluster_resources().get("GPU", 0))
-    n, gpe = layout(cfg, gpus, scales_up=where != "local")
-    if gpe and not gpus:
-        log.warning("dxray: the cluster has no GPU yet; %d explainer(s) of %g GPU wait for the autoscaler to add GPU "
-                    "nodes (cluster.gpus_per_explainer=0 runs them on CPUs)", n, gpe)
-    image_ranker, classifier = _ranking_inputs(cfg)
-    p = audit.prepare(cfg, info, classifier, image_ranker, started=started)
-    summary = p.summary()
-    emit("plan", {"planned": len(p.specs), "skipped": summary.skipped, "todo": len(p.todo), "root": summary.root,
-                  "explainers": n, "cluster": where})
-    c = cfg.cluster
-    explainers, segmenters = [], []
-    try:
-        if p.todo:
-            opts = dict(max_restarts=-1, max_task_retries=0)
-            explainers = [ray.remote(ExplainerActor).options(
-                num_gpus=gpe, num_cpus=c.cpus_per_explainer, name=f"dxray-explainer-{p.sink.run_id}-{i}",
-                **opts).remote(cfg, p.sink.run_id) for i in range(n)]
-            if cfg.segment.enabled:
-                segmenters = [ray.remote(SegmenterActor).options(
-                    num_gpus=c.gpus_per_segmenter if gpus or gpe else 0, num_cpus=c.cpus_per_segmenter,
-                    name=f"dxray-segmenter-{p.sink.run_id}-{i}", **opts).remote(cfg) for i in range(c.segmenters)]
-            _first_ready(explainers, "explainer")
-            _first_ready(segmenters, "segmenter")
-            emit("actors", {"explainers": n, "gpus_per_explainer": gpe, "segmenters": len(segmenters)})
-            sched = Scheduler(explainers, segmenters, **_scheduler_callables(cfg, p.sink),
-                              in_flight_per_actor=c.in_flight_per_actor, task_retries=c.task_retries,
-                              log_every_s=c.log_every_s, progress=emit)
-            for row in sched.run(p.todo, cfg.optimize.batch_tasks):
-                audit.count(summary, row)
-    finally:
-        for actor in explainers + segmenters:
-            ray.kill(actor, no_restart=True)
-    audit.finalize(cfg, p, summary, "audit", f"ray ({where}): {n} explainer(s) x {gpe:g} GPU",
-                   extra={"cluster": {"explainers": n, "gpus_per_explainer": gpe, "segmenters": len(segmenters)}})
-    return summary

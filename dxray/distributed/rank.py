@@ -22,11 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dxray import audit, classifiers, features
+from dxray import classifiers, features, models
 from dxray.config import Config
 from dxray.errors import DxrayError
 from dxray.features import ImageFolder, RankedFeature
 from dxray.generator import resolve_device
+from dxray.pipeline.ranking import image_folder
 from dxray.quiet import quiet_libraries
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,12 @@ def check(cfg: Config) -> classifiers.ClassifierInfo:
                          f"(and targets.feature_images.path), got {t.feature_source!r}")
     if not t.top_k:
         raise DxrayError("targets.top_k is 0: nothing to rank")
-    info = classifiers.describe(audit.classifier_spec(cfg), **audit.classifier_kwargs(cfg))
+    info = models.describe_classifier(cfg.classifier, cache_dir=cfg.cache_dir)
     bad = [c for c in t.classes if not 0 <= c < info.num_classes]
     if bad:
         raise DxrayError(f"targets.classes: class index {bad[0]} out of range; "
                          f"the classifier has classes 0..{info.num_classes - 1}")
-    features.check_image_folder(audit.image_folder(cfg), t.classes, t.feature_images.select)
+    features.check_image_folder(image_folder(cfg), t.classes, t.feature_images.select)
     return info
 
 
@@ -91,10 +92,8 @@ class ClassActivationSums:
 
     def __init__(self, cfg: Config, folder: ImageFolder, classes: list[int], select: str):
         quiet_libraries()  # every actor's load-time bars would reach the driver's log
-        c = cfg.classifier
-        self.classifier = classifiers.load_classifier(
-            audit.classifier_spec(cfg), **audit.classifier_kwargs(cfg), input_size=c.input_size,
-            final_layer=c.final_layer, device=resolve_device(cfg.device), allow_pickle=c.allow_pickle)
+        self.classifier = models.load_classifier(cfg.classifier, device=resolve_device(cfg.device),
+                                                 cache_dir=cfg.cache_dir)
         self.folder, self.classes, self.select = folder, list(classes), select
         self.size = tuple(self.classifier.input_size)
         self.dim = self.classifier.final_weight.shape[1]
@@ -134,20 +133,9 @@ class ClassActivationSums:
 
 def _rank(weight: torch.Tensor, classes: list[int], sums: dict[int, np.ndarray], counts: dict[int, int],
           k: int, select: str) -> list[RankedFeature]:
-    """The ranking of :func:`features.rank_from_images` from the summed activations (same fallback)."""
-    ranked: list[RankedFeature] = []
-    for c in classes:
-        n = counts.get(c, 0)
-        if n:
-            mean = (torch.from_numpy(sums[c]) / n).float()
-            ranked += features.rank_by_activation(weight, mean, c, k, f"images-{select}", n)
-        else:
-            how = "predicted as" if select == "predicted" else "labelled"
-            log.warning("no images %s class %d; ranking its features by weight alone", how, c)
-            ranked += [RankedFeature(r.class_index, r.feature_index, r.rank, r.importance,
-                                     f"weights (no images {how} {c})", 0)
-                       for r in features.rank_by_weights(weight, c, k)]
-    return ranked
+    """The ranking of :func:`features.rank_from_images`, from the activations summed on Ray."""
+    means = {c: ((torch.from_numpy(sums[c]) / counts[c]).float(), counts[c]) for c in classes if counts.get(c, 0)}
+    return features.rank_from_means(weight, classes, means, k, select)
 
 
 def _user_error(err: BaseException) -> DxrayError:
@@ -190,12 +178,11 @@ def rank_features_distributed(cfg: Config, *, address: str | None = None, actors
     t, fi = cfg.targets, cfg.targets.feature_images
     if actors is not None and actors < 1:
         raise DxrayError(f"actors must be >= 1, got {actors}")
-    folder = audit.image_folder(cfg)
+    folder = image_folder(cfg)
     rows = list_images(folder, t.classes, fi.select, fi.max_per_class)
     cfg = cfg.model_copy(update={"cache_dir": str(_cache_root(cfg.cache_dir))})  # workers build tiny models there
-    classifier = classifiers.load_classifier(  # on the driver, for W (and to fail before any actor starts)
-        audit.classifier_spec(cfg), **audit.classifier_kwargs(cfg), input_size=cfg.classifier.input_size,
-        final_layer=cfg.classifier.final_layer, device="cpu", allow_pickle=cfg.classifier.allow_pickle)
+    # On the driver, for W (and to fail before any actor starts).
+    classifier = models.load_classifier(cfg.classifier, device="cpu", cache_dir=cfg.cache_dir)
     weight = classifier.final_weight.detach().float().cpu()
     del classifier
 
@@ -218,9 +205,7 @@ def rank_features_distributed(cfg: Config, *, address: str | None = None, actors
 
 
 def _cache_root(cache_dir: str | None):
-    from dxray.tiny import cache_root
-
-    return cache_root(cache_dir)
+    return models.cache_root(cache_dir)
 
 
 def _run(cfg: Config, folder: ImageFolder, rows: list[dict], pool: int, gpus: float,

@@ -222,7 +222,7 @@ def build_report(run: str, out: str | Path, *, storage=None) -> Path:
     """Write a self-contained HTML report of the run folder ``run`` (local or ``s3://``) to ``out``.
 
     Raises a one-line :class:`DxrayError` when ``run`` is not a run folder."""
-    from dxray.audit import open_run
+    from dxray.runs import open_run
 
     run = str(run)
     if "://" not in run and not Path(run).is_dir():

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 
 from dxray.config import StorageConfig
-from dxray.errors import DxrayError
+from dxray.errors import DxrayError, one_line
 from dxray.storage import redact
 
 log = logging.getLogger("dxray.storage")
@@ -56,9 +56,9 @@ _ACCESS_HINTS = {
 }
 
 
-def _one_line(err: BaseException, limit: int = 240) -> str:
-    """The error on one line; for an AWS error only its name and message (not the key it was about)."""
-    text = " ".join(str(err).split()) or type(err).__name__
+def _storage_line(err: BaseException, limit: int = 240) -> str:
+    """A storage error on one line: an AWS error as its name and message only (not the key it was about)."""
+    text = one_line(err, typed=False)
     m = _AWS_ERROR.search(text)
     if m:
         detail = re.sub(r"\s*\(Request ID: [^)]*\)", "", m["detail"]).strip(" .")
@@ -101,11 +101,11 @@ def retrying(call: Callable[[], T], *, deadline_s: float, what: str, quiet: bool
             left = deadline_s - (time.monotonic() - start)
             if left <= 0:
                 raise DxrayError(f"storage unavailable while {what}: still failing after "
-                                 f"{time.monotonic() - start:.0f} s ({_one_line(err)})") from err
+                                 f"{time.monotonic() - start:.0f} s ({_storage_line(err)})") from err
             pause = min(left, delay * random.uniform(0.5, 1.0))
             loud = not quiet and time.monotonic() - logged >= 30  # the first failure, then one line every 30 s
             log.log(logging.WARNING if loud else logging.DEBUG, "%s failed (%s); retrying for up to %.0f s more",
-                    what, _one_line(err, 160), left)
+                    what, _storage_line(err, 160), left)
             logged = time.monotonic() if loud else logged
             time.sleep(pause)
             delay = min(delay * 2, 5.0)
@@ -204,14 +204,14 @@ def check_output(output: str, storage: StorageConfig) -> None:
         if _ACCESS.search(text):
             hint = next((h for name, h in _ACCESS_HINTS.items() if name in text), "")
             raise DxrayError(f"output {where}: access denied{' - ' + hint if hint else ''}; check {CREDENTIAL_VARS}, "
-                             f"and that these credentials may write to bucket '{bucket}' ({_one_line(err, 160)})") from None
-        raise DxrayError(f"output {where} is not writable: {_one_line(err, 200)}") from None
+                             f"and that these credentials may write to bucket '{bucket}' ({_storage_line(err, 160)})") from None
+        raise DxrayError(f"output {where} is not writable: {_storage_line(err, 200)}") from None
 
 
 def _unreachable(label: str, storage: StorageConfig, cause: BaseException) -> DxrayError:
     """The one line for a probe that never reached the S3 endpoint; ``label`` is "output URI" or "run URI"."""
     endpoint = redact(endpoint_url(storage) or "the AWS default endpoint")
-    return DxrayError(f"{label}: cannot reach the S3 endpoint {endpoint} ({_one_line(cause, 120)}); is it running? "
+    return DxrayError(f"{label}: cannot reach the S3 endpoint {endpoint} ({_storage_line(cause, 120)}); is it running? "
                       f"It comes from storage.endpoint_url, else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
 
 
@@ -231,8 +231,8 @@ def check_reachable(run: str, path: str, storage: StorageConfig) -> None:
         if _NO_BUCKET.search(text):
             raise DxrayError(f"no run found at {redact(run)}: bucket '{path.split('/', 1)[0]}' does not exist") from None
         if _ACCESS.search(text):
-            raise DxrayError(f"run {redact(run)}: access denied; check {CREDENTIAL_VARS} ({_one_line(err, 160)})") from None
-        raise DxrayError(f"run {redact(run)} cannot be read: {_one_line(err, 200)}") from None
+            raise DxrayError(f"run {redact(run)}: access denied; check {CREDENTIAL_VARS} ({_storage_line(err, 160)})") from None
+        raise DxrayError(f"run {redact(run)} cannot be read: {_storage_line(err, 200)}") from None
 
 
 def _check_local(output: str) -> None:

@@ -150,8 +150,13 @@ class RunSink:
         return f"table {name} cannot be read"
 
     def committed_task_ids(self) -> set[str]:
-        table = self.read_table("tasks")
-        return set() if table is None else set(table.column("task_id").to_pylist())
+        """The run's committed tasks: those with a task row of status ok. This is the one meaning of
+        "committed": a resumed run skips exactly these, and tries a failed task (status error) again."""
+        table = self.read_table("tasks", columns=["task_id", "status"])
+        if table is None:
+            return set()
+        return {t for t, status in zip(table["task_id"].to_pylist(), table["status"].to_pylist(), strict=True)
+                if status == "ok"}
 
     def write_manifest(self, manifest: dict) -> str:
         """The manifest, with every secret-looking value masked (model references may be URLs)."""

@@ -11,8 +11,8 @@ import json
 
 import pyarrow.compute as pc
 
-from dxray.audit import open_run
 from dxray.errors import DxrayError
+from dxray.runs import open_run
 
 
 def planted_truth(sink) -> dict:

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dxray.tiny import _build_once, _bytes_to_unicode, cache_root
+from dxray.models.cache import build_once, cache_root
+from dxray.models.tiny import bytes_to_unicode
 from dxray.toyworld import render
 
 VERSION = 4
@@ -53,7 +54,7 @@ def world_tokenizer():
 
     words = {w for c in render.CLASSES for w in c} | set(render.BACKGROUND_COLOURS) | {
         "a", "on", "background", "striped", "plain", "of", "texture", "shape"}
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars])}
     merges = []
     for word in sorted(words):
@@ -273,7 +274,7 @@ def ensure_toyworld(cache_dir=None, log: Log = log_to_stderr, force: bool = Fals
         finally:
             torch.set_num_threads(threads)
 
-    return _build_once(root, build)
+    return build_once(root, build)
 
 
 def truth(cache_dir=None) -> dict:

@@ -7,23 +7,17 @@ through the same ``from_pretrained`` code path real models take.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from dxray.models.cache import build_once, cache_root
 
 TINY_CLASSES = ["goldfish", "tabby cat"]
 TINY_RESOLUTION = 64
 
 
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    root = cache_dir or os.environ.get("DXRAY_CACHE") or Path.home() / ".cache" / "dxray"
-    return Path(root).expanduser()
-
-
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte-to-unicode table (the base alphabet of the BPE vocabulary)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -40,7 +34,7 @@ def tiny_clip_tokenizer():
     """A CLIP tokenizer with a character-level vocabulary (no merges): real ids for BOS/EOS/PAD."""
     from transformers import CLIPTokenizer
 
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(tokens)}
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
@@ -88,29 +82,6 @@ def tiny_classifier(num_labels: int = 2, names: list[str] | None = None, seed: i
     return ResNetForImageClassification(config).eval(), processor
 
 
-def _build_once(target: Path, build) -> Path:
-    """Build into a temporary sibling and rename, so a crash never leaves half a model. A file lock
-    makes concurrent builders (several Ray actors on a fresh cache) wait for the first one instead
-    of replacing a finished folder while another process is loading it."""
-    from filelock import FileLock
-
-    if (target / ".complete").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target.parent / f".{target.name}.lock")):
-        if (target / ".complete").exists():  # built by another process while we waited
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
-            build(tmp)
-            (tmp / ".complete").touch()
-            shutil.rmtree(target, ignore_errors=True)  # a crashed build's leftovers, never a finished one
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def ensure_tiny_lcm(cache_dir=None) -> Path:
     """Path of the tiny LCM pipeline folder, built on first use."""
     from diffusers import LatentConsistencyModelPipeline
@@ -120,7 +91,7 @@ def ensure_tiny_lcm(cache_dir=None) -> Path:
                                               feature_extractor=None, requires_safety_checker=False)
         pipe.save_pretrained(folder)
 
-    return _build_once(cache_root(cache_dir) / "tiny-lcm", build)
+    return build_once(cache_root(cache_dir) / "tiny-lcm", build)
 
 
 def ensure_tiny_classifier(cache_dir=None) -> Path:
@@ -131,4 +102,4 @@ def ensure_tiny_classifier(cache_dir=None) -> Path:
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
 
-    return _build_once(cache_root(cache_dir) / "tiny-classifier", build)
+    return build_once(cache_root(cache_dir) / "tiny-classifier", build)

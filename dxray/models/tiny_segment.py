@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dxray.tiny import _build_once, cache_root
+from dxray.models.cache import build_once, cache_root
 
 TINY_DETECTOR_SIZE = 128  # the Swin backbone needs inputs of at least ~128 px
 TINY_SAM_SIZE = 64
@@ -122,9 +122,9 @@ def _save(pair, folder: Path) -> None:
 
 def ensure_tiny_grounding_dino(cache_dir=None) -> Path:
     """Path of the tiny Grounding DINO folder, built on first use."""
-    return _build_once(cache_root(cache_dir) / "tiny-grounding-dino", lambda folder: _save(tiny_grounding_dino(), folder))
+    return build_once(cache_root(cache_dir) / "tiny-grounding-dino", lambda folder: _save(tiny_grounding_dino(), folder))
 
 
 def ensure_tiny_sam(cache_dir=None) -> Path:
     """Path of the tiny SAM folder, built on first use."""
-    return _build_once(cache_root(cache_dir) / "tiny-sam", lambda folder: _save(tiny_sam(), folder))
+    return build_once(cache_root(cache_dir) / "tiny-sam", lambda folder: _save(tiny_sam(), folder))

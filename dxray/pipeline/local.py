@@ -1,0 +1,71 @@
+"""The in-process runner (``dxray explain``, the embedded default): the explainer and the segmenter
+live in this process and run the job's batches one after another."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from dxray.config import Config
+from dxray.pipeline.explainer import Explainer
+from dxray.pipeline.job import AuditJob, RunSummary
+from dxray.pipeline.rows import SEGMENT, Finished, error_text, package, segmentation_columns
+from dxray.pipeline.tasks import TaskSpec
+from dxray.storage.sink import RunSink
+
+ProgressHook = Callable[[str, dict], None]
+
+
+class LocalRunner:
+    """An explainer and a segmenter in this process: runs one batch, yields what each task needs committed."""
+
+    def __init__(self, cfg: Config, generator=None, classifier=None):
+        from dxray import models
+
+        self.cfg = cfg
+        self.explainer = Explainer(cfg, generator, classifier)
+        self.generator, self.classifier = self.explainer.generator, self.explainer.classifier
+        self.segmenter = models.load_segmenter(cfg.segment, device=self.generator.device,
+                                               cache_dir=cfg.cache_dir) if cfg.segment.enabled else None
+
+    def run_batch(self, specs: list[TaskSpec], sink: RunSink,
+                  on_step=None) -> Iterator[tuple[Finished, list[dict] | None, str | None]]:
+        """Optimise and sample a batch, write each task's images and score them:
+        (finished, scores, error) per task, for :meth:`AuditJob.commit`."""
+        for outcome in self.explainer.explain(specs, on_step=on_step):
+            done, images = package(outcome, self.cfg, sink)
+            scores, error = None, None
+            if images:
+                try:
+                    scores = segmentation_columns(self.segmenter, images, done.prompt)
+                except Exception as err:  # this task's error; the batch goes on
+                    error = error_text(SEGMENT, err)
+            yield done, scores, error
+
+
+def run(cfg: Config, progress: ProgressHook | None = None, runner: LocalRunner | None = None) -> RunSummary:
+    """The whole audit in this process (no cluster needed)."""
+    job = AuditJob(cfg, "explain")
+    job.preflight()
+    runner = runner or LocalRunner(cfg)
+    job.prepare(runner.classifier)
+    emit = progress or (lambda event, data: None)
+    emit("plan", job.plan_event())
+    size = cfg.optimize.batch_tasks
+    for start in range(0, len(job.todo), size):
+        batch = job.todo[start:start + size]
+        for done, scores, error in runner.run_batch(batch, job.sink, on_step=_step_events(cfg, batch, emit)):
+            row = job.commit(done, scores, error)
+            job.count(row)
+            emit("task", row)
+    return job.finish(str(runner.generator.device))
+
+
+def _step_events(cfg: Config, batch: list[TaskSpec], emit: ProgressHook):
+    names = ", ".join(f"{s.kind}:{s.class_index if s.kind != 'neuron' else s.layer}" for s in batch)
+
+    def on_step(step, results):
+        losses = [r.loss_curve[-1] for r in results if r.loss_curve]
+        emit("step", {"step": step + 1, "steps": cfg.optimize.steps, "tasks": names,
+                      "loss": sum(losses) / len(losses) if losses else float("nan")})
+
+    return on_step

@@ -1,0 +1,119 @@
+"""Rows of the run's tables, built from a task and what became of it: the task row, its sample rows
+(after its full-size images are written, which the rows point at), the segmentation columns, and the
+one error row both runners write when a stage fails.
+
+A failure is labelled by the stage it happened in, with the same words on both runners:
+
+==========  =================================================================
+stage       the ``error`` column reads
+==========  =================================================================
+optimise    ``optimisation failed: <one line>`` (incl. a non-finite loss)
+sample      ``sampling failed: <one line>``
+write       ``writing images failed: <one line>``
+segment     ``segmentation failed: <one line>``
+schedule    the scheduler's own line (``gave up after 4 attempts: ...``, ``every explainer actor died: ...``)
+==========  =================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dxray.errors import one_line
+from dxray.optimize import OptimizeResult, Sample
+from dxray.pipeline.tasks import TaskSpec, scoring_prompt
+from dxray.storage.images import encode_png, thumbnail_png
+
+OPTIMISE, SAMPLE, WRITE, SEGMENT, SCHEDULE = "optimise", "sample", "write", "segment", "schedule"
+LABELS = {OPTIMISE: "optimisation failed", SAMPLE: "sampling failed", WRITE: "writing images failed",
+          SEGMENT: "segmentation failed", SCHEDULE: None}
+
+
+def error_text(stage: str, err: BaseException | str) -> str:
+    """The ``error`` column for a failure in ``stage``: its label and the error on one line."""
+    text = err if isinstance(err, str) else one_line(err)
+    label = LABELS[stage]
+    return f"{label}: {text}" if label else text
+
+
+@dataclass
+class Outcome:
+    """What the explainer made of one task: its best optimisation result and held-out samples;
+    ``error`` is already labelled (:func:`error_text`)."""
+
+    spec: TaskSpec
+    result: OptimizeResult | None
+    samples: list[Sample]
+    error: str | None
+
+
+@dataclass
+class Finished:
+    """A task ready to commit once its images are scored: the task row, its sample rows (images
+    already written) and the detection prompt (None: nothing to score)."""
+
+    task_row: dict
+    sample_rows: list[dict]
+    prompt: str | None
+
+
+def task_row(run_id: str, spec: TaskSpec, cfg, res: OptimizeResult | None, error: str | None) -> dict:
+    row = {
+        "run_id": run_id, "task_id": spec.task_id, "kind": spec.kind, "class_index": spec.class_index,
+        "class_name": spec.class_name, "feature_index": spec.feature_index, "feature_rank": spec.feature_rank,
+        "layer": spec.layer, "objective": spec.objective.description, "template": spec.template,
+        "n_tokens": cfg.prompt.n_tokens, "init": spec.init, "status": "error" if error else "ok", "error": error,
+        "lr": (cfg.prompt.kind == "hard" and cfg.prompt.hard.lr) or cfg.optimize.lr,
+        "samples_per_step": cfg.optimize.samples_per_step,
+    }
+    if res is not None:
+        row |= {
+            "steps": res.steps, "final_loss": res.final_loss, "loss_curve": res.loss_curve,
+            "target_prob": res.target_prob, "stopped_early": res.stopped_early, "baseline_prob": res.baseline_prob,
+            "prompt_embedding": res.rows.tolist(), "hard_prompt_text": res.text,
+            "train_seeds": [s[0] for s in res.train_seeds],
+            "seconds": res.seconds,
+        }
+    return row
+
+
+def error_row(run_id: str, spec: TaskSpec, cfg, stage: str, err: BaseException | str,
+              res: OptimizeResult | None = None) -> Finished:
+    """A failed task, ready to commit: its task row (with the optimisation result when there is one)
+    and no samples."""
+    return Finished(task_row(run_id, spec, cfg, res, error_text(stage, err)), [], None)
+
+
+def sample_rows(run_id: str, spec: TaskSpec, samples: list[Sample], prompt: str | None, write) -> list[dict]:
+    """One row per held-out image; ``write(relative path, bytes) -> uri`` stores its full-size PNG."""
+    rows = []
+    for s in samples:
+        uri = write(f"images/{spec.task_id}/{s.seed:010d}.png", encode_png(s.image))
+        rows.append({
+            "run_id": run_id, "task_id": spec.task_id, "class_index": spec.class_index,
+            "feature_index": spec.feature_index, "seed": s.seed, "image_uri": uri,
+            "thumbnail": thumbnail_png(s.image), "width": s.image.shape[1], "height": s.image.shape[0],
+            "class_prob": s.class_prob, "feature_activation": s.feature_activation, "detection_prompt": prompt,
+        })
+    return rows
+
+
+def segmentation_columns(segmenter, images: list, prompt: str) -> list[dict]:
+    """Segmentation columns of each image."""
+    return [{"object_fraction": g.object_fraction, "mask_rle": g.mask_rle, "boxes": g.boxes, "box_scores": g.box_scores}
+            for g in segmenter(images, [prompt] * len(images))]
+
+
+def package(outcome: Outcome, cfg, sink) -> tuple[Finished, list]:
+    """Write the task's full-size images and build its rows; returns them and the images to score.
+    A failure to write is the task's error (stage ``write``), never the batch's."""
+    spec = outcome.spec
+    if outcome.error is not None:
+        return Finished(task_row(sink.run_id, spec, cfg, outcome.result, outcome.error), [], None), []
+    prompt = scoring_prompt(cfg, spec)
+    try:
+        rows = sample_rows(sink.run_id, spec, outcome.samples, prompt, sink.write_bytes)
+    except Exception as err:
+        return error_row(sink.run_id, spec, cfg, WRITE, err, outcome.result), []
+    images = [s.image for s in outcome.samples] if prompt else []
+    return Finished(task_row(sink.run_id, spec, cfg, outcome.result, None), rows, prompt), images

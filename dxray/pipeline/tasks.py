@@ -1,0 +1,73 @@
+"""Task planning: every task of a run (class × {class task, its top-k features} × templates, then the
+neuron tasks), each with a stable id, in a stable order. Plain data; no model is loaded here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dxray import objectives
+from dxray.errors import DxrayError
+from dxray.features import RankedFeature
+from dxray.objectives import Objective
+from dxray.pipeline.identity import task_id
+
+
+@dataclass
+class TaskSpec:
+    task_id: str
+    kind: str  # class | feature | neuron
+    objective: Objective
+    template: str
+    init: str
+    seed: int
+    class_index: int | None = None
+    class_name: str | None = None
+    feature_index: int | None = None
+    feature_rank: int | None = None
+    layer: str | None = None
+
+
+def short_name(class_name: str) -> str:
+    """First lemma of a WordNet-style name: 'tench, Tinca tinca' → 'tench'."""
+    return class_name.split(",")[0].strip()
+
+
+def plan(cfg, info, ranking: list[RankedFeature]) -> list[TaskSpec]:
+    """All tasks of the run, in a stable order: per class, the class task, then its features.
+    ``info`` is the classifier's description (class names, penultimate width)."""
+    t = cfg.targets
+    tasks: list[TaskSpec] = []
+
+    def add(kind: str, objective: Objective, **fields) -> None:
+        for template in cfg.prompt.templates:
+            name = fields.get("class_name")
+            init = f"word:{short_name(name)}" if cfg.prompt.init == "class" and name else cfg.prompt.init
+            if init == "class":
+                init = "random"  # neuron tasks have no class name to start from
+            tid = task_id(cfg, kind=kind, objective=objective.description, template=template, init=init,
+                          **{k: v for k, v in fields.items() if k != "class_name"})
+            tasks.append(TaskSpec(tid, kind, objective, template, init, int(tid[:8], 16), **fields))
+
+    d = info.feature_dim
+    for c in t.classes:
+        name = info.class_names[c]
+        if t.class_task:
+            add("class", objectives.class_ce(c), class_index=c, class_name=name)
+        for rank, f in sorted((x.rank, x.feature_index) for x in ranking if x.class_index == c):
+            if not 0 <= f < d:
+                raise DxrayError(f"feature {f} of class {c} out of range; penultimate has 0..{d - 1}")
+            objective = objectives.class_ce(c) - cfg.optimize.feature_weight * objectives.neuron("penultimate", f)
+            add("feature", objective, class_index=c, class_name=name, feature_index=f, feature_rank=rank,
+                layer="penultimate")
+    for nt in t.neurons:
+        add("neuron", -objectives.neuron(nt.layer, nt.unit), feature_index=nt.unit, layer=nt.layer)
+    return tasks
+
+
+def scoring_prompt(cfg, spec: TaskSpec) -> str | None:
+    """Grounding DINO prompt for the task's images; None when they are not scored."""
+    if not cfg.segment.enabled or spec.class_index is None:
+        return None
+    from dxray.segment import detection_prompt
+
+    return detection_prompt(cfg.segment.prompts.get(spec.class_index, spec.class_name))

@@ -1,0 +1,92 @@
+"""Runs on storage: open one, and re-decide a finished one's verdicts for another δ. What is committed
+in a run is :meth:`RunSink.committed_task_ids` (task rows of status ok), its one definition."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from dxray.config import Config, StorageConfig
+from dxray.errors import DxrayError, one_line
+from dxray.storage.fs import check_reachable
+from dxray.storage.sink import RunSink
+from dxray.verdict import decide
+
+log = logging.getLogger("dxray")
+
+
+def open_sink(cfg: Config, run_id: str | None = None) -> RunSink:
+    """The sink of the run a config writes (its ``run_id``, else the one derived from it)."""
+    return RunSink(cfg.output, run_id or cfg.resolved_run_id(), storage=cfg.storage)
+
+
+def open_run(run: str, storage: StorageConfig | None = None) -> RunSink:
+    """The sink of an existing run folder (local path or URI ending in the run id)."""
+    parent, _, run_id = run.rstrip("/").rpartition("/")
+    sink = RunSink(parent or ".", run_id, storage=storage)
+    if sink.fs.type_name == "s3":
+        check_reachable(run, sink.root, sink.storage)  # seconds, not storage.retry_seconds of retries
+    if sink.read_table("tasks") is None:
+        raise DxrayError(f"no run found at {run} (expected a tasks/ table inside)")
+    return sink
+
+
+def decision_in_force(cfg: Config, manifest: dict | None) -> dict:
+    """The δ a (re-)finished run decides with: a δ set by ``dxray redecide`` stays in force over the
+    config's ``verdict.delta`` (which does not change the run id), until the next redecide."""
+    previous = (manifest or {}).get("decision")
+    if isinstance(previous, dict) and previous.get("source") == "redecide" and \
+            isinstance(previous.get("delta"), int | float) and 0 <= previous["delta"] <= 1:
+        if previous["delta"] != cfg.verdict.delta:
+            log.warning("keeping delta %s set by dxray redecide (the config says verdict.delta %s); "
+                        "run dxray redecide again to change it", previous["delta"], cfg.verdict.delta)
+        return previous
+    return {"delta": cfg.verdict.delta, "source": "config"}
+
+
+_DECIDED = ("verdicts/part-all.parquet", "classes/part-all.parquet", "manifest.json")
+
+
+def redecide(run: str, delta: float) -> tuple[list[dict], list[dict]]:
+    """Re-decide core/spurious for another δ from the stored r values; rewrites verdicts and classes
+    and records the δ in the manifest, all or nothing: when a write fails, the files written so far
+    are put back as they were, so the run is never left half re-decided."""
+    from dxray.verdict import check_delta
+
+    check_delta(delta)
+    sink = open_run(run)
+    manifest = sink.read_manifest()
+    if manifest is None:
+        raise DxrayError(f"run {run} has not finished (no readable manifest.json): re-run its command to finish "
+                         f"it, then redecide")
+    samples = sink.read_table("samples")
+    if samples is None:
+        raise DxrayError(f"run {run} has no samples table")
+    verdicts, classes = decide(sink.read_table("tasks"), samples, delta, sink.run_id)
+    decision = {"delta": delta, "source": "redecide", "at": datetime.now(UTC).isoformat()}
+    before = {rel: sink.read_bytes(rel) for rel in _DECIDED}
+    written: list[str] = []  # each write is atomic (sink._atomic): the one that failed left its file as it was
+    writes = {_DECIDED[0]: lambda: sink.write_table("verdicts", verdicts, part="all"),
+              _DECIDED[1]: lambda: sink.write_table("classes", classes, part="all"),
+              _DECIDED[2]: lambda: sink.write_manifest(manifest | {"decision": decision})}
+    for rel, write in writes.items():
+        try:
+            write()
+        except (OSError, DxrayError) as err:
+            _restore(sink, before, written)
+            raise DxrayError(f"run {run}: could not write {rel} ({one_line(err, typed=False)}); the run is unchanged "
+                             f"(still decided at its earlier delta)") from None
+        written.append(rel)
+    return verdicts, classes
+
+
+def _restore(sink: RunSink, before: dict[str, bytes | None], written: list[str]) -> None:
+    for rel in reversed(written):
+        try:
+            if before[rel] is None:
+                sink.delete(rel)
+            else:
+                sink.write_bytes(rel, before[rel])
+        except (OSError, DxrayError) as err:
+            raise DxrayError(f"run {sink.uri('')}: redecide failed and {rel} could not be put back "
+                             f"({one_line(err, typed=False)}); run dxray redecide again to make the run consistent") from None
