@@ -338,3 +338,15 @@ def test_layout_with_no_room_is_a_one_line_error(tmp_path):
     cfg = load_config(TINY_YAML, [f"output={tmp_path}", "cluster.gpus_per_explainer=1", "cluster.gpus_per_segmenter=0.25"])
     with pytest.raises(DxrayError, match="no room for an explainer"):
         layout(cfg, 1)
+
+
+def test_explicit_features_load_no_classifier_on_the_driver(tmp_path):
+    """Ranking by weights loads the classifier on the driver; with every class's features given, nothing is ranked."""
+    from dxray.distributed.audit import _ranking_inputs
+
+    missing = f"classifier.spec=hf:{tmp_path / 'no-such-classifier'}"
+    cfg = load_config(TINY_YAML, [f"output={tmp_path}", missing, "targets.features={0: [1], 1: [2]}"])
+    assert _ranking_inputs(cfg) == (None, None)
+    half = load_config(TINY_YAML, [f"output={tmp_path}", missing, "targets.features={0: [1]}"])
+    with pytest.raises(DxrayError, match="no-such-classifier"):
+        _ranking_inputs(half)  # class 1 is ranked by weights: the classifier is loaded (and is not there)

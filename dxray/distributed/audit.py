@@ -27,7 +27,10 @@ log = logging.getLogger("dxray")
 STAGES = {scheduler.EXPLAIN: rows.OPTIMISE, scheduler.SEGMENT: rows.SEGMENT, scheduler.SCHEDULE: rows.SCHEDULE}
 
 
-def run_distributed(cfg: Config, address: str | None = None, progress=None) -> RunSummary:
+def run_distributed(cfg: Config, address: str | None = None, progress=None, *,
+                    actors: tuple[type, type] = (ExplainerActor, SegmenterActor)) -> RunSummary:
+    """The audit on Ray. ``actors``: the explainer and segmenter classes (``benchmarks/scale.py`` runs the
+    real driver with simulated ones of the same interface)."""
     import ray
 
     cfg = _pin_storage(cfg)
@@ -45,7 +48,7 @@ def run_distributed(cfg: Config, address: str | None = None, progress=None) -> R
     emit("plan", job.plan_event() | {"explainers": n, "cluster": where})
     segmenters = 0  # started in this session (none when every task was committed before)
     if job.todo:
-        with _actors(cfg, job.sink.run_id, n, gpe, gpus) as (explainers, segs):
+        with _actors(cfg, job.sink.run_id, n, gpe, gpus, actors) as (explainers, segs):
             segmenters = len(segs)
             emit("actors", {"explainers": n, "gpus_per_explainer": gpe, "segmenters": segmenters})
             c = cfg.cluster
@@ -74,7 +77,8 @@ def _callables(job: AuditJob) -> dict:
 
 
 @contextmanager
-def _actors(cfg: Config, run_id: str, n: int, gpe: float, gpus: float) -> Iterator[tuple[list, list]]:
+def _actors(cfg: Config, run_id: str, n: int, gpe: float, gpus: float,
+            classes: tuple[type, type]) -> Iterator[tuple[list, list]]:
     """The run's explainer and segmenter actors, once one of each kind is ready; killed on the way out."""
     import ray
 
@@ -82,11 +86,12 @@ def _actors(cfg: Config, run_id: str, n: int, gpe: float, gpus: float) -> Iterat
     opts = dict(max_restarts=-1, max_task_retries=0)
     explainers, segmenters = [], []
     try:
-        explainers = [ray.remote(ExplainerActor).options(
+        explainer_cls, segmenter_cls = classes
+        explainers = [ray.remote(explainer_cls).options(
             num_gpus=gpe, num_cpus=c.cpus_per_explainer, name=f"dxray-explainer-{run_id}-{i}",
             **opts).remote(cfg, run_id) for i in range(n)]
         if cfg.segment.enabled:
-            segmenters = [ray.remote(SegmenterActor).options(
+            segmenters = [ray.remote(segmenter_cls).options(
                 num_gpus=c.gpus_per_segmenter if gpus or gpe else 0, num_cpus=c.cpus_per_segmenter,
                 name=f"dxray-segmenter-{run_id}-{i}", **opts).remote(cfg) for i in range(c.segmenters)]
         _first_ready(explainers, "explainer")
@@ -107,6 +112,8 @@ def _ranking_inputs(cfg: Config):
     """(classifier, image ranker) for ``AuditJob.prepare``: classifier actors on Ray Data rank over the
     image folder; weight ranking needs the final layer, loaded on the driver's CPU."""
     t = cfg.targets
+    if not t.top_k or all(c in t.features for c in t.classes):  # explicit features only: nothing to rank
+        return None, None
     if t.feature_source == "images":
         from dxray.distributed.rank import rank_features_distributed
 
@@ -114,7 +121,7 @@ def _ranking_inputs(cfg: Config):
             return [r for r in rank_features_distributed(cfg).ranked if r.class_index in todo]
 
         return None, on_ray
-    if t.feature_source == "weights" and t.top_k:
+    if t.feature_source == "weights":
         from dxray import models
 
         return models.load_classifier(cfg.classifier, device="cpu", cache_dir=cfg.cache_dir), None
