@@ -26,6 +26,7 @@ from dxray.pipeline.rows import Finished
 from dxray.pipeline.tasks import TaskSpec, plan
 from dxray.runs import decision_in_force, open_sink
 from dxray.storage import package_versions, redact, redact_text
+from dxray.storage.compact import compact_run, finish_pending
 from dxray.storage.schemas import TABLES
 from dxray.storage.sink import RunSink
 from dxray.verdict import decide
@@ -71,6 +72,7 @@ class AuditJob:
         ranks over the image folder elsewhere (on Ray)."""
         info = self.info or self.preflight()
         self.sink = sink = self.sink or open_sink(self.cfg)
+        finish_pending(sink)  # a compaction a crash interrupted: complete it before anything else reads the run
         self.ranking = rank_features(self.cfg, classifier, image_ranker)
         sink.write_table("feature_ranking", features.ranking_rows(sink.run_id, self.ranking, info.class_names),
                          part="all")
@@ -113,8 +115,10 @@ class AuditJob:
 
     # 4. Finish ------------------------------------------------------------------------------------
     def finish(self, device: str, extra: dict | None = None) -> RunSummary:
-        """Verdicts and classes from the stored tables, then the manifest, written last."""
+        """The committed parts compacted into a few large files (:mod:`dxray.storage.compact`), verdicts and
+        classes from the stored tables, then the manifest, written last."""
         cfg, sink, summary = self.cfg, self.sink, self.summary
+        compaction = compact_run(sink)
         decision = decision_in_force(cfg, sink.read_manifest())
         tables = {name: sink.read_table(name) for name in ("tasks", "samples")}
         summary.samples = tables["samples"].num_rows if tables["samples"] is not None else 0
@@ -137,6 +141,7 @@ class AuditJob:
             "tasks": {"planned": summary.planned, "skipped": summary.skipped, "ok": summary.ok,
                       "failed": summary.failed},
             "decision": decision,
+            "compaction": compaction,
             **(extra or {}),
         })
         return summary

@@ -5,6 +5,12 @@ file is written under a hidden temporary name first and then moved into place,
 so readers (pyarrow.dataset, DuckDB, Polars, Ray Data: all skip dot-files) never
 see half a file. The same code writes to a local folder or an S3 URI through
 ``pyarrow.fs``.
+
+Once a run finishes, :mod:`dxray.storage.compact` rewrites the per-task parts of ``tasks`` and
+``samples`` into a few large files and records which parts each one replaces in a journal,
+``{run}/_compaction/{table}.json`` (outside every table folder, so no glob sees it). ``read_table``
+reads a table through that journal: a part whose compacted file is already visible is skipped, so
+dxray's readers see every row exactly once whatever moment a compaction stopped at.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from dxray.storage.fs import filesystem as resolve_filesystem
 from dxray.storage.fs import is_transient, retrying
 from dxray.storage.schemas import TABLES, to_table
 
+COMPACTED = ("tasks", "samples")  # the tables dxray.storage.compact rewrites into a few large files
+JOURNAL = "_compaction"  # {run}/_compaction/{table}.json, the compaction journal of each of them
+
 
 def resolve_output(output: str, storage: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI such as s3://bucket/prefix."""
@@ -44,6 +53,23 @@ def _castable(found: pa.DataType, wanted: pa.DataType) -> bool:
         return True
     except (pa.ArrowException, TypeError, ValueError):
         return False
+
+
+def replaced_parts(journal: dict | None, listed: set[str]) -> tuple[set[str], bool]:
+    """Which of the files ``listed`` in a table folder (names inside it) a reader skips, and whether the
+    listing is settled. A part is skipped once the compacted file that holds its rows is listed (the
+    compactor appends a file's entry to the journal before the file appears, and deletes its parts only
+    after). Not settled: an entry whose file is not listed while some of its parts are gone, which no
+    moment of a compaction leaves (the folder changed while it was being listed: list it again), or
+    a compacted file deleted by hand (the next compaction drops its entry)."""
+    replaced: set[str] = set()
+    settled = True
+    for entry in (journal or {}).get("outputs", []):
+        if entry["file"] in listed:
+            replaced.update(entry["sources"])
+        elif not all(s in listed for s in entry["sources"]):
+            settled = False
+    return replaced, settled
 
 
 class RunSink:
@@ -111,25 +137,89 @@ class RunSink:
         table = to_table(name, rows)
         return self._atomic(f"{name}/part-{part}.parquet", lambda tmp: pq.write_table(table, tmp, filesystem=self.fs))
 
+    def write_parquet(self, rel: str, table: pa.Table, **options) -> str:
+        """A built table as one Parquet file at ``rel`` (``options`` go to ``pq.write_table``), atomically."""
+        return self._atomic(rel, lambda tmp: pq.write_table(table, tmp, filesystem=self.fs, **options))
+
+    def files(self, rel: str) -> list[pafs.FileInfo]:
+        """Every file under ``rel`` (hidden ones too), [] when there is no such folder."""
+        folder = f"{self.root}/{rel}"
+
+        def listing() -> list[pafs.FileInfo]:
+            if self.fs.get_file_info(folder).type != pafs.FileType.Directory:
+                return []
+            return [i for i in self.fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+                    if i.type == pafs.FileType.File]
+
+        return self._retry(listing, "listing", rel)
+
+    def read_journal(self, name: str) -> dict | None:
+        """The compaction journal of table ``name`` (:mod:`dxray.storage.compact`), None when it has none."""
+        rel = f"{JOURNAL}/{name}.json"
+        data = self.read_bytes(rel)
+        if data is None:
+            return None
+        try:
+            journal = json.loads(data.decode())
+            if not isinstance(journal, dict) or not isinstance(journal.get("outputs"), list) or not all(
+                    isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("sources"), list)
+                    and all(isinstance(x, str) for x in e["sources"]) for e in journal["outputs"]):
+                raise ValueError("not a journal of compacted files and the parts they replace")
+        except (UnicodeDecodeError, ValueError) as err:
+            raise DxrayError(f"run {self.uri('')}: {rel} is not a readable compaction journal ({_short(err)}); "
+                             f"it says which part files of {name} the compact-*.parquet files replace, so put it "
+                             f"back from a copy before reading the run") from None
+        return journal
+
+    def _dataset(self, name: str, folder: str) -> tuple[ds.Dataset, bool]:
+        """The table's files as one dataset, less the parts a compacted file replaces; and whether the
+        listing was settled (:func:`replaced_parts`). The folder is listed before the journal is read."""
+        dataset = ds.dataset(folder, filesystem=self.fs, format="parquet", schema=TABLES[name])
+        if name not in COMPACTED:
+            return dataset, True
+        journal = self.read_journal(name)
+        if not journal:
+            return dataset, True
+        fragments = list(dataset.get_fragments())
+        rel = {f.path: f.path[len(folder) + 1:] for f in fragments}
+        replaced, settled = replaced_parts(journal, set(rel.values()))
+        if replaced:
+            kept = [f for f in fragments if rel[f.path] not in replaced]
+            dataset = ds.FileSystemDataset(kept, TABLES[name], ds.ParquetFileFormat(), self.fs)
+        return dataset, settled
+
     def read_table(self, name: str, columns: list[str] | None = None) -> pa.Table | None:
         """The whole table (or ``columns`` of it), None when the run has none. A part that is not a
         readable Parquet file of the table's schema (corrupt, truncated, empty, other columns) is a
-        one-line DxrayError that names it, not a pyarrow traceback."""
+        one-line DxrayError that names it, not a pyarrow traceback. Parts a compacted file replaces
+        are skipped (the journal, see above); a listing that a compaction running at the same time
+        changed, or a file it deleted before it was read, means listing again."""
         folder = f"{self.root}/{name}"
 
         def read() -> pa.Table | None:
-            if self.fs.get_file_info(folder).type != pafs.FileType.Directory:
-                return None
-            return ds.dataset(folder, filesystem=self.fs, format="parquet", schema=TABLES[name]).to_table(
-                columns=columns)
+            for attempt in range(3):
+                if self.fs.get_file_info(folder).type != pafs.FileType.Directory:
+                    return None
+                dataset, settled = self._dataset(name, folder)
+                if not settled and attempt < 2:
+                    continue
+                try:
+                    return dataset.to_table(columns=columns)
+                except FileNotFoundError:
+                    if attempt == 2:
+                        raise
 
         try:
             return self._retry(read, "reading", name)
         except (pa.ArrowException, OSError) as err:
             if isinstance(err, OSError) and is_transient(err):
                 raise
-            raise DxrayError(f"run {self.uri('')}: {self._bad_part(name, folder)} ({_short(err)}); delete it "
-                             f"and re-run the run's command to write it again") from None
+            raise self.unreadable(name, err) from None
+
+    def unreadable(self, name: str, err: BaseException) -> DxrayError:
+        """The one-line error for table ``name`` that failed to read with ``err``: which file is at fault."""
+        return DxrayError(f"run {self.uri('')}: {self._bad_part(name, f'{self.root}/{name}')} ({_short(err)}); "
+                          f"delete it and re-run the run's command to write it again")
 
     def _bad_part(self, name: str, folder: str) -> str:
         """Which file of a table that failed to read is at fault (looked for only after a failure)."""
