@@ -1,36 +1,50 @@
-"""``build_report(run, out)``: one self-contained HTML file for a run folder.
+"""``build_report(run, out)``: the HTML report of a run folder, an index page plus one page per class.
 
-Thumbnails are embedded as ``data:`` URIs; full-size images are linked (relative to the report
-when it is written inside or next to a local run, by URI otherwise). No network resources.
+``out`` (``report.html``) is the index: the run header, the sortable class summary and a summary of
+the neuron tasks, without images, so it opens at once for 1000 classes. The pages with images go in
+a sibling folder named after it (``report_files/``): ``class-{index}.html`` per class and
+``neurons.html`` (``neurons-2.html``, ... past :data:`NEURONS_PER_PAGE` tasks). Every page is
+self-contained: thumbnails are inlined as small WebP/JPEG ``data:`` URIs (:mod:`dxray.report.thumbs`),
+full-size images are linked (relative to the page when the report sits inside or next to a local run,
+by URI otherwise), and a Content-Security-Policy allows nothing else (:func:`dxray.report.template.csp`).
+
+Written atomically as a whole: the pages go into a hidden folder beside ``out``, which then replaces
+the old ``report_files/`` (renamed away, then deleted), and the index replaces ``out`` last. A crash
+never leaves a partial page at a final name, and a re-run leaves no page of the previous report behind.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import re
+import shutil
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from jinja2 import Environment, StrictUndefined
+from jinja2 import DictLoader, Environment, StrictUndefined
+from markupsafe import Markup
 
 from dxray.errors import DxrayError
-from dxray.report.template import TEMPLATE
+from dxray.report import thumbs
+from dxray.report.template import PAGES, SCRIPT, STYLE, csp
 
 # Only the columns the report shows: samples also hold masks and boxes, which can be large.
 _COLUMNS = {
     "tasks": ["task_id", "kind", "class_index", "class_name", "feature_index", "feature_rank", "layer", "template",
               "status", "error", "final_loss", "target_prob", "hard_prompt_text", "baseline_prob"],
-    "samples": ["task_id", "seed", "image_uri", "thumbnail", "width", "height", "class_prob", "object_fraction"],
+    "samples": ["task_id", "seed", "image_uri", "width", "height", "class_prob", "object_fraction"],
     "verdicts": ["class_index", "feature_index", "template", "mean_object_fraction", "std_object_fraction",
                  "n_samples", "delta", "verdict"],
     "classes": ["class_index", "class_name", "template", "class_object_fraction", "n_spurious", "n_features",
                 "delta"],
 }
-THUMB_WIDTH = 96
+THUMB_WIDTH = thumbs.WIDTH
+NEURONS_PER_PAGE = 100
+MARKER = ".dxray-report"  # in the pages folder: a folder holding it is a report's, safe to replace
 
 
 def _read(sink, name: str) -> list[dict[str, Any]]:
@@ -40,31 +54,41 @@ def _read(sink, name: str) -> list[dict[str, Any]]:
 
 
 def _manifest(sink) -> dict:
-    path = f"{sink.root}/manifest.json"
     try:
-        with sink.fs.open_input_stream(path) as f:
-            return json.loads(f.read().decode())
+        return sink.read_manifest() or {}
     except Exception:  # an interrupted run has no manifest yet: the report still works without it
         return {}
 
 
-def _data_uri(data: bytes | None) -> str | None:
-    if not data:
-        return None
-    mime = "image/jpeg" if data[:3] == b"\xff\xd8\xff" else "image/webp" if data[8:12] == b"WEBP" else "image/png"
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+class _Thumbnails:
+    """The samples' stored thumbnails, kept as one Arrow column (not Python bytes) and re-encoded for the
+    page that shows them, on a few threads."""
+
+    def __init__(self, sink, fmt: str):
+        table = sink.read_table("samples", columns=["thumbnail"])
+        self.column = None if table is None else table.column("thumbnail")
+        self.fmt = fmt
+        self.pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+
+    def encode(self, rows: list[int]) -> list[tuple[str, int, int] | None]:
+        if self.column is None:
+            return [None] * len(rows)
+        return list(self.pool.map(lambda i: thumbs.small(self.column[i].as_py(), self.fmt), rows))
+
+    def close(self) -> None:
+        self.pool.shutdown()
 
 
 class _Links:
-    """Full-size image links: relative when the report sits inside or next to a local run."""
+    """Full-size image links: relative to the page when the report sits inside or next to a local run."""
 
-    def __init__(self, sink, out: Path):
+    def __init__(self, sink, out: Path, pages: Path):
         self.sink = sink
         self.local = sink.fs.type_name == "local"
         self.root = Path(sink.root).resolve() if self.local else None
         here = out.parent.resolve()
-        self.relative_to = here if self.local and (here == self.root.parent or here == self.root
-                                                   or self.root in here.parents) else None
+        near = self.local and (here == self.root.parent or here == self.root or self.root in here.parents)
+        self.relative_to = here / pages.name if near else None
 
     def href(self, image_uri: str | None) -> str:
         if not image_uri:
@@ -76,7 +100,7 @@ class _Links:
             return self.sink.uri(rel) if rel else image_uri
         path = self.root / rel if rel else Path(image_uri)
         if self.relative_to is not None:
-            return Path(os.path.relpath(path, self.relative_to)).as_posix()
+            return quote(Path(os.path.relpath(path, self.relative_to)).as_posix())
         return path.resolve().as_uri() if path.is_absolute() or rel else image_uri
 
 
@@ -95,19 +119,21 @@ def _float(x) -> float | None:
     return None if x is None else float(x)
 
 
-def _task_view(t: dict, samples: list[dict], verdict: dict | None, links: _Links, name: str) -> dict:
-    images = []
-    for s in sorted(samples, key=lambda s: (s["seed"] is None, s["seed"])):
-        src = _data_uri(s["thumbnail"])
-        if src is None:
-            continue
-        w, h = s["width"] or 1, s["height"] or 1
-        r = _float(s["object_fraction"])
-        images.append({
-            "src": src, "href": links.href(s["image_uri"]), "r": r, "seed": s["seed"], "prob": _float(s["class_prob"]),
-            "height": max(1, round(THUMB_WIDTH * h / w)),
-            "alt": f"{name} {t['kind']} image, seed {s['seed']}" + ("" if r is None else f", r = {r:.2f}"),
-        })
+# The manifest is JSON written by the job, but a reader takes what it finds: anything else is as if absent.
+def _dict(x) -> dict:
+    return x if isinstance(x, dict) else {}
+
+
+def _list(x) -> list:
+    return x if isinstance(x, list) else []
+
+
+def _number(x) -> float | None:
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
+
+
+def _task_view(t: dict, verdict: dict | None) -> dict:
+    """A task's block without its images (:func:`_with_images` adds them for the page that shows them)."""
     v = None
     if verdict is not None:
         v = {"verdict": verdict["verdict"], "mean": _float(verdict["mean_object_fraction"]),
@@ -116,89 +142,112 @@ def _task_view(t: dict, samples: list[dict], verdict: dict | None, links: _Links
         ("loss", "final_loss", "%.3g"), ("p before", "baseline_prob", "%.2f"), ("p after", "target_prob", "%.2f"))
         if t[key] is not None]
     return {
-        "stats": stats, "kind": t["kind"] or "class", "status": t["status"] or "error", "error": t["error"],
-        "feature_index": t["feature_index"], "rank": t["feature_rank"], "layer": t["layer"],
-        "template": t["template"] or "", "prompt": t["hard_prompt_text"], "final_loss": _float(t["final_loss"]),
-        "baseline_prob": _float(t["baseline_prob"]), "target_prob": _float(t["target_prob"]),
-        "verdict": v, "images": images,
+        "task_id": t["task_id"], "stats": stats, "kind": t["kind"] or "class", "status": t["status"] or "error",
+        "error": t["error"], "feature_index": t["feature_index"], "rank": t["feature_rank"], "layer": t["layer"],
+        "template": t["template"] or "", "prompt": t["hard_prompt_text"], "verdict": v, "images": [],
+        "anchor": None, "href": None,
     }
 
 
-def _context(sink, out: Path) -> dict:
-    tasks, samples = _read(sink, "tasks"), _read(sink, "samples")
-    verdicts, classes = _read(sink, "verdicts"), _read(sink, "classes")
-    manifest = _manifest(sink)
-    config = manifest.get("config") or {}
-    links = _Links(sink, out)
+class _Model:
+    """Everything the pages show, read once from the run's tables."""
 
-    by_task: dict[str, list[dict]] = defaultdict(list)
-    for s in samples:
-        by_task[s["task_id"]].append(s)
-    verdict_of = {(v["class_index"], v["feature_index"], v["template"] or ""): v for v in verdicts}
-    class_rows = {(c["class_index"], c["template"] or ""): c for c in classes}
+    def __init__(self, sink):
+        tasks, samples = _read(sink, "tasks"), _read(sink, "samples")
+        verdicts, classes = _read(sink, "verdicts"), _read(sink, "classes")
+        manifest = _manifest(sink)
+        config = _dict(manifest.get("config"))
 
-    delta = next((_float(r["delta"]) for r in [*classes, *verdicts] if r["delta"] is not None), None)
-    if delta is None:
-        delta = _float((config.get("verdict") or {}).get("delta"))
+        self.samples = samples
+        self.by_task: dict[str, list[int]] = defaultdict(list)  # task id -> rows of the samples table
+        for i, s in enumerate(samples):
+            self.by_task[s["task_id"]].append(i)
+        verdict_of = {(v["class_index"], v["feature_index"], v["template"] or ""): v for v in verdicts}
+        class_rows = {(c["class_index"], c["template"] or ""): c for c in classes}
 
-    configured = (config.get("prompt") or {}).get("templates") or []
-    used = dict.fromkeys([*(t["template"] or "" for t in tasks), *(tpl for _, tpl in class_rows)])
-    templates = [t for t in configured if t in used] + [t for t in used if t not in configured]
-    order = {t: i for i, t in enumerate(templates)}
-    names: dict[int, str] = {}
-    for r in [*tasks, *classes]:
-        if r["class_name"] and r["class_index"] is not None:
-            names.setdefault(r["class_index"], r["class_name"])
+        delta = next((_float(r["delta"]) for r in [*classes, *verdicts] if r["delta"] is not None), None)
+        if delta is None:
+            delta = _number(_dict(config.get("verdict")).get("delta"))
 
-    grouped: dict[int, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for t in tasks:
-        if t["class_index"] is not None:
-            grouped[t["class_index"]][t["template"] or ""].append(t)
-    for c, tpl in class_rows:
-        grouped[c].setdefault(tpl, [])
+        configured = [t for t in _list(_dict(config.get("prompt")).get("templates")) if isinstance(t, str)]
+        used = dict.fromkeys([*(t["template"] or "" for t in tasks), *(tpl for _, tpl in class_rows)])
+        templates = [t for t in configured if t in used] + [t for t in used if t not in configured]
+        order = {t: i for i, t in enumerate(templates)}
+        names: dict[int, str] = {}
+        for r in [*tasks, *classes]:
+            if r["class_name"] and r["class_index"] is not None:
+                names.setdefault(r["class_index"], r["class_name"])
 
-    def r_and_bias(row: dict | None) -> tuple[float | None, bool]:
-        r = _float(row["class_object_fraction"]) if row else None
-        return r, bool(r is not None and delta is not None and r < delta)
+        grouped: dict[int, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+        for t in tasks:
+            if t["class_index"] is not None:
+                grouped[t["class_index"]][t["template"] or ""].append(t)
+        for c, tpl in class_rows:
+            grouped[c].setdefault(tpl, [])
 
-    view, summary = [], []
-    for c in sorted(grouped):
-        name = names.get(c) or f"class {c}"
-        groups = []
-        for j, tpl in enumerate(sorted(grouped[c], key=lambda t: order.get(t, len(order)))):
-            row = class_rows.get((c, tpl))
-            r, biased = r_and_bias(row)
-            ts = [_task_view(t, by_task.get(t["task_id"], []), verdict_of.get((c, t["feature_index"], tpl))
-                             if t["kind"] == "feature" else None, links, name) for t in grouped[c][tpl]]
-            rank = lambda t: (t["rank"] is None, t["rank"] or 0, t["feature_index"] or 0)  # noqa: E731
-            anchor = f"class-{c}" if j == 0 else f"class-{c}-t{j}"
-            groups.append({
-                "template": tpl, "anchor": f"class-{c}-t{j}", "r": r, "biased": biased,
-                "n_spurious": row["n_spurious"] if row else None, "n_features": row["n_features"] if row else None,
-                "class_tasks": [t for t in ts if t["kind"] == "class"],
-                "features": sorted((t for t in ts if t["kind"] == "feature"), key=rank),
-                "neurons": sorted((t for t in ts if t["kind"] == "neuron"), key=rank),
-            })
-            summary.append({
-                "class_index": c, "name": name, "template": tpl, "anchor": anchor, "r": r,
-                "biased": biased, "n_spurious": row["n_spurious"] if row else None,
-                "n_features": row["n_features"] if row else None,
-                "n_failed": sum(t["status"] != "ok" for t in ts),
-            })
-        view.append({"class_index": c, "name": name, "anchor": f"class-{c}", "groups": groups})
+        def rank(t: dict) -> tuple:
+            return t["rank"] is None, t["rank"] or 0, t["feature_index"] or 0
 
-    # Neuron tasks (Eq. 4) belong to no class: their own section, after the classes.
-    neurons = sorted((_task_view(t, by_task.get(t["task_id"], []), None, links, f"{t['layer']}:{t['feature_index']}")
-                      for t in tasks if t["class_index"] is None),
-                     key=lambda t: (t["layer"] or "", t["feature_index"] or 0, t["template"]))
-    n_failed = sum((t["status"] or "error") != "ok" for t in tasks)
-    gen, clf = config.get("generator") or {}, config.get("classifier") or {}
-    return {
-        "run_id": sink.run_id, "generator": gen.get("model"), "classifier": clf.get("spec"), "delta": delta,
-        "n_ok": len(tasks) - n_failed, "n_failed": n_failed, "n_samples": len(samples),
-        "finished": _when(manifest.get("finished")), "several_templates": len(templates) > 1,
-        "summary": summary, "classes": view, "neurons": neurons,
-    }
+        self.classes, self.summary = [], []
+        for c in sorted(grouped):
+            name = names.get(c) or f"class {c}"
+            groups = []
+            for j, tpl in enumerate(sorted(grouped[c], key=lambda t: order.get(t, len(order)))):
+                row = class_rows.get((c, tpl))
+                r = _float(row["class_object_fraction"]) if row else None
+                biased = bool(r is not None and delta is not None and r < delta)
+                ts = [_task_view(t, verdict_of.get((c, t["feature_index"], tpl)) if t["kind"] == "feature" else None)
+                      for t in grouped[c][tpl]]
+                groups.append({
+                    "template": tpl, "anchor": f"class-{c}-t{j}", "r": r, "biased": biased,
+                    "n_spurious": row["n_spurious"] if row else None,
+                    "n_features": row["n_features"] if row else None,
+                    "class_tasks": [t for t in ts if t["kind"] == "class"],
+                    "features": sorted((t for t in ts if t["kind"] == "feature"), key=rank),
+                    "neurons": sorted((t for t in ts if t["kind"] == "neuron"), key=rank),
+                })
+                self.summary.append({
+                    "class_index": c, "name": name, "template": tpl, "page": f"class-{c}.html",
+                    "fragment": "" if j == 0 else f"#class-{c}-t{j}", "row_id": f"row-{c}" if j == 0 else None,
+                    "r": r, "biased": biased, "n_spurious": row["n_spurious"] if row else None,
+                    "n_features": row["n_features"] if row else None,
+                    "n_failed": sum(t["status"] != "ok" for t in ts),
+                })
+            self.classes.append({"class_index": c, "name": name, "anchor": f"class-{c}", "groups": groups})
+
+        # Neuron tasks (Eq. 4) belong to no class: their own pages, summarised on the index.
+        self.neurons = sorted((_task_view(t, None) for t in tasks if t["class_index"] is None),
+                              key=lambda t: (t["layer"] or "", t["feature_index"] or 0, t["template"]))
+        for i, t in enumerate(self.neurons):
+            t["anchor"] = f"neuron-{i}"
+            t["page"] = _neuron_page(i // NEURONS_PER_PAGE)
+        n_failed = sum((t["status"] or "error") != "ok" for t in tasks)
+        gen, clf = _dict(config.get("generator")), _dict(config.get("classifier"))
+        self.run = {
+            "run_id": sink.run_id, "generator": gen.get("model"), "classifier": clf.get("spec"), "delta": delta,
+            "n_ok": len(tasks) - n_failed, "n_failed": n_failed, "n_samples": len(samples),
+            "finished": _when(manifest.get("finished")), "several_templates": len(templates) > 1,
+        }
+
+
+def _neuron_page(k: int) -> str:
+    return "neurons.html" if k == 0 else f"neurons-{k + 1}.html"
+
+
+def _with_images(t: dict, model: _Model, links: _Links, pictures: _Thumbnails, name: str) -> dict:
+    rows = sorted(model.by_task.get(t["task_id"], []),
+                  key=lambda i: (model.samples[i]["seed"] is None, model.samples[i]["seed"] or 0))
+    images = []
+    for i, small in zip(rows, pictures.encode(rows), strict=True):
+        s = model.samples[i]
+        r = _float(s["object_fraction"])
+        src, w, h = small if small else (None, s["width"] or 1, s["height"] or 1)
+        images.append({
+            "src": src, "href": links.href(s["image_uri"]), "r": r, "seed": s["seed"], "prob": _float(s["class_prob"]),
+            "width": THUMB_WIDTH, "height": max(1, round(THUMB_WIDTH * (h or 1) / (w or 1))),
+            "alt": f"{name} image, seed {s['seed']}",
+        })
+    return {**t, "images": images}
 
 
 # Text-direction controls survive HTML escaping and can reorder what a reader sees (a class name holding U+202E
@@ -212,28 +261,131 @@ def _visible(value):
     return value
 
 
-def render(context: dict) -> str:
-    env = Environment(autoescape=True, undefined=StrictUndefined, trim_blocks=False, lstrip_blocks=False,
-                      finalize=_visible)
-    return env.from_string(TEMPLATE).render(**context)
+_ENV = Environment(loader=DictLoader(PAGES), autoescape=True, undefined=StrictUndefined, finalize=_visible)
 
 
-def build_report(run: str, out: str | Path, *, storage=None) -> Path:
-    """Write a self-contained HTML report of the run folder ``run`` (local or ``s3://``) to ``out``.
+def render(page: str, **context) -> str:
+    """One page (``index``, ``class`` or ``neurons``) with its style, script and policy."""
+    script = page == "index"
+    return _ENV.get_template(page).render(policy=csp(script), style=Markup(STYLE),
+                                          script=Markup(SCRIPT) if script else None, **context)
 
-    Raises a one-line :class:`DxrayError` when ``run`` is not a run folder."""
+
+def pages_folder(out: Path) -> Path:
+    """Where the pages of the report whose index is ``out`` go: ``report.html`` → ``report_files``."""
+    stem = out.stem if out.suffix.lower() in (".html", ".htm") else out.name
+    return out.with_name(f"{stem}_files")
+
+
+def _check_out(out: Path, pages: Path) -> None:
+    if out.is_dir():
+        raise DxrayError(f"report path {out} is a folder; give a file name such as {out / 'report.html'}")
+    if pages.exists() or pages.is_symlink():
+        if not pages.is_dir() or pages.is_symlink():
+            raise DxrayError(f"the report's pages go in {pages}, which is a file; move it away or choose another -o")
+        if not (pages / MARKER).is_file() and any(pages.iterdir()):
+            raise DxrayError(f"the report's pages go in {pages}, a folder that holds something other than a dxray "
+                             f"report; move it away or choose another -o")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _sweep(pages: Path) -> None:
+    """Leftovers of earlier builds of this report that crashed (their process is gone)."""
+    pattern = re.compile(rf"^\.{re.escape(pages.name)}\.(\d+)\.(tmp|old)$")
+    try:
+        entries = list(pages.parent.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        m = pattern.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _write(folder: Path, name: str, text: str) -> None:
+    (folder / name).write_text(text, encoding="utf-8")
+
+
+def build_report(run: str, out: str | Path, *, storage=None, image_format: str | None = None) -> Path:
+    """Write the HTML report of the run folder ``run`` (local or ``s3://``): the index at ``out`` and the
+    class and neuron pages in :func:`pages_folder` ``(out)``. ``image_format``: ``webp`` or ``jpeg``
+    thumbnails (default :func:`dxray.report.thumbs.default_format`). Returns ``out``.
+
+    Raises a one-line :class:`DxrayError` when ``run`` is not a run folder or ``out`` cannot take a report."""
     from dxray.runs import open_run
 
     run = str(run)
+    fmt = image_format or thumbs.default_format()
+    if fmt not in thumbs.FORMATS:
+        raise DxrayError(f"image format {fmt!r} is not one of {', '.join(thumbs.FORMATS)}")
     if "://" not in run and not Path(run).is_dir():
         raise DxrayError(f"no run found at {run} (not a folder)")
     sink = open_run(run, storage=storage)
     out = Path(out)
-    if out.is_dir():
-        raise DxrayError(f"report path {out} is a folder; give a file name such as {out / 'report.html'}")
-    html = render(_context(sink, out))
+    pages = pages_folder(out)
+    _check_out(out, pages)
+    model = _Model(sink)
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(out)
+    _sweep(pages)
+    tmp = pages.with_name(f".{pages.name}.{os.getpid()}.tmp")
+    old = pages.with_name(f".{pages.name}.{os.getpid()}.old")
+    index_tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    swapped = False
+    pictures = _Thumbnails(sink, fmt)
+    try:
+        tmp.mkdir()
+        _write_pages(model, tmp, out, _Links(sink, out, pages), pictures)
+        (tmp / MARKER).write_text(f"dxray report of {sink.run_id}; this folder is replaced by the next report\n")
+        index = render("index", run=model.run, summary=[
+            {**row, "href": f"{quote(pages.name)}/{row['page']}{row['fragment']}"} for row in model.summary],
+            neurons=[{**t, "href": f"{quote(pages.name)}/{t['page']}#{t['anchor']}"} for t in model.neurons])
+        index_tmp.write_text(index, encoding="utf-8")
+        # The swap: old pages away, new pages in, then the index (which links to them) last.
+        if pages.exists():
+            pages.rename(old)
+        swapped = True
+        tmp.rename(pages)
+        swapped = False
+        index_tmp.replace(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        index_tmp.unlink(missing_ok=True)
+        if swapped and old.exists() and not pages.exists():
+            old.rename(pages)  # the new pages never arrived: the old report stays whole
+        raise
+    finally:
+        pictures.close()
+        if pages.exists():
+            shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _write_pages(model: _Model, folder: Path, out: Path, links: _Links, pictures: _Thumbnails) -> None:
+    index = f"../{quote(out.name)}"
+    classes = model.classes
+    for k, c in enumerate(classes):
+        view = {**c, "groups": [{**g, **{key: [_with_images(t, model, links, pictures, t["kind"]) for t in g[key]]
+                                         for key in ("class_tasks", "features", "neurons")}} for g in c["groups"]]}
+        prev = f"class-{classes[k - 1]['class_index']}.html" if k > 0 else None
+        nxt = f"class-{classes[k + 1]['class_index']}.html" if k + 1 < len(classes) else None
+        nav = [("↑ all classes", f"{index}#row-{c['class_index']}"), ("← previous class", prev),
+               ("next class →", nxt)]
+        _write(folder, f"class-{c['class_index']}.html", render("class", run=model.run, c=view, links=nav))
+    chunks = [model.neurons[i:i + NEURONS_PER_PAGE] for i in range(0, len(model.neurons), NEURONS_PER_PAGE)]
+    for k, chunk in enumerate(chunks):
+        view = [_with_images(t, model, links, pictures, f"neuron {t['layer']}:{t['feature_index']}") for t in chunk]
+        nav = [("↑ summary", f"{index}#neurons"), ("← previous", _neuron_page(k - 1) if k > 0 else None),
+               ("next →", _neuron_page(k + 1) if k + 1 < len(chunks) else None)]
+        _write(folder, _neuron_page(k), render("neurons", run=model.run, neurons=view, links=nav, part=k + 1,
+                                               parts=len(chunks)))

@@ -1,16 +1,19 @@
-"""The report's Jinja2 template (kept in a module, not a data file, so it ships with any install).
+"""The report's Jinja2 templates (kept in a module, not data files, so they ship with any install).
 
-Autoescaping is on for the whole template: every value from the run (class names, errors, prompts)
-is escaped. No external resources: inline CSS and JS only, and a CSP that forbids the rest."""
+Three kinds of page share one head (:data:`PAGES`): the index (run header, the sortable class summary,
+a summary of the neuron tasks), one page per class (its explanation and feature images) and the
+neuron pages. Autoescaping is on for every template: every value from the run (class names, errors,
+prompts) is escaped. No external resources: each page's one ``<style>`` and, on the index, its one
+``<script>`` are constants of this module, allowed by their SHA-256 in the page's Content-Security-Policy
+(:func:`csp`); nothing else may run, load or be styled inline.
+"""
 
-TEMPLATE = r"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
-<title>dxray report · {{ run_id }}</title>
-<style>
+from __future__ import annotations
+
+import base64
+import hashlib
+
+STYLE = r"""
 :root { --fg:#1d2330; --muted:#5d6677; --line:#dde1e8; --bg:#fff; --alt:#f5f7fa;
         --core:#1f7a3a; --core-bg:#e3f4e8; --spur:#b3261e; --spur-bg:#fbe4e2; --warn:#8a5a00; --warn-bg:#fff1cc; }
 * { box-sizing: border-box; }
@@ -21,6 +24,7 @@ h2 { font-size: 1.2rem; margin: 0 0 .5rem; }
 h3 { font-size: 1.05rem; margin: 1rem 0 .4rem; }
 h4 { font-size: .95rem; margin: .8rem 0 .3rem; }
 a { color: #1a56b0; }
+nav.pages { display: flex; gap: 1rem; flex-wrap: wrap; margin: 0 0 1rem; }
 .meta { color: var(--muted); margin: 0 0 1.25rem; }
 .meta span + span::before { content: " · "; }
 table.summary { border-collapse: collapse; width: 100%; margin-bottom: 2rem; }
@@ -32,6 +36,8 @@ table.summary { border-collapse: collapse; width: 100%; margin-bottom: 2rem; }
 .summary th.js::after { content: " \2195"; color: #9aa3b2; }
 .summary th[aria-sort=ascending]::after { content: " \2191"; color: var(--fg); }
 .summary th[aria-sort=descending]::after { content: " \2193"; color: var(--fg); }
+.summary td.error { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: .85rem;
+                    white-space: pre-wrap; word-break: break-word; }
 .badge { display: inline-block; padding: 0 .45rem; border-radius: .7rem; font-size: .8rem; font-weight: 600;
          white-space: nowrap; }
 .badge.core { color: var(--core); background: var(--core-bg); }
@@ -39,9 +45,8 @@ table.summary { border-collapse: collapse; width: 100%; margin-bottom: 2rem; }
 .badge.biased { color: var(--warn); background: var(--warn-bg); }
 .badge.none { color: var(--muted); background: var(--alt); }
 .badge.error { color: #fff; background: var(--spur); }
-section.class { border-top: 2px solid var(--line); padding: 1rem 0 .5rem;
-                content-visibility: auto; contain-intrinsic-size: auto 600px; }
-.task { margin: .4rem 0 .8rem; }
+section.class, section.neurons { border-top: 2px solid var(--line); padding: 1rem 0 .5rem; }
+.task { margin: .4rem 0 .8rem; content-visibility: auto; contain-intrinsic-size: auto 160px; }
 .task-head { display: flex; gap: .6rem; align-items: baseline; flex-wrap: wrap; }
 .task-head .stats { color: var(--muted); font-size: .85rem; }
 .prompt { margin: .25rem 0; font-size: .9rem; }
@@ -51,119 +56,15 @@ section.class { border-top: 2px solid var(--line); padding: 1rem 0 .5rem;
              word-break: break-word; }
 .images { display: flex; flex-wrap: wrap; gap: .5rem; }
 figure { margin: 0; text-align: center; }
-figure img { display: block; width: 96px; height: auto; image-rendering: auto; background: var(--alt);
-             border: 1px solid var(--line); }
+figure img { display: block; width: 96px; height: auto; background: var(--alt); border: 1px solid var(--line); }
+figure .broken { display: block; width: 96px; padding: 1rem 0; color: var(--muted); background: var(--alt);
+                 font-size: .75rem; }
 figcaption { font-size: .75rem; color: var(--muted); font-variant-numeric: tabular-nums; }
 .empty { color: var(--muted); font-style: italic; }
 .top { font-size: .8rem; margin-left: .5rem; }
-</style>
-</head>
-<body>
-<header>
-<h1>dxray report</h1>
-<p class="meta">
-<span>run <code>{{ run_id }}</code></span>
-{%- if generator %}<span>generator {{ generator }}</span>{% endif %}
-{%- if classifier %}<span>classifier {{ classifier }}</span>{% endif %}
-{%- if delta is not none %}<span>&delta; = {{ "%.3g"|format(delta) }} (core when mean r &ge; &delta;)</span>{% endif %}
-<span>{{ n_ok }} tasks ok{% if n_failed %}, <strong>{{ n_failed }} failed</strong>{% endif %}</span>
-<span>{{ n_samples }} images</span>
-{%- if finished %}<span>finished {{ finished }}</span>{% endif %}
-</p>
-</header>
+"""
 
-<h2 id="summary">Classes</h2>
-<table class="summary sortable" id="summary-table">
-<thead><tr>
-<th class="num" aria-sort="ascending">class</th>
-<th>name</th>
-{%- if several_templates %}<th>template</th>{% endif %}
-<th class="num">spurious</th>
-<th class="num">features</th>
-<th class="num">class r</th>
-<th>hint</th>
-{%- if n_failed %}<th class="num">failed</th>{% endif %}
-</tr></thead>
-<tbody>
-{%- for row in summary %}
-<tr data-class="{{ row.class_index }}">
-<td class="num" data-sort="{{ row.class_index }}">{{ row.class_index }}</td>
-<td data-sort="{{ row.name }}"><a href="#{{ row.anchor }}">{{ row.name }}</a></td>
-{%- if several_templates %}<td><code>{{ row.template }}</code></td>{% endif %}
-<td class="num" data-sort="{{ row.n_spurious if row.n_spurious is not none else '' }}">{{ row.n_spurious if row.n_spurious is not none else "–" }}</td>
-<td class="num" data-sort="{{ row.n_features if row.n_features is not none else '' }}">{{ row.n_features if row.n_features is not none else "–" }}</td>
-<td class="num" data-sort="{{ row.r if row.r is not none else '' }}">{{ "%.3f"|format(row.r) if row.r is not none else "–" }}</td>
-<td data-sort="{{ 1 if row.biased else 0 }}">{% if row.biased %}<span class="badge biased" title="class r &lt; &delta;: the class explanation barely shows the object">biased?</span>{% endif %}</td>
-{%- if n_failed %}<td class="num" data-sort="{{ row.n_failed }}">{{ row.n_failed or "" }}</td>{% endif %}
-</tr>
-{%- endfor %}
-</tbody>
-</table>
-
-{%- macro images(task) %}
-{%- if task.images %}
-<div class="images">
-{%- for im in task.images %}
-<figure class="sample" data-r="{{ im.r if im.r is not none else '' }}" data-seed="{{ im.seed }}">
-<a href="{{ im.href }}"><img src="{{ im.src }}" loading="lazy" decoding="async" width="96" height="{{ im.height }}" alt="{{ im.alt }}"></a>
-<figcaption>r {{ "%.2f"|format(im.r) if im.r is not none else "–" }}{% if im.prob is not none %} · p {{ "%.2f"|format(im.prob) }}{% endif %}</figcaption>
-</figure>
-{%- endfor %}
-</div>
-{%- elif task.status == "ok" %}<p class="empty">no images stored</p>
-{%- endif %}
-{%- endmacro %}
-
-{%- macro task_block(t) %}
-<div class="task {{ t.kind }}" data-kind="{{ t.kind }}" data-status="{{ t.status }}"{% if t.feature_index is not none %} data-feature="{{ t.feature_index }}"{% endif %} data-template="{{ t.template }}"{% if t.verdict %} data-verdict="{{ t.verdict.verdict }}"{% endif %}>
-<div class="task-head">
-{%- if t.kind == "feature" %}<strong>#{{ t.rank if t.rank is not none else "?" }} · feature {{ t.feature_index }}</strong>
-{%- elif t.kind == "neuron" %}<strong>neuron {{ t.layer }}:{{ t.feature_index }}</strong>
-{%- else %}<strong>class explanation</strong>{% endif %}
-{%- if t.status != "ok" %} <span class="badge error">failed</span>
-{%- elif t.verdict %} <span class="badge {{ t.verdict.verdict }} verdict" data-verdict="{{ t.verdict.verdict }}"{% if t.verdict.std is not none %} title="mean r {{ "%.3f"|format(t.verdict.mean) }} ± {{ "%.3f"|format(t.verdict.std) }} over {{ t.verdict.n }} images"{% endif %}>{{ t.verdict.verdict }} · mean r {{ "%.3f"|format(t.verdict.mean) if t.verdict.mean is not none else "–" }}</span>
-{%- elif t.kind == "feature" %} <span class="badge none">no verdict</span>
-{%- endif %}
-<span class="stats">{{ t.stats|join(" · ") }}</span>
-</div>
-{%- if t.status != "ok" %}<div class="error-box">{{ t.error or "failed (no error recorded)" }}</div>{% endif %}
-{%- if t.prompt %}<p class="prompt">learned prompt: <q>{{ t.prompt }}</q></p>{% endif %}
-{{ images(t) }}
-</div>
-{%- endmacro %}
-
-{%- for c in classes %}
-<section class="class" id="{{ c.anchor }}" data-class="{{ c.class_index }}">
-<h2>{{ c.class_index }} · {{ c.name }}<a class="top" href="#summary">↑ summary</a></h2>
-{%- for g in c.groups %}
-<div class="template-group" id="{{ g.anchor }}" data-template="{{ g.template }}">
-{%- if several_templates %}<h3>template <code>{{ g.template }}</code></h3>{% endif %}
-<p class="meta">
-<span>class r {{ "%.3f"|format(g.r) if g.r is not none else "–" }}{% if g.biased %} <span class="badge biased">biased?</span>{% endif %}</span>
-{%- if g.n_features is not none %}<span>{{ g.n_spurious }} of {{ g.n_features }} features spurious</span>{% endif %}
-</p>
-{%- for t in g.class_tasks %}{{ task_block(t) }}{% endfor %}
-{%- if g.features %}
-<h4>top features</h4>
-{%- for t in g.features %}{{ task_block(t) }}{% endfor %}
-{%- endif %}
-{%- if g.neurons %}
-<h4>neurons</h4>
-{%- for t in g.neurons %}{{ task_block(t) }}{% endfor %}
-{%- endif %}
-</div>
-{%- endfor %}
-</section>
-{%- endfor %}
-
-{%- if neurons %}
-<section class="neurons" id="neurons">
-<h2>Neurons<a class="top" href="#summary">↑ summary</a></h2>
-{%- for t in neurons %}{{ task_block(t) }}{% endfor %}
-</section>
-{%- endif %}
-
-<script>
+SCRIPT = r"""
 (function () {
   "use strict";
   function key(cell) {
@@ -205,7 +106,191 @@ figcaption { font-size: .75rem; color: var(--muted); font-variant-numeric: tabul
     });
   });
 })();
-</script>
+"""
+
+
+def source_hash(text: str) -> str:
+    """A CSP source expression for an inline element whose content is exactly ``text``."""
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+def csp(script: bool) -> str:
+    """The page's policy: nothing loads but ``data:`` images; only this module's style and script apply."""
+    return "; ".join([
+        "default-src 'none'", "img-src data:", f"style-src {source_hash(STYLE)}",
+        f"script-src {source_hash(SCRIPT)}" if script else "script-src 'none'",
+        "base-uri 'none'", "form-action 'none'",
+    ])
+
+
+BASE = r"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="{{ policy }}">
+<meta name="referrer" content="no-referrer">
+<title>{% block title %}{% endblock %}</title>
+<style>{{ style }}</style>
+</head>
+<body>
+{%- block body %}{% endblock %}
+{%- if script %}
+<script>{{ script }}</script>
+{%- endif %}
 </body>
 </html>
 """
+
+MACROS = r"""
+{%- macro meta(run) %}
+<p class="meta">
+<span>run <code>{{ run.run_id }}</code></span>
+{%- if run.generator %}<span>generator {{ run.generator }}</span>{% endif %}
+{%- if run.classifier %}<span>classifier {{ run.classifier }}</span>{% endif %}
+{%- if run.delta is not none %}<span>&delta; = {{ "%.3g"|format(run.delta) }} (core when mean r &ge; &delta;)</span>{% endif %}
+<span>{{ run.n_ok }} tasks ok{% if run.n_failed %}, <strong>{{ run.n_failed }} failed</strong>{% endif %}</span>
+<span>{{ run.n_samples }} images</span>
+{%- if run.finished %}<span>finished {{ run.finished }}</span>{% endif %}
+</p>
+{%- endmacro %}
+
+{%- macro nav(links) %}
+<nav class="pages">
+{%- for label, href in links %}{% if href %}<a href="{{ href }}">{{ label }}</a>{% endif %}{% endfor %}
+</nav>
+{%- endmacro %}
+
+{%- macro images(task) %}
+{%- if task.images %}
+<div class="images">
+{%- for im in task.images %}
+<figure class="sample" data-r="{{ "%.3f"|format(im.r) if im.r is not none else '' }}" data-seed="{{ im.seed }}">
+<a href="{{ im.href }}">{% if im.src %}<img src="{{ im.src }}" loading="lazy" width="{{ im.width }}" height="{{ im.height }}" alt="{{ im.alt }}">{% else %}<span class="broken">unreadable thumbnail</span>{% endif %}</a>
+<figcaption>r {{ "%.2f"|format(im.r) if im.r is not none else "–" }}{% if im.prob is not none %} · p {{ "%.2f"|format(im.prob) }}{% endif %}</figcaption>
+</figure>
+{%- endfor %}
+</div>
+{%- elif task.status == "ok" %}<p class="empty">no images stored</p>
+{%- endif %}
+{%- endmacro %}
+
+{%- macro task_block(t) %}
+<div class="task {{ t.kind }}" data-kind="{{ t.kind }}" data-status="{{ t.status }}"{% if t.feature_index is not none %} data-feature="{{ t.feature_index }}"{% endif %} data-template="{{ t.template }}"{% if t.verdict %} data-verdict="{{ t.verdict.verdict }}"{% endif %}{% if t.anchor %} id="{{ t.anchor }}"{% endif %}>
+<div class="task-head">
+{%- if t.kind == "feature" %}<strong>#{{ t.rank if t.rank is not none else "?" }} · feature {{ t.feature_index }}</strong>
+{%- elif t.kind == "neuron" %}<strong>neuron {{ t.layer }}:{{ t.feature_index }}</strong>
+{%- else %}<strong>class explanation</strong>{% endif %}
+{%- if t.status != "ok" %} <span class="badge error">failed</span>
+{%- elif t.verdict %} <span class="badge {{ t.verdict.verdict }} verdict" data-verdict="{{ t.verdict.verdict }}"{% if t.verdict.std is not none %} title="mean r {{ "%.3f"|format(t.verdict.mean) }} ± {{ "%.3f"|format(t.verdict.std) }} over {{ t.verdict.n }} images"{% endif %}>{{ t.verdict.verdict }} · mean r {{ "%.3f"|format(t.verdict.mean) if t.verdict.mean is not none else "–" }}</span>
+{%- elif t.kind == "feature" %} <span class="badge none">no verdict</span>
+{%- endif %}
+<span class="stats">{{ t.stats|join(" · ") }}</span>
+</div>
+{%- if t.status != "ok" %}<div class="error-box">{{ t.error or "failed (no error recorded)" }}</div>{% endif %}
+{%- if t.prompt %}<p class="prompt">learned prompt: <q>{{ t.prompt }}</q></p>{% endif %}
+{{ images(t) }}
+</div>
+{%- endmacro %}
+"""
+
+INDEX = r"""{% extends "base" %}{% from "macros" import meta %}
+{%- block title %}dxray report · {{ run.run_id }}{% endblock %}
+{%- block body %}
+<header>
+<h1>dxray report</h1>
+{{ meta(run) }}
+</header>
+
+<h2 id="summary">Classes</h2>
+<table class="summary sortable" id="summary-table">
+<thead><tr>
+<th class="num" aria-sort="ascending">class</th>
+<th>name</th>
+{%- if run.several_templates %}<th>template</th>{% endif %}
+<th class="num">spurious</th>
+<th class="num">features</th>
+<th class="num">class r</th>
+<th>hint</th>
+{%- if run.n_failed %}<th class="num">failed</th>{% endif %}
+</tr></thead>
+<tbody>
+{%- for row in summary %}
+<tr data-class="{{ row.class_index }}"{% if row.row_id %} id="{{ row.row_id }}"{% endif %}>
+<td class="num" data-sort="{{ row.class_index }}">{{ row.class_index }}</td>
+<td data-sort="{{ row.name }}"><a href="{{ row.href }}">{{ row.name }}</a></td>
+{%- if run.several_templates %}<td><code>{{ row.template }}</code></td>{% endif %}
+<td class="num" data-sort="{{ row.n_spurious if row.n_spurious is not none else '' }}">{{ row.n_spurious if row.n_spurious is not none else "–" }}</td>
+<td class="num" data-sort="{{ row.n_features if row.n_features is not none else '' }}">{{ row.n_features if row.n_features is not none else "–" }}</td>
+<td class="num" data-sort="{{ row.r if row.r is not none else '' }}">{{ "%.3f"|format(row.r) if row.r is not none else "–" }}</td>
+<td data-sort="{{ 1 if row.biased else 0 }}">{% if row.biased %}<span class="badge biased" title="class r &lt; &delta;: the class explanation barely shows the object">biased?</span>{% endif %}</td>
+{%- if run.n_failed %}<td class="num" data-sort="{{ row.n_failed }}">{{ row.n_failed or "" }}</td>{% endif %}
+</tr>
+{%- endfor %}
+</tbody>
+</table>
+
+{%- if neurons %}
+<h2 id="neurons">Neurons</h2>
+<table class="summary neuron-summary">
+<thead><tr><th>neuron</th>{% if run.several_templates %}<th>template</th>{% endif %}<th>status</th><th>result</th></tr></thead>
+<tbody>
+{%- for t in neurons %}
+<tr data-kind="neuron" data-status="{{ t.status }}">
+<td><a href="{{ t.href }}">neuron {{ t.layer }}:{{ t.feature_index }}</a></td>
+{%- if run.several_templates %}<td><code>{{ t.template }}</code></td>{% endif %}
+<td>{% if t.status != "ok" %}<span class="badge error">failed</span>{% else %}ok{% endif %}</td>
+{%- if t.status != "ok" %}<td class="error">{{ t.error or "failed (no error recorded)" }}</td>
+{%- else %}<td>{{ t.stats|join(" · ") }}</td>{% endif %}
+</tr>
+{%- endfor %}
+</tbody>
+</table>
+{%- endif %}
+{%- endblock %}
+"""
+
+CLASS = r"""{% extends "base" %}{% from "macros" import meta, nav, task_block %}
+{%- block title %}{{ c.class_index }} · {{ c.name }} · dxray report · {{ run.run_id }}{% endblock %}
+{%- block body %}
+{{ nav(links) }}
+{{ meta(run) }}
+<section class="class" id="{{ c.anchor }}" data-class="{{ c.class_index }}">
+<h2>{{ c.class_index }} · {{ c.name }}<a class="top" href="{{ links[0][1] }}">↑ summary</a></h2>
+{%- for g in c.groups %}
+<div class="template-group" id="{{ g.anchor }}" data-template="{{ g.template }}">
+{%- if run.several_templates %}<h3>template <code>{{ g.template }}</code></h3>{% endif %}
+<p class="meta">
+<span>class r {{ "%.3f"|format(g.r) if g.r is not none else "–" }}{% if g.biased %} <span class="badge biased">biased?</span>{% endif %}</span>
+{%- if g.n_features is not none %}<span>{{ g.n_spurious }} of {{ g.n_features }} features spurious</span>{% endif %}
+</p>
+{%- for t in g.class_tasks %}{{ task_block(t) }}{% endfor %}
+{%- if g.features %}
+<h4>top features</h4>
+{%- for t in g.features %}{{ task_block(t) }}{% endfor %}
+{%- endif %}
+{%- if g.neurons %}
+<h4>neurons</h4>
+{%- for t in g.neurons %}{{ task_block(t) }}{% endfor %}
+{%- endif %}
+</div>
+{%- endfor %}
+</section>
+{{ nav(links) }}
+{%- endblock %}
+"""
+
+NEURONS = r"""{% extends "base" %}{% from "macros" import meta, nav, task_block %}
+{%- block title %}neurons {{ part }} · dxray report · {{ run.run_id }}{% endblock %}
+{%- block body %}
+{{ nav(links) }}
+{{ meta(run) }}
+<section class="neurons" id="neurons">
+<h2>Neurons{% if parts > 1 %} ({{ part }} of {{ parts }}){% endif %}<a class="top" href="{{ links[0][1] }}">↑ summary</a></h2>
+{%- for t in neurons %}{{ task_block(t) }}{% endfor %}
+</section>
+{{ nav(links) }}
+{%- endblock %}
+"""
+
+PAGES = {"base": BASE, "macros": MACROS, "index": INDEX, "class": CLASS, "neurons": NEURONS}
