@@ -15,8 +15,8 @@ samples of a task whose task row never got written. Compacted files are never re
 with nothing new writes nothing.
 
 Order of operations, per table (``tasks`` first). The plan (which parts go into which file) is
-written into the journal with the first file's entry, so a re-run after a crash writes the very files an uninterrupted run
-would have; then, one output file at a time:
+written into the journal with the first file's entry, so a re-run after a crash writes the very files
+an uninterrupted run would have; then, one output file at a time:
 
 1. append the file's entry ``{file, sources, rows, done: false}`` to the table's journal,
    ``{run}/_compaction/{table}.json`` (rewritten whole and atomically: temporary name, then moved);
@@ -129,11 +129,22 @@ def _write(sink: RunSink, name: str, file: str, table: pa.Table, part_bytes: int
 
 
 def _delete(sink: RunSink, name: str, rels: list[str]) -> None:
-    """Delete parts of table ``name``, several at a time (S3: one request each); the first half, then the rest."""
+    """Delete parts of table ``name``, several at a time (S3: a request or two each); the first half, then
+    the rest. A part already gone (deleted before a crash) is fine."""
+
+    def delete(rel: str) -> None:
+        def attempt() -> None:
+            try:
+                sink.fs.delete_file(f"{sink.root}/{name}/{rel}")
+            except FileNotFoundError:
+                pass
+
+        retrying(attempt, deadline_s=sink.storage.retry_seconds, what=f"deleting {sink.uri(f'{name}/{rel}')}")
+
     half = len(rels) // 2
-    with ThreadPoolExecutor(max_workers=8) as pool:
+    with ThreadPoolExecutor(max_workers=32 if sink.fs.type_name == "s3" else 4) as pool:
         for chunk, point in ((rels[:half], "half-deleted"), (rels[half:], None)):
-            list(pool.map(lambda r: sink.delete(f"{name}/{r}"), chunk))
+            list(pool.map(delete, chunk))
             if point and chunk:
                 _pause(name, point)
 
