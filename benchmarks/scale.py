@@ -159,13 +159,18 @@ def _analytics(run: str, s3: bool) -> dict:
     from test_analytics_docs import blocks, execute
 
     seconds = {}
-    for block_id, section, code in blocks():
+    for block_id, _section, code in blocks():
         if (block_id.startswith("s3")) != s3:
             continue
         with contextlib.redirect_stdout(io.StringIO()):
             _, wall, _ = _timed(lambda code=code: execute(code, run))
         seconds[block_id] = round(wall, 2)
     return seconds
+
+
+def _rss_mb() -> int:
+    """Peak resident memory of this (the driver's) process so far, in MB."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def measure(storage: str, classes: int, work: float, resolution: int) -> dict:
@@ -190,11 +195,24 @@ def measure(storage: str, classes: int, work: float, resolution: int) -> dict:
         total = classes * 6
         done = {"n": 0}
 
+        steady = {"cpu": 0.0, "tasks": 0}  # driver CPU between a run's first and last committed task
+
         def stop_half_way(event, data):
             if event == "task":
                 done["n"] += 1
+                track(event, data)
                 if done["n"] >= total // 2:
                     raise _Stop
+
+        def track(event, data, mark={}):  # noqa: B006 - one run's first-task mark
+            if event == "task":
+                now = time.process_time()
+                if "cpu" in mark:
+                    steady["cpu"] += now - mark["cpu"]
+                    steady["tasks"] += 1
+                mark["cpu"] = now
+            elif event == "done":
+                mark.clear()
 
         first_wall = time.perf_counter()
         c0 = time.process_time()
@@ -204,7 +222,9 @@ def measure(storage: str, classes: int, work: float, resolution: int) -> dict:
             pass
         first_cpu, first_wall = time.process_time() - c0, time.perf_counter() - first_wall
         plan_half, todo_half = _plan_seconds(cfg)
-        summary, second_wall, second_cpu = _timed(lambda: run_distributed(cfg, actors=actors))
+        track("done", {})
+        summary, second_wall, second_cpu = _timed(lambda: run_distributed(cfg, progress=track, actors=actors))
+        rss = {"run": _rss_mb()}
         plan_done, todo_done = _plan_seconds(cfg)
         sink = open_sink(cfg)
 
@@ -217,21 +237,25 @@ def measure(storage: str, classes: int, work: float, resolution: int) -> dict:
             return job.finish("simulated")
 
         _, finalize_s, _ = _timed(finalize)
+        rss["finalize"] = _rss_mb()
         files = {t: _files(sink, t) for t in ("tasks", "samples")}
         rows = {t: sink.read_table(t, columns=["task_id"]).num_rows for t in ("tasks", "samples")}
         report_dir = tmp / "report"
         report_dir.mkdir()
         _, report_s, _ = _timed(lambda: build_report(sink.uri(""), report_dir / "report.html"))
         report_files = [p for p in report_dir.rglob("*") if p.is_file()]
+        rss["report"] = _rss_mb()
         analytics = _analytics(sink.uri(""), storage == "s3")
+        rss["analytics"] = _rss_mb()
         tasks_run = summary.ok + summary.failed + done["n"]
         return {
             "storage": "SeaweedFS S3 on 127.0.0.1" if server else "local disk", "classes": classes, "tasks": total,
             "samples_per_task": cfg.sample.k, "simulated_work_s_per_task": work, "image_px": resolution,
             "tasks_committed": tasks_run, "rows": rows, "failed": summary.failed,
             "driver_ms_per_task": round((first_cpu + second_cpu) / tasks_run * 1e3, 2),
+            "driver_ms_per_task_steady": round(steady["cpu"] / max(steady["tasks"], 1) * 1e3, 2),
             "wall_ms_per_task": round((first_wall + second_wall) / tasks_run * 1e3, 2),
-            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "driver_peak_rss_mb": rss["run"], "peak_rss_mb_after": rss,
             "plan_half_finished_s": round(plan_half, 2), "todo_half_finished": todo_half,
             "plan_finished_s": round(plan_done, 2), "todo_finished": todo_done,
             "finalize_s": round(finalize_s, 2), "files_per_table": files,
@@ -266,7 +290,9 @@ def main() -> None:
     for storage in a.storage.split(","):
         cmd = [sys.executable, __file__, "--child", storage, "--classes", str(a.classes), "--work", str(a.work),
                "--resolution", str(a.resolution)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if out.returncode:
+            sys.exit(f"scale.py --child {storage} failed:\n{out.stderr[-3000:]}")
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(runs[-1], indent=1), flush=True)
     doc = {"benchmark": "scale", "targets": TARGETS, "runs": runs,

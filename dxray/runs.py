@@ -10,7 +10,7 @@ from dxray.config import Config, StorageConfig
 from dxray.errors import DxrayError, one_line
 from dxray.storage.fs import check_reachable
 from dxray.storage.sink import RunSink
-from dxray.verdict import decide
+from dxray.verdict import SAMPLE_COLUMNS, TASK_COLUMNS, decide
 
 log = logging.getLogger("dxray")
 
@@ -26,7 +26,7 @@ def open_run(run: str, storage: StorageConfig | None = None) -> RunSink:
     sink = RunSink(parent or ".", run_id, storage=storage)
     if sink.fs.type_name == "s3":
         check_reachable(run, sink.root, sink.storage)  # seconds, not storage.retry_seconds of retries
-    if sink.read_table("tasks") is None:
+    if sink.read_table("tasks", columns=["task_id"]) is None:
         raise DxrayError(f"no run found at {run} (expected a tasks/ table inside)")
     return sink
 
@@ -59,10 +59,10 @@ def redecide(run: str, delta: float) -> tuple[list[dict], list[dict]]:
     if manifest is None:
         raise DxrayError(f"run {run} has not finished (no readable manifest.json): re-run its command to finish "
                          f"it, then redecide")
-    samples = sink.read_table("samples")
+    samples = sink.read_table("samples", columns=SAMPLE_COLUMNS)
     if samples is None:
         raise DxrayError(f"run {run} has no samples table")
-    verdicts, classes = decide(sink.read_table("tasks"), samples, delta, sink.run_id)
+    verdicts, classes = decide(sink.read_table("tasks", columns=TASK_COLUMNS), samples, delta, sink.run_id)
     decision = {"delta": delta, "source": "redecide", "at": datetime.now(UTC).isoformat()}
     before = {rel: sink.read_bytes(rel) for rel in _DECIDED}
     written: list[str] = []  # each write is atomic (sink._atomic): the one that failed left its file as it was

@@ -24,6 +24,12 @@ def check_delta(delta: float) -> float:
     return delta
 
 
+# The columns decide() reads: a full-ImageNet samples table is 60,000 rows of thumbnails and masks, and
+# reading only these keeps re-deciding it to a few seconds and a few MB.
+TASK_COLUMNS = ["task_id", "status", "kind", *_KEYS]
+SAMPLE_COLUMNS = ["task_id", "object_fraction"]
+
+
 def _scored(tasks: pa.Table, samples: pa.Table, kind: str) -> pa.Table:
     """Samples of successful tasks of one kind that have an object fraction, with their task's keys."""
     ok = tasks.filter(pc.and_(pc.equal(tasks["status"], "ok"), pc.equal(tasks["kind"], kind)))

@@ -29,7 +29,7 @@ from dxray.storage import package_versions, redact, redact_text
 from dxray.storage.compact import compact_run, finish_pending
 from dxray.storage.schemas import TABLES
 from dxray.storage.sink import RunSink
-from dxray.verdict import decide
+from dxray.verdict import SAMPLE_COLUMNS, TASK_COLUMNS, decide
 
 
 @dataclass
@@ -120,7 +120,8 @@ class AuditJob:
         cfg, sink, summary = self.cfg, self.sink, self.summary
         compaction = compact_run(sink)
         decision = decision_in_force(cfg, sink.read_manifest())
-        tables = {name: sink.read_table(name) for name in ("tasks", "samples")}
+        tables = {"tasks": sink.read_table("tasks", columns=TASK_COLUMNS),
+                  "samples": sink.read_table("samples", columns=SAMPLE_COLUMNS)}
         summary.samples = tables["samples"].num_rows if tables["samples"] is not None else 0
         if cfg.segment.enabled and tables["tasks"] is not None and tables["samples"] is not None:
             verdicts, classes = decide(tables["tasks"], tables["samples"], decision["delta"], sink.run_id)
