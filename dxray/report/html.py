@@ -50,7 +50,11 @@ MARKER = ".dxray-report"  # in the pages folder: a folder holding it is a report
 def _read(sink, name: str) -> list[dict[str, Any]]:
     """The rows of one table (only the report's columns), [] when the run has no such table."""
     table = sink.read_table(name, columns=_COLUMNS[name])
-    return [] if table is None else table.to_pylist()
+    try:
+        return [] if table is None else table.to_pylist()
+    except UnicodeDecodeError:  # a flipped byte inside a text column reads back as bytes that are not UTF-8
+        raise DxrayError(f"run {sink.uri('')}: table {name} holds text that is not UTF-8 (a corrupt part); "
+                         f"delete its damaged part and re-run the run's command to write it again") from None
 
 
 def _manifest(sink) -> dict:

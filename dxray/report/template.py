@@ -63,6 +63,7 @@ figcaption { font-size: .75rem; color: var(--muted); font-variant-numeric: tabul
 .empty { color: var(--muted); font-style: italic; }
 .top { font-size: .8rem; margin-left: .5rem; }
 """
+STYLE = "\n" + "}\n".join(" ".join(rule.split()) for rule in STYLE.strip().split("}\n")) + "\n"  # a rule a line
 
 SCRIPT = r"""
 (function () {
