@@ -41,6 +41,9 @@ bench: install
 	$(BIN)/python benchmarks/sampler.py --size sd15 --resolution 256 --checkpointing
 	$(BIN)/python benchmarks/scheduler.py
 	$(BIN)/python benchmarks/optimize_step.py --preset tiny
+	$(BIN)/python benchmarks/compact.py
+	$(BIN)/python benchmarks/report.py
+	$(BIN)/python benchmarks/scale.py
 
 # On a CUDA machine: dxray's optimisation step vs the naive loop, levers, FLOPs/MFU and the
 # full-ImageNet projection on the SD1.5-size architecture (random weights) at 512 px, 4 steps.
