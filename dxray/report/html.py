@@ -49,7 +49,10 @@ MARKER = ".dxray-report"  # in the pages folder: a folder holding it is a report
 
 def _read(sink, name: str) -> list[dict[str, Any]]:
     """The rows of one table (only the report's columns), [] when the run has no such table."""
-    table = sink.read_table(name, columns=_COLUMNS[name])
+    return _rows(sink, name, sink.read_table(name, columns=_COLUMNS[name]))
+
+
+def _rows(sink, name: str, table) -> list[dict[str, Any]]:
     try:
         return [] if table is None else table.to_pylist()
     except UnicodeDecodeError:  # a flipped byte inside a text column reads back as bytes that are not UTF-8
@@ -68,9 +71,8 @@ class _Thumbnails:
     """The samples' stored thumbnails, kept as one Arrow column (not Python bytes) and re-encoded for the
     page that shows them, on a few threads."""
 
-    def __init__(self, sink, fmt: str):
-        table = sink.read_table("samples", columns=["thumbnail"])
-        self.column = None if table is None else table.column("thumbnail")
+    def __init__(self, column, fmt: str):
+        self.column = column
         self.fmt = fmt
         self.pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
 
@@ -157,7 +159,11 @@ class _Model:
     """Everything the pages show, read once from the run's tables."""
 
     def __init__(self, sink):
-        tasks, samples = _read(sink, "tasks"), _read(sink, "samples")
+        # One read of the samples: its rows, and the thumbnails of the same rows as an Arrow column.
+        table = sink.read_table("samples", columns=[*_COLUMNS["samples"], "thumbnail"])
+        self.thumbnails = None if table is None else table.column("thumbnail")
+        tasks = _read(sink, "tasks")
+        samples = _rows(sink, "samples", None if table is None else table.drop_columns(["thumbnail"]))
         verdicts, classes = _read(sink, "verdicts"), _read(sink, "classes")
         manifest = _manifest(sink)
         config = _dict(manifest.get("config"))
@@ -344,9 +350,10 @@ def build_report(run: str, out: str | Path, *, storage=None, image_format: str |
     tmp = pages.with_name(f".{pages.name}.{os.getpid()}.tmp")
     old = pages.with_name(f".{pages.name}.{os.getpid()}.old")
     index_tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for leftover in (tmp, old):  # this process's own, from a crash under the same pid
+        shutil.rmtree(leftover, ignore_errors=True)
     swapped = False
-    pictures = _Thumbnails(sink, fmt)
+    pictures = _Thumbnails(model.thumbnails, fmt)
     try:
         tmp.mkdir()
         _write_pages(model, tmp, out, _Links(sink, out, pages), pictures)
