@@ -171,6 +171,11 @@ def _complete(sink: RunSink, name: str) -> dict:
     kept = [e for e in journal["outputs"] if e["file"] in listing]  # a file deleted by hand took its rows along
     changed |= len(kept) != len(journal["outputs"])
     journal["outputs"] = kept
+    # Parts written again after they were compacted (a second driver of the same run committed them late):
+    # read_table already skips them, the compacted file holds their rows; delete them for the globs.
+    stale = [s for e in kept if e.get("done") for s in e["sources"] if s in listing]
+    if stale:
+        _delete(sink, name, stale)
     for rel in listing:  # temporaries of compacted files a crash left
         if rel.startswith(".compact-") and rel.endswith(".tmp"):
             sink.delete(f"{name}/{rel}")
