@@ -237,11 +237,9 @@ def test_two_drivers_on_the_same_output_both_finish_and_the_run_holds_each_task_
     assert (r["root"] / "manifest.json").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "dxray/storage/compact.py: parts that a second driver re-writes after the first one compacted them stay "
-    "beside the compacted file for good (the journal marks them replaced, so RunSink.read_table skips them, "
-    "but no later finish deletes them): globs over the folder read those tasks and samples twice"))
 def test_two_drivers_on_the_same_output_leave_each_row_once_for_glob_readers(two_drivers):
+    """B's late parts sit beside A's compacted files until B's own finish deletes them (read_table skips
+    them meanwhile): once both are done, a glob over the folder sees every row once too."""
     r = two_drivers
     assert r["rc"] == (0, 0), r["logs"]
     assert _readers(r["root"]) == {"tasks": dict.fromkeys(READERS, r["n_tasks"]),
