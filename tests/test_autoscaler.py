@@ -31,7 +31,7 @@ import pytest
 import yaml
 from conftest import ROOT, TINY_YAML
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = pytest.mark.timeout(600)
 FIXTURE = ROOT / "tests" / "fixtures" / "fake_cluster.yaml"
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 WORKER_TYPE = "gpu_worker"
@@ -207,44 +207,19 @@ def _explainer_actors(cluster: FakeCluster, run_id: str) -> dict:
             if (a.name or "").startswith(f"dxray-explainer-{run_id}-")}
 
 
-def test_audit_scales_gpu_workers_up_from_zero_and_back_down(fake_cluster, tmp_path, cache_dir):
+@pytest.fixture(scope="module")
+def shrinking_run(fake_cluster, tmp_path_factory, cache_dir) -> dict:
+    """One audit submitted to the cluster while it has no worker node, with ``cluster.explainers=2``; one
+    of its two GPU nodes is lost mid-run; then the cluster is watched until it is back to no worker node.
+
+    The loss: once tasks are being committed and both explainers are up, every process of explainer 0's
+    node (raylet, actor, agents) is SIGKILLed, as when a spot node is taken away. So that the run cannot
+    simply finish on the surviving node before the autoscaler acts, explainer 1 is frozen (SIGSTOP) at the
+    same moment and thawed once the lost explainer, restarted on a new node, has committed a task."""
     c = fake_cluster
-    assert c.workers() == [], "the cluster must start with no worker node"
-    assert not any(n.resources_total.get("GPU") for n in c.nodes())
-    out = tmp_path / "out"
-    overrides = [f"output={out}", f"cache_dir={cache_dir}", *FAST, "cluster.explainers=2"]
-    job_id = c.submit(*overrides)
-    logs = c.wait(job_id, timeout=300)
-    assert c.status(job_id).name == "SUCCEEDED", logs[-3000:]
-    n, run_id = _plan(overrides)
-    assert f"dxray: {n}/{n} tasks finished (0 failed" in logs
-    # the autoscaler launched two GPU nodes for the two explainers, and the explainers ran on them
-    assert max(len(ids) for _, ids in c.log) == 2, c.log
-    workers = {w.node_id: w for w in c.workers(alive=False)}
-    assert all(w.resources_total.get("GPU") == 1 for w in workers.values())
-    placed = {name: a.node_id for name, a in _explainer_actors(c, run_id).items()}
-    assert len(placed) == 2 and set(placed.values()) <= set(workers), (placed, workers)
-    assert len(set(placed.values())) == 2
-    [root] = list(out.glob("run-*"))
-    tasks, samples = _tables(root)
-    assert len(tasks) == len({t["task_id"] for t in tasks}) == n
-    assert len(samples) == len({(s["task_id"], s["seed"]) for s in samples}) == n * 2
-    # ... and took them away once they sat idle past idle_timeout_minutes
-    deadline = time.monotonic() + 120
-    while c.workers() and time.monotonic() < deadline:
-        time.sleep(1.0)
-    assert c.workers() == []
-    assert re.search(rf"Removing \d+ nodes of type {WORKER_TYPE} \(idle\)", c.monitor_log())
-
-
-def test_a_lost_worker_node_is_replaced_and_every_task_and_sample_lands_once(fake_cluster, tmp_path, cache_dir):
-    """A preempted spot node: every process of one GPU node (raylet, actor, agents) is SIGKILLed mid-run.
-
-    So that the run cannot simply finish on the surviving node before the autoscaler acts, the surviving
-    explainer is frozen (SIGSTOP) right after the kill and thawed once a task has been committed without
-    it: the run then completes only through the replacement node, which proves the replacement did work."""
-    c = fake_cluster
-    out = tmp_path / "out"
+    record: dict = {"workers_at_start": c.workers(),
+                    "gpus_at_start": sum(n.resources_total.get("GPU", 0) for n in c.nodes())}
+    out = tmp_path_factory.mktemp("shrinking") / "out"
     overrides = [f"output={out}", f"cache_dir={cache_dir}", *FAST, "cluster.explainers=2", "targets.top_k=5",
                  "optimize.batch_tasks=1"]  # 12 tasks, one a batch
     n, run_id = _plan(overrides)
@@ -260,13 +235,13 @@ def test_a_lost_worker_node_is_replaced_and_every_task_and_sample_lands_once(fak
             if len(actors) < 2 or any(a.state != "ALIVE" for a in actors.values()):
                 return
             [victim, survivor] = sorted(actors)  # explainer 0's node goes, explainer 1 is frozen
-            before = {w.node_id for w in c.workers()}
-            assert {actors[victim].node_id, actors[survivor].node_id} <= before
+            state.update(placed={name: a.node_id for name, a in actors.items()},
+                         before={w.node_id: w for w in c.workers()}, log_before=list(c.log))
             for p in _node_processes(c, actors[victim].node_id):
                 _signal(p, signal.SIGKILL)
             frozen = psutil.Process(actors[survivor].pid)
             _signal(frozen, signal.SIGSTOP)
-            state.update(victim=victim, node=actors[victim].node_id, before=before, frozen=frozen, at=time.monotonic(),
+            state.update(victim=victim, node=actors[victim].node_id, frozen=frozen, at=time.monotonic(),
                          parts=parts())
         elif state and "back" not in state:  # the lost explainer restarted (models loaded) on a new node
             a = _explainer_actors(c, run_id)[state["victim"]]
@@ -284,18 +259,47 @@ def test_a_lost_worker_node_is_replaced_and_every_task_and_sample_lands_once(fak
     finally:
         if "frozen" in state:
             _signal(state["frozen"], signal.SIGCONT)
-    assert c.status(job_id).name == "SUCCEEDED", logs[-3000:]
+    record.update(state=state, logs=logs, status=c.status(job_id).name, n=n, run_id=run_id,
+                  roots=list(out.glob("run-*")), nodes={w.node_id: w for w in c.workers(alive=False)})
+    deadline = time.monotonic() + 120  # idle_timeout_minutes is 0.1: the nodes should go within seconds
+    while c.workers() and time.monotonic() < deadline:
+        time.sleep(1.0)
+    record.update(workers_at_end=c.workers(), monitor_log=c.monitor_log())
+    return record
+
+
+def test_audit_scales_gpu_workers_up_from_zero_and_back_down(shrinking_run):
+    r = shrinking_run
+    assert r["workers_at_start"] == [] and r["gpus_at_start"] == 0, "the cluster must start with no GPU node"
+    assert r["status"] == "SUCCEEDED", r["logs"][-3000:]
+    n = r["n"]
+    assert f"dxray: {n}/{n} tasks finished (0 failed" in r["logs"]
+    state = r["state"]
+    assert state, "the run ended before both explainers were up and committing"
+    # up: the autoscaler added one GPU node per explainer (never more), and the explainers ran on them
+    assert max(len(ids) for _, ids in state["log_before"]) == 2, state["log_before"]
+    assert len(state["before"]) == 2 and all(w.resources_total.get("GPU") == 1 for w in state["before"].values())
+    assert set(state["placed"].values()) == set(state["before"]), state["placed"]
+    # down: every worker node removed once idle past idle_timeout_minutes, by the autoscaler's idle rule
+    assert r["workers_at_end"] == []
+    assert re.search(rf"Removing \d+ nodes of type {WORKER_TYPE} \(idle\)", r["monitor_log"])
+
+
+def test_a_lost_worker_node_is_replaced_and_every_task_and_sample_lands_once(shrinking_run):
+    r = shrinking_run
+    state, n, logs = r["state"], r["n"], r["logs"]
+    assert r["status"] == "SUCCEEDED", logs[-3000:]
     assert state and state["parts"] < n, "the node was lost too late to test anything"
     assert "re-submitting" in logs  # the lost node's batches in flight went round again
     assert f"dxray: {n}/{n} tasks finished (0 failed" in logs
     # the autoscaler replaced the node: a new GPU node, and the lost explainer restarted on it did work
     assert "back" in state, "the lost explainer never came back on a new node"
     assert state["by_replacement"] > 0, "the restarted explainer committed nothing while it alone could work"
-    nodes = {w.node_id: w for w in c.workers(alive=False)}
+    nodes = r["nodes"]
     assert nodes[state["node"]].state == "DEAD"
-    new = set(nodes) - state["before"]
+    new = set(nodes) - set(state["before"])
     assert new and all(nodes[i].resources_total.get("GPU") == 1 for i in new)
-    [root] = list(out.glob("run-*"))
+    [root] = r["roots"]
     tasks, samples = _tables(root)
     assert len(tasks) == len({t["task_id"] for t in tasks}) == n and all(t["status"] == "ok" for t in tasks)
     assert len(samples) == len({(s["task_id"], s["seed"]) for s in samples}) == n * 2
