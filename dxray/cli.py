@@ -313,10 +313,11 @@ def rank_features_cmd(
 @_guarded
 def report_cmd(
     run: Annotated[str, typer.Argument(help="run folder: {output}/{run_id}, local or s3://")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write")] = Path("report.html"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="the index page to write; the class pages go into the sibling NAME_files/ folder")] = Path("report.html"),
 ) -> None:
-    """Write a self-contained HTML report of a run: a sortable summary of the classes and, per class,
-    the explanation images, the top features with their core/spurious verdict, and failed tasks.
+    """Write an HTML report of a run (no network resource): an index page with a sortable summary of the
+    classes and, on one page per class, the explanation images, the top features with their core/spurious
+    verdict, and failed tasks.
 
     Example: dxray report dxray-out/run-4253965a89ba -o dxray-out/report.html
     """
