@@ -152,11 +152,9 @@ def explain(
     try:
         from dxray.config import load_config
         from dxray.pipeline.local import run
-        from dxray.pipeline.preflight import preflight
 
         cfg = load_config(config, overrides or [])
         quiet_libraries()
-        preflight(cfg)  # fail fast, before any model is loaded
         infos = {"plan": lambda d: f"{d['skipped']} already done",
                  "step": lambda d: f"step {d['step']}/{d['steps']} loss {d['loss']:.3f} [{d['tasks']}]"}
         with _task_bar(quiet, "loading models", infos) as progress:
@@ -182,7 +180,6 @@ def audit(
 
     try:
         from dxray.config import load_config
-        from dxray.pipeline.preflight import preflight
 
         cfg = load_config(config, overrides or [])
         quiet_libraries()
@@ -198,7 +195,6 @@ def audit(
 
             Console().print(render(dry_plan(cfg)))
             return
-        preflight(cfg)  # fail fast, before Ray starts or any model is loaded
         from dxray.distributed.audit import run_distributed
 
         infos = {"plan": lambda d: f"{d['skipped']} already done; starting actors",

@@ -180,7 +180,7 @@ def rank_features_distributed(cfg: Config, *, address: str | None = None, actors
         raise DxrayError(f"actors must be >= 1, got {actors}")
     folder = image_folder(cfg)
     rows = list_images(folder, t.classes, fi.select, fi.max_per_class)
-    cfg = cfg.model_copy(update={"cache_dir": str(_cache_root(cfg.cache_dir))})  # workers build tiny models there
+    cfg = cfg.model_copy(update={"cache_dir": str(models.cache_root(cfg.cache_dir))})  # workers build tiny models there
     # On the driver, for W (and to fail before any actor starts).
     classifier = models.load_classifier(cfg.classifier, device="cpu", cache_dir=cfg.cache_dir)
     weight = classifier.final_weight.detach().float().cpu()
@@ -202,10 +202,6 @@ def rank_features_distributed(cfg: Config, *, address: str | None = None, actors
     sink.write_table("feature_ranking", features.ranking_rows(sink.run_id, ranked, info.class_names), part="all")
     return RankResult(ranked, sink.uri("feature_ranking"), sink.uri(""), len(rows), pool,
                       time.monotonic() - started)
-
-
-def _cache_root(cache_dir: str | None):
-    return models.cache_root(cache_dir)
 
 
 def _run(cfg: Config, folder: ImageFolder, rows: list[dict], pool: int, gpus: float,
