@@ -105,27 +105,33 @@ def _task_bar(quiet: bool, first: str, infos: dict[str, Callable[[dict], str]]):
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    with Progress(*columns, console=err, disable=quiet, transient=False) as bar:
-        tasks_bar = bar.add_task("tasks", total=None, info=first)
-        failed = 0
+    # Started by the runner's first event (after its preflight): a config error leaves its one line and no bar.
+    bar = Progress(*columns, console=err, disable=quiet, transient=False)
+    tasks_bar = bar.add_task("tasks", total=None, info=first)
+    failed = 0
 
-        def progress(event: str, data: dict) -> None:
-            nonlocal failed
-            if event == "plan":
-                bar.update(tasks_bar, total=data["todo"])
-                _progress["skipped"] = data["skipped"]
-            if event == "task":
-                failed += data["status"] != "ok"
-                _progress["committed"] += data["status"] == "ok"  # committed: a task row of status ok
-                bar.update(tasks_bar, advance=1, info=f"{failed} failed" if failed else "")
-            elif event in infos:
-                bar.update(tasks_bar, info=infos[event](data))
+    def progress(event: str, data: dict) -> None:
+        nonlocal failed
+        if not bar.live.is_started:
+            bar.start()
+        if event == "plan":
+            bar.update(tasks_bar, total=data["todo"])
+            _progress["skipped"] = data["skipped"]
+        if event == "task":
+            failed += data["status"] != "ok"
+            _progress["committed"] += data["status"] == "ok"  # committed: a task row of status ok
+            bar.update(tasks_bar, advance=1, info=f"{failed} failed" if failed else "")
+        elif event in infos:
+            bar.update(tasks_bar, info=infos[event](data))
 
-        try:
-            yield progress
-        except BaseException:  # the error's one line is what is left on stderr, not a half bar above it
-            bar.live.transient = True
-            raise
+    try:
+        yield progress
+    except BaseException:  # the error's one line is what is left on stderr, not a half bar above it
+        bar.live.transient = True
+        raise
+    finally:
+        if bar.live.is_started:
+            bar.stop()
 
 
 def _fail(message: str) -> None:

@@ -38,6 +38,7 @@ def run_distributed(cfg: Config, address: str | None = None, progress=None, *,
     job.preflight()  # every check that needs no model, storage reachability included
     _check(cfg)
     emit = progress or (lambda event, data: None)
+    emit("preflight", {})  # the checks passed; Ray starts next
     where = connect(cfg.cluster, address)
     gpus = float(ray.cluster_resources().get("GPU", 0))
     n, gpe = layout(cfg, gpus, scales_up=where != "local")

@@ -46,9 +46,10 @@ def run(cfg: Config, progress: ProgressHook | None = None, runner: LocalRunner |
     """The whole audit in this process (no cluster needed)."""
     job = AuditJob(cfg, "explain")
     job.preflight()
+    emit = progress or (lambda event, data: None)
+    emit("preflight", {})  # the checks passed; models load next
     runner = runner or LocalRunner(cfg)
     job.prepare(runner.classifier)
-    emit = progress or (lambda event, data: None)
     emit("plan", job.plan_event())
     size = cfg.optimize.batch_tasks
     for start in range(0, len(job.todo), size):
