@@ -49,3 +49,16 @@ def test_objective_needs_only_a_mapping():
     assert (obj * 3)({"x": torch.ones(2, 4)}).tolist() == [12.0, 12.0]
     with pytest.raises(TypeError):
         obj * "3"
+
+
+def test_built_objectives_pickle_by_reference_and_compute_the_same():
+    """A task spec goes to a Ray actor per batch: its objective must pickle as the builder calls that made it
+    (plain pickle cannot pickle the closures inside), not as closures by value."""
+    import pickle
+
+    eq5 = class_ce(3) - 0.5 * neuron("penultimate", 2) + (-class_logit(1))
+    copy = pickle.loads(pickle.dumps(eq5))
+    acts = {"logits": torch.randn(4, 5), "penultimate": torch.randn(4, 6)}
+    assert copy.description == eq5.description and copy.layers == eq5.layers
+    assert torch.equal(copy(acts), eq5(acts))
+    assert len(pickle.dumps(eq5)) < 600
