@@ -68,13 +68,13 @@ def _callables(job: AuditJob) -> dict:
     def fail(spec, finished, stage: str, message: str) -> dict:
         stage = STAGES[stage]
         if finished is not None and stage == rows.SEGMENT:  # explained: its row, with the segmenter's error
-            return job.commit(finished, None, rows.error_text(stage, message))
-        return job.commit(rows.error_row(job.sink.run_id, spec, job.cfg, stage, message))
+            return rows.brief(job.commit(finished, None, rows.error_text(stage, message)))
+        return rows.brief(job.commit(rows.error_row(job.sink.run_id, spec, job.cfg, stage, message)))
 
     return {"explain": lambda actor, specs: actor.run.options(num_returns=2).remote(specs),
             "score": lambda actor, images, finished: actor.score.remote(images, [f.prompt for f in finished]),
             "needs_scoring": lambda finished: bool(finished.prompt),
-            "commit": lambda finished, scores: job.commit(finished, scores), "fail": fail}
+            "commit": lambda finished, scores: rows.brief(job.commit(finished, scores)), "fail": fail}
 
 
 @contextmanager

@@ -77,6 +77,15 @@ def task_row(run_id: str, spec: TaskSpec, cfg, res: OptimizeResult | None, error
     return row
 
 
+BRIEF = ("run_id", "task_id", "kind", "class_index", "class_name", "feature_index", "layer", "template", "status", "error")
+
+
+def brief(row: dict) -> dict:
+    """A committed task row without its bulky columns (prompt embedding, curves): what the progress events
+    and the tally need. The scheduler keeps one per task, 6,000 for a full-ImageNet run."""
+    return {k: row.get(k) for k in BRIEF}
+
+
 def error_row(run_id: str, spec: TaskSpec, cfg, stage: str, err: BaseException | str,
               res: OptimizeResult | None = None) -> Finished:
     """A failed task, ready to commit: its task row (with the optimisation result when there is one)

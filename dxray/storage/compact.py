@@ -59,6 +59,7 @@ from dxray.storage.schemas import TABLES
 from dxray.storage.sink import COMPACTED, JOURNAL, RunSink
 
 TARGET_BYTES = 128 * 2**20  # parts per compacted file: about this many bytes of them
+READ_FILES = 200  # parts per dataset scan when reading them back (memory, see _read_parts)
 ROW_GROUP_BYTES = 16 * 2**20  # row groups of about this size inside a compacted file (readers' unit of work)
 PAUSE_ENV, PAUSE_MARK_ENV = "DXRAY_COMPACT_PAUSE", "DXRAY_COMPACT_PAUSE_MARK"
 # Row order of a compacted tasks file; samples keep each part's order, parts ordered by their task's key.
@@ -100,11 +101,15 @@ def _read_parts(sink: RunSink, name: str, rels: list[str]) -> dict[str, pa.Table
     schema = TABLES[name]
 
     def read() -> dict[str, pa.Table]:
-        dataset = ds.FileSystemDataset.from_paths([f"{folder}/{r}" for r in rels], schema=schema,
-                                                  format=ds.ParquetFileFormat(), filesystem=sink.fs)
         batches: dict[str, list[pa.RecordBatch]] = {}
-        for tagged in dataset.scanner(fragment_readahead=16).scan_batches():
-            batches.setdefault(tagged.fragment.path[len(folder) + 1:], []).append(tagged.record_batch)
+        # The driver's peak memory (benchmarks/scale.py) was here: a scan holds ~100 kB per fragment until it
+        # ends (3,000 parts: +300 MB), and the default pool (mimalloc) kept what a read freed. Hence scans
+        # of at most READ_FILES parts, into the system allocator, which gives freed memory back.
+        for start in range(0, len(rels), READ_FILES):
+            dataset = ds.FileSystemDataset.from_paths([f"{folder}/{r}" for r in rels[start:start + READ_FILES]],
+                                                      schema=schema, format=ds.ParquetFileFormat(), filesystem=sink.fs)
+            for tagged in dataset.scanner(fragment_readahead=16, memory_pool=pa.system_memory_pool()).scan_batches():
+                batches.setdefault(tagged.fragment.path[len(folder) + 1:], []).append(tagged.record_batch)
         return {r: pa.Table.from_batches(batches.get(r, []), schema=schema) for r in rels}
 
     try:
@@ -117,10 +122,10 @@ def _read_parts(sink: RunSink, name: str, rels: list[str]) -> dict[str, pa.Table
 
 def _assemble(name: str, parts: list[pa.Table]) -> pa.Table:
     """One table of the parts, with the table's exact schema (and its schema version metadata)."""
-    table = pa.concat_tables(parts)
+    table = pa.concat_tables(parts, memory_pool=pa.system_memory_pool())
     if name == "tasks":
         table = table.sort_by([(c, "ascending") for c in TASK_ORDER])
-    return table.cast(TABLES[name]).combine_chunks()
+    return table.cast(TABLES[name])
 
 
 def _write(sink: RunSink, name: str, file: str, table: pa.Table, part_bytes: int) -> None:
