@@ -18,6 +18,12 @@ Pure functions over pyarrow tables; no model is loaded.
   (seed 0) and the first 15 are taken: 90 classes. A count with fewer than 15 candidates gives all of
   them and is reported as a shortfall.
 - **δ sweep**: the verdicts are re-decided from the stored per-image r with :func:`dxray.verdict.decide`.
+- **ROC AUC** (threshold-free, issue 19): mean r as a score for "core", against the human labels: the
+  probability that a human-core pair has a higher mean r than a human-spurious one, ties counted half
+  (Mann-Whitney U from average ranks, :func:`roc_auc`). 1.0: some δ separates them perfectly; 0.5: r
+  tells them apart no better than chance; 0.0: perfectly inverted. It does not depend on δ, so every
+  row of a group (stored and swept) carries the same ``roc_auc``; it is null where the group holds only
+  one kind of human label or no mean r (a bare verdicts file without ``mean_object_fraction``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -178,6 +185,27 @@ def salient90(groups: dict[int, dict], per_count: int = SALIENT90_PER_COUNT,
     return sorted(chosen), short
 
 
+def roc_auc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
+    """ROC AUC of ``scores`` for the ``positive`` items: P(score of a positive > score of a negative), ties
+    counted half, from average ranks (Mann-Whitney U / (n_pos x n_neg)). None when either side is empty
+    (the AUC is undefined) or a score is missing or not finite."""
+    s = np.asarray([np.nan if x is None else x for x in scores], dtype=np.float64)
+    pos = np.asarray(positive, dtype=bool)
+    if s.shape != pos.shape:
+        raise ValueError(f"{len(s)} scores for {len(pos)} labels")
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0 or not np.isfinite(s).all():
+        return None
+    order = np.argsort(s, kind="stable")
+    ordered = s[order]
+    first = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # where each run of equal scores starts
+    ends = np.r_[first[1:], len(s)]
+    ranks = np.empty(len(s))
+    ranks[order] = np.repeat((first + ends + 1) / 2, ends - first)  # 1-based ranks, a tie gets their mean
+    u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
 def agreement_rows(verdicts: pa.Table, labels: pa.Table, groups: dict[int, dict], *, stored: bool,
                    subset: str = "all", classes: Iterable[int] | None = None, annotations: str = "") -> list[dict]:
     """``agreement`` rows per (template, delta) × group for the verdict pairs that have a human label."""
@@ -185,7 +213,8 @@ def agreement_rows(verdicts: pa.Table, labels: pa.Table, groups: dict[int, dict]
     keep = None if classes is None else set(classes)
     pairs: dict[tuple, list[dict]] = {}
     run_id = None
-    for v in verdicts.select(["run_id", "class_index", "feature_index", "template", "delta", "verdict"]).to_pylist():
+    columns = ["run_id", "class_index", "feature_index", "template", "delta", "verdict", "mean_object_fraction"]
+    for v in verdicts.select([c for c in columns if c in verdicts.column_names]).to_pylist():
         key = (v["class_index"], v["feature_index"])
         run_id = run_id or v["run_id"]
         if key in human and (keep is None or v["class_index"] in keep):
@@ -205,6 +234,7 @@ def agreement_rows(verdicts: pa.Table, labels: pa.Table, groups: dict[int, dict]
                 "n_human_spurious": sum(p["human"] == "spurious" for p in sel),
                 "n_dxray_spurious": sum(p["verdict"] == "spurious" for p in sel),
                 "n_both_spurious": sum(p["human"] == p["verdict"] == "spurious" for p in sel),
+                "roc_auc": roc_auc([p.get("mean_object_fraction") for p in sel], [p["human"] == "core" for p in sel]),
             })
     return rows
 
@@ -214,7 +244,7 @@ def sweep_rows(tasks: pa.Table, samples: pa.Table, deltas: Sequence[float], labe
     """Agreement of the verdicts re-decided (:func:`dxray.verdict.decide`) at every δ."""
     rows = []
     for delta in deltas:
-        verdicts, _ = decide(tasks, samples, check_delta(delta), run_id)
+        verdicts, _ = decide(tasks, samples, check_delta(delta), run_id, uncertainty=False)  # only verdicts are read
         rows += agreement_rows(to_table("verdicts", verdicts), labels, groups, stored=False, **kw)
     return rows
 

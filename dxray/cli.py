@@ -236,6 +236,7 @@ def redecide(
     from rich.table import Table
 
     from dxray.runs import redecide as run_redecide
+    from dxray.verdict import LOW_CONFIDENCE, RESAMPLES
 
     if not 0.0 <= delta <= 1.0:  # checked here so the message names the option the user typed
         _fail(f"--delta must be between 0 and 1, got {delta}")
@@ -243,12 +244,15 @@ def redecide(
         verdicts, classes = run_redecide(run, delta)
     except DxrayError as e:
         _fail(str(e))
-    table = Table("class", "name", "spurious", "features", "class r", title=f"delta = {delta}")
+    table = Table("class", "name", "spurious", "features", "low confidence", "class r", title=f"delta = {delta}")
     for c in classes:
         r = c["class_object_fraction"]
         table.add_row(str(c["class_index"]), c["class_name"] or "", str(c["n_spurious"]), str(c["n_features"]),
-                      "-" if r is None else f"{r:.3f}")
+                      str(c["n_low_confidence"]), "-" if r is None else f"{r:.3f}")
     Console().print(table)
+    unsure = sum(v["low_confidence"] for v in verdicts)
+    err.print(f"{unsure} of {len(verdicts)} verdicts are low confidence (fewer than {LOW_CONFIDENCE:.0%} of "
+              f"{RESAMPLES} bootstrap resamples of r agree, or one image)", highlight=False, soft_wrap=True)
 
 
 @app.command("rank-features")
@@ -422,11 +426,12 @@ def agreement_cmd(
     template = ag.chart_template(result.rows)
     stored = [r for r in result.rows if r["stored"] and r["template"] == template]
     pct = lambda r: "-" if r["agreement"] is None else f"{100 * r['agreement']:.1f}%"  # noqa: E731
-    table = Table("animacy", "bias", "classes", "pairs", "agreement", "human spurious", "dxray spurious",
+    auc = lambda r: "n/a" if r is None or r["roc_auc"] is None else f"{r['roc_auc']:.3f}"  # noqa: E731
+    table = Table("animacy", "bias", "classes", "pairs", "agreement", "human spurious", "dxray spurious", "ROC AUC",
                   title=f"{result.subset}: stored verdicts, delta {'-' if stored[0]['delta'] is None else stored[0]['delta']}" if stored else result.subset)
     for r in stored:
         table.add_row(r["animacy"], r["bias"], str(r["n_classes"]), str(r["n_pairs"]), pct(r),
-                      str(r["n_human_spurious"]), str(r["n_dxray_spurious"]))
+                      str(r["n_human_spurious"]), str(r["n_dxray_spurious"]), auc(r))
     out = Console()
     out.print(table)
     sweep = [r for r in result.rows if not r["stored"] and r["template"] == template and r["bias"] == "all"]
@@ -438,6 +443,11 @@ def agreement_cmd(
         for d, cells in by_delta.items():
             st.add_row(f"{d:g}", *(cells.get(a, "-") for a in ("all", "animate", "inanimate")))
         out.print(st)
+    overall = {r["animacy"]: r for r in stored if r["bias"] == "all"}
+    out.print(f"ROC AUC of mean r for human core vs spurious (threshold-free; 1.0 = every human-core feature has a "
+              f"higher mean r than every human-spurious one, 0.5 = chance): {auc(overall.get('all'))} "
+              f"(animate {auc(overall.get('animate'))}, inanimate {auc(overall.get('inanimate'))})",
+              highlight=False, soft_wrap=True)
     err.print(f"agreement over {len(result.classes)} classes → {result.table}, {result.chart}", highlight=False,
               soft_wrap=True)
 

@@ -4,10 +4,27 @@ A (class, feature) pair is **core** when the mean object fraction r of its K
 held-out images is at least δ, else **spurious**. Verdicts are a pure function
 of the ``tasks`` and ``samples`` tables, so δ can be re-chosen later
 (:func:`decide` on a finished run, or ``dxray redecide``).
+
+**Uncertainty** (issue 19). Every verdict carries a percentile bootstrap of its mean r: the pair's K
+values of r are resampled with replacement :data:`RESAMPLES` (1000) times; the 2.5th and 97.5th
+percentiles of the resampled means are the 95% interval (``mean_object_fraction_low`` / ``_high``,
+numpy's default linear interpolation), and the share of resamples whose mean gives the same verdict at
+δ is its ``confidence``. A verdict is **low confidence** when that share is below
+:data:`LOW_CONFIDENCE` (0.8), or when it rests on fewer than two images (one value cannot be
+resampled into any spread: interval and confidence are then null). The resamples are drawn by a numpy
+``Generator`` (SFC64) seeded with :func:`bootstrap_seed`, a hash of the run id, class, feature and
+template: the same run gives the same figures on every machine, whatever the order of the rows (the
+pair's values are sorted before they are resampled), and another δ (``dxray redecide``) re-scores the
+same resamples. The 0.8 is a reading of the figures, not a setting of the run: it is a constant here
+(recorded with every row as ``low_confidence``), not a config field, so ``redecide`` and the report,
+which have no config, apply the same one.
 """
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -16,6 +33,10 @@ from dxray.errors import DxrayError
 # r is stored as float32: a mean that equals delta up to float32 rounding counts as reaching it.
 _TOLERANCE = 1e-6
 _KEYS = ["class_index", "class_name", "feature_index", "feature_rank", "template"]
+RESAMPLES = 1000  # bootstrap resamples per verdict: the 2.5% tail is ~25 means, the confidence's SE <= 0.016
+INTERVAL = 0.95  # percentile bootstrap interval of the mean r
+LOW_CONFIDENCE = 0.8  # a verdict is low confidence when fewer than this share of resamples agree with it
+_CHUNK = 64_000  # resampled values held at once (x 8 bytes): fits in cache, flat memory at any size
 
 
 def check_delta(delta: float) -> float:
@@ -38,19 +59,88 @@ def _scored(tasks: pa.Table, samples: pa.Table, kind: str) -> pa.Table:
     return scored.join(ok, "task_id", join_type="inner")
 
 
-def _stats(table: pa.Table, keys: list[str]) -> pa.Table:
+def _stats(table: pa.Table, keys: list[str], values: bool = False) -> pa.Table:
     return table.group_by(keys, use_threads=False).aggregate([
         ("object_fraction", "mean"),
         ("object_fraction", "stddev", pc.VarianceOptions(ddof=0)),
         ("object_fraction", "count"),
+        *([("object_fraction", "list")] if values else []),
     ])
 
 
-def decide(tasks: pa.Table, samples: pa.Table, delta: float, run_id: str) -> tuple[list[dict], list[dict]]:
-    """(verdict rows per (class, feature, template), class rows per (class, template))."""
+def bootstrap_seed(run_id: str, class_index: int | None, feature_index: int | None, template: str | None) -> int:
+    """The bootstrap seed of one verdict: the first 63 bits of sha256 over its run id, class, feature
+    and template. Fixed for the pair, whatever else the run holds or the order of its rows."""
+    text = "\x1f".join(["dxray-bootstrap-v1", run_id, str(class_index), str(feature_index), str(template)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+def bootstrap_means(values: np.ndarray, counts: np.ndarray, seeds: list[int],
+                    resamples: int = RESAMPLES) -> np.ndarray:
+    """Resampled means, ``(groups, resamples)`` float64: group g is the ``counts[g]`` values of ``values``
+    after the groups before it, resampled with replacement by ``Generator(SFC64(seeds[g])).integers``.
+
+    Vectorised over blocks of groups of the same size: the only per-group Python work is one generator
+    drawing its ``(resamples, n)`` indices; a block's values are gathered and averaged at once (a block
+    holds at most ``_CHUNK`` values, so the buffers stay in cache and memory stays flat)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.intp)
+    flat = np.asarray(values, dtype=np.float64)
+    out = np.full((len(counts), resamples), np.nan)
+    for n in (int(k) for k in np.unique(counts[counts > 0])):
+        groups = np.flatnonzero(counts == n)
+        step = max(1, _CHUNK // (resamples * n))
+        small = np.uint8 if n <= 256 else np.int64
+        idx = np.empty((min(step, len(groups)), resamples, n), dtype=np.intp)
+        weights = np.full(n, 1.0 / n)
+        for lo in range(0, len(groups), step):
+            block = groups[lo:lo + step]
+            at = idx[:len(block)]
+            for row, g in enumerate(block):
+                at[row] = np.random.Generator(np.random.SFC64(seeds[g])).integers(0, n, size=(resamples, n), dtype=small)
+            at += starts[block][:, None, None]
+            out[block] = flat[at] @ weights
+    return out
+
+
+def _uncertainty(stats: pa.Table, run_id: str, delta: float) -> dict[str, np.ndarray]:
+    """Bootstrap interval, confidence and the low-confidence flag of every row of ``stats`` (with values)."""
+    lists = stats["object_fraction_list"].combine_chunks()
+    counts = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+    owner = np.repeat(np.arange(len(counts)), counts)
+    raw = pc.list_flatten(lists).to_numpy(zero_copy_only=False).astype(np.float64)
+    values = raw[np.lexsort((raw, owner))]  # each pair's values sorted: the rows' order does not matter
+    keys = [stats[k].to_pylist() for k in ("class_index", "feature_index", "template")]
+    seeds = [bootstrap_seed(run_id, c, f, t) for c, f, t in zip(*keys, strict=True)]
+    means = bootstrap_means(values, counts, seeds)
+    tail = (1 - INTERVAL) / 2
+    enough = counts >= 2
+    low, high = np.full(len(counts), np.nan), np.full(len(counts), np.nan)
+    share_core = np.full(len(counts), np.nan)
+    if enough.any():
+        low[enough], high[enough] = np.quantile(means[enough], [tail, 1 - tail], axis=1)
+        share_core[enough] = (means[enough] >= delta - _TOLERANCE).mean(axis=1)
+    point_core = stats["object_fraction_mean"].to_numpy(zero_copy_only=False) >= delta - _TOLERANCE
+    confidence = np.where(point_core, share_core, 1 - share_core)
+    return {"low": low, "high": high, "confidence": confidence, "seeds": seeds,
+            "low_confidence": ~enough | (np.nan_to_num(confidence, nan=0.0) < LOW_CONFIDENCE)}
+
+
+def _or_none(x: float) -> float | None:
+    return None if np.isnan(x) else float(x)
+
+
+def decide(tasks: pa.Table, samples: pa.Table, delta: float, run_id: str,
+           uncertainty: bool = True) -> tuple[list[dict], list[dict]]:
+    """(verdict rows per (class, feature, template), class rows per (class, template)).
+
+    ``uncertainty=False`` leaves the bootstrap columns null (a δ sweep that reads only the verdicts)."""
     check_delta(delta)
+    stats = _stats(_scored(tasks, samples, "feature"), _KEYS, values=uncertainty)
+    u = _uncertainty(stats, run_id, delta) if uncertainty else None
     verdicts = []
-    for row in _stats(_scored(tasks, samples, "feature"), _KEYS).to_pylist():
+    plain = stats.drop_columns(["object_fraction_list"]) if uncertainty else stats
+    for i, row in enumerate(plain.to_pylist()):
         mean = row["object_fraction_mean"]
         verdicts.append({
             "run_id": run_id, **{k: row[k] for k in _KEYS},
@@ -58,6 +148,12 @@ def decide(tasks: pa.Table, samples: pa.Table, delta: float, run_id: str) -> tup
             "n_samples": row["object_fraction_count"], "delta": delta,
             "verdict": "core" if mean >= delta - _TOLERANCE else "spurious",
         })
+        if u is not None:
+            verdicts[-1] |= {
+                "mean_object_fraction_low": _or_none(u["low"][i]), "mean_object_fraction_high": _or_none(u["high"][i]),
+                "confidence": _or_none(u["confidence"][i]), "low_confidence": bool(u["low_confidence"][i]),
+                "bootstrap_resamples": RESAMPLES, "bootstrap_seed": u["seeds"][i],
+            }
     verdicts.sort(key=lambda v: (v["class_index"], v["template"], v["feature_rank"] or 0, v["feature_index"]))
 
     class_keys = ["class_index", "class_name", "template"]
@@ -76,5 +172,6 @@ def decide(tasks: pa.Table, samples: pa.Table, delta: float, run_id: str) -> tup
             "run_id": run_id, "class_index": key[0], "class_name": names[key], "template": key[1],
             "class_object_fraction": frac["object_fraction_mean"] if frac else None,
             "n_spurious": sum(v["verdict"] == "spurious" for v in mine), "n_features": len(mine), "delta": delta,
+            "n_low_confidence": sum(v["low_confidence"] for v in mine) if uncertainty else None,
         })
     return verdicts, classes

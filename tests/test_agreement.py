@@ -11,6 +11,8 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from dxray import agreement as ag
@@ -209,6 +211,45 @@ def test_subset_restricts_the_comparison(tmp_path):
         ag.run_agreement(sink.uri(""), labels_path, subset="salient100")
 
 
+def test_roc_auc_of_perfect_inverted_and_tied_scores():
+    assert ag.roc_auc([0.9, 0.8, 0.1, 0.0], [True, True, False, False]) == 1.0  # core features have the high r
+    assert ag.roc_auc([0.9, 0.8, 0.1, 0.0], [False, False, True, True]) == 0.0  # inverted
+    assert ag.roc_auc([0.3, 0.3, 0.3], [True, False, True]) == 0.5  # all tied: chance
+    # 2 positives (0.5, 0.2) x 2 negatives (0.2, 0.1): 0.5>0.2, 0.5>0.1, 0.2=0.2 (half), 0.2>0.1 -> 3.5 / 4
+    assert ag.roc_auc([0.5, 0.2, 0.2, 0.1], [True, True, False, False]) == 0.875
+    assert ag.roc_auc([0.5, 0.2], [True, True]) is None  # one label only: undefined
+    assert ag.roc_auc([], []) is None
+    assert ag.roc_auc([0.5, None], [True, False]) is None  # a pair without a mean r
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.9, 1.0]), st.booleans()), min_size=2, max_size=30))
+def test_roc_auc_is_the_share_of_correctly_ordered_pairs(items):
+    scores, core = [s for s, _ in items], [c for _, c in items]
+    pos, neg = [s for s, c in items if c], [s for s, c in items if not c]
+    if not pos or not neg:
+        assert ag.roc_auc(scores, core) is None
+        return
+    pairs = [(p > n) + 0.5 * (p == n) for p in pos for n in neg]  # every (core, spurious) pair, ties half
+    assert ag.roc_auc(scores, core) == pytest.approx(sum(pairs) / len(pairs))
+
+
+def test_roc_auc_per_group_beside_the_delta_sweep(tmp_path):
+    sink, annotations = _run(tmp_path)
+    result = ag.run_agreement(sink.uri(""), annotations, deltas=[0.05, 0.65])
+    # human-core means: class 1 .5 .2 .8 .3, class 400 .6 .6 .6 .6 .0; human-spurious: class 1 .1, class 401
+    # .1 .1 .1 .8 .8. Of the 9 x 6 pairs, 8 cores beat the four 0.1s (32); the core "0.8" (the mean of 0.9 and
+    # 0.7 stored as float32) lies just below the float32 0.8s, so it beats no 0.8: 32 / 54.
+    stored = _cells(result.rows)
+    assert stored[("all", "all")]["roc_auc"] == pytest.approx(32 / 54)
+    assert stored[("animate", "all")]["roc_auc"] == 1.0  # class 1 alone: 4 cores all above its one 0.1
+    assert stored[("inanimate", "all")]["roc_auc"] == pytest.approx(12 / 25)  # four 0.6s beat three 0.1s; 0.0 none
+    assert stored[("all", "unbiased")]["roc_auc"] is None and stored[("all", "biased")]["roc_auc"] is None
+    for delta in (0.05, 0.65):  # threshold-free: every delta of the sweep carries the same figure
+        swept = _cells(result.rows, stored=False, delta=delta)
+        assert {k: r["roc_auc"] for k, r in swept.items()} == {k: r["roc_auc"] for k, r in stored.items()}
+
+
 def test_bare_verdicts_file_writes_beside_it(tmp_path):
     sink, annotations = _run(tmp_path)
     bare = tmp_path / "elsewhere"
@@ -270,6 +311,8 @@ def test_cli_agreement_prints_writes_and_fails_in_one_line(tmp_path):
     ok = _cli("agreement", sink.uri(""), "--annotations", annotations, "--deltas", "0.1,0.3")
     assert ok.returncode == 0, ok.stderr
     assert "73.3%" in ok.stdout and "delta sweep" in ok.stdout  # 11 of 15
+    auc_line = next(line for line in ok.stdout.splitlines() if line.startswith("ROC AUC of mean r"))
+    assert auc_line.endswith(": 0.593 (animate 1.000, inanimate 0.480)")  # 32/54; 4/4; 12/25 (by hand below)
     assert (tmp_path / "out" / "run-agree" / "agreement.png").exists()
     broken = write_annotations(tmp_path / "broken.csv", {(1, 10, 1): [M] * 5}, drop="Input.feature_rank")
     bad = _cli("agreement", sink.uri(""), "--annotations", broken)

@@ -106,3 +106,32 @@ def test_redecide_refuses_an_unfinished_run(finished):
     (Path(root) / "manifest.json").unlink()
     with pytest.raises(DxrayError, match="has not finished"):
         redecide(root, 0.5)
+
+
+def test_redecide_recomputes_the_bootstrap_confidence(tmp_path):
+    """Issue 19: the interval is a property of the stored r (it stays), the confidence of the verdict at δ (it moves)."""
+    from dxray.runs import redecide
+    from dxray.storage.sink import RunSink
+
+    sink = RunSink(str(tmp_path), "run-boot")
+    r = {10: [0.2, 0.4] * 4, 11: [0.8, 0.9, 0.85, 0.7]}  # feature 10: mean 0.3; feature 11: mean 0.8125
+    sink.write_table("tasks", [{"run_id": "run-boot", "task_id": f"t{f}", "kind": "feature", "class_index": 1,
+                                "class_name": "c1", "feature_index": f, "feature_rank": i + 1, "template": "{}",
+                                "status": "ok"} for i, f in enumerate(r)], part="all")
+    sink.write_table("samples", [{"run_id": "run-boot", "task_id": f"t{f}", "seed": s, "object_fraction": v}
+                                 for f, vs in r.items() for s, v in enumerate(vs)], part="all")
+    sink.write_manifest({"run_id": "run-boot"})
+    on_disk = {}
+    for delta in (0.3, 0.6):
+        redecide(str(tmp_path / "run-boot"), delta)
+        rows = ds.dataset(f"{tmp_path}/run-boot/verdicts").to_table().to_pylist()
+        on_disk[delta] = {v["feature_index"]: v for v in rows}
+        [c] = ds.dataset(f"{tmp_path}/run-boot/classes").to_table().to_pylist()
+        assert c["n_low_confidence"] == sum(v["low_confidence"] for v in rows)
+    at3, at6 = on_disk[0.3], on_disk[0.6]
+    assert at3[10]["verdict"] == "core" and at3[10]["low_confidence"] and at3[10]["confidence"] < 0.8
+    assert at6[10]["verdict"] == "spurious" and at6[10]["confidence"] == 1.0 and not at6[10]["low_confidence"]
+    for f in r:  # same resamples at every delta
+        assert (at3[f]["mean_object_fraction_low"], at3[f]["mean_object_fraction_high"], at3[f]["bootstrap_seed"]) == \
+               (at6[f]["mean_object_fraction_low"], at6[f]["mean_object_fraction_high"], at6[f]["bootstrap_seed"])
+    assert at3[11]["confidence"] == at6[11]["confidence"] == 1.0  # 0.7 is the lowest r: every resample >= 0.6

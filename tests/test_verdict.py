@@ -1,5 +1,7 @@
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dxray.errors import DxrayError
 from dxray.storage.schemas import to_table
@@ -61,3 +63,101 @@ def test_no_scored_samples_gives_no_verdicts():
                                pa.nulls(samples.num_rows, pa.float32()))
     verdicts, classes = decide(tasks, empty, 0.3, "r")
     assert verdicts == [] and classes == []
+
+
+# -- uncertainty (issue 19): bootstrap interval and confidence of every verdict -------------------------------------
+
+
+def _pairs(values: dict[tuple[int, int], list[float | None]], template="{}"):
+    """tasks + samples tables with one ok feature task per (class, feature) and its r values."""
+    tasks, samples = [], []
+    for (c, f), rs in values.items():
+        tid = f"t{c}-{f}-{template}"
+        tasks.append({"run_id": "r", "task_id": tid, "kind": "feature", "class_index": c, "class_name": f"c{c}",
+                      "feature_index": f, "feature_rank": 1, "template": template, "status": "ok"})
+        samples += [{"run_id": "r", "task_id": tid, "seed": i, "object_fraction": r} for i, r in enumerate(rs)]
+    return tasks, samples
+
+
+UNCERTAINTY = ("mean_object_fraction_low", "mean_object_fraction_high", "confidence", "low_confidence",
+               "bootstrap_resamples", "bootstrap_seed")
+
+
+def _uncertain(verdicts):
+    return {(v["class_index"], v["feature_index"], v["template"]): tuple(v[k] for k in UNCERTAINTY) for v in verdicts}
+
+
+SPREAD = {(1, 10): [0.0, 0.1, 0.5, 0.3, 0.2, 0.9, 0.4, 0.25], (1, 11): [0.6, 0.7, 0.2, 0.4],
+          (2, 10): [0.05, 0.5, 0.1, 0.45, 0.3], (3, 30): [0.3, 0.31, 0.29]}
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_bootstrap_is_reproducible_whatever_the_row_order(rnd):
+    tasks, samples = _pairs(SPREAD)
+    reference = _uncertain(decide(to_table("tasks", tasks), to_table("samples", samples), 0.3, "run-a")[0])
+    rnd.shuffle(tasks)
+    rnd.shuffle(samples)
+    shuffled = decide(to_table("tasks", tasks), to_table("samples", samples), 0.3, "run-a")[0]
+    assert _uncertain(shuffled) == reference
+
+
+def test_bootstrap_seed_follows_the_run_and_the_pair():
+    tasks, samples = (to_table(n, rows) for n, rows in zip(("tasks", "samples"), _pairs(SPREAD), strict=True))
+    a, b = (_uncertain(decide(tasks, samples, 0.3, run)[0]) for run in ("run-a", "run-b"))
+    assert a == _uncertain(decide(tasks, samples, 0.3, "run-a")[0])  # same run: same figures
+    assert len({v[5] for v in a.values()}) == len(a)  # every pair has its own seed
+    assert all(a[k][5] != b[k][5] for k in a)  # another run draws other resamples ...
+    assert a[(1, 10, "{}")][:2] != b[(1, 10, "{}")][:2]  # ... so the interval's ends move (a little)
+    assert all(a[k][4] == 1000 for k in a)
+
+
+def test_interval_brackets_the_mean_and_shrinks_as_k_grows():
+    widths = {}
+    for k in (4, 16, 64, 300):  # 300 > 256: the wide-index path too
+        tasks, samples = _pairs({(1, 10): [0.0, 1.0] * (k // 2)})
+        (v,), _ = decide(to_table("tasks", tasks), to_table("samples", samples), 0.3, "run-k")
+        assert v["mean_object_fraction"] == pytest.approx(0.5)
+        assert v["mean_object_fraction_low"] < 0.5 < v["mean_object_fraction_high"]
+        widths[k] = v["mean_object_fraction_high"] - v["mean_object_fraction_low"]
+    assert widths[4] > widths[16] > widths[64] > widths[300]
+    # the 95% interval of a mean of K fair coin flips is about 2 x 1.96 x 0.5 / sqrt(K) wide
+    for k, w in widths.items():
+        assert 1.5 < w * k ** 0.5 < 2.4, (k, w)
+
+
+def test_confidence_is_the_share_of_resamples_that_agree():
+    values = {(1, 10): [0.8, 0.9, 0.85, 0.95],  # far above delta: every resample says core
+              (1, 11): [0.0, 0.05, 0.0, 0.02],  # far below: every resample says spurious
+              (1, 12): [0.2, 0.4] * 4,  # mean 0.3 = delta: resamples split
+              (1, 13): [0.7, None],  # one image: no spread to resample
+              (2, 20): [0.1, 0.9, 0.1, 0.9, 0.1, 0.9]}  # mean 0.5, wide: core but not sure
+    tasks, samples = _pairs(values)
+    verdicts, classes = decide(to_table("tasks", tasks), to_table("samples", samples), 0.3, "run-c")
+    got = {(v["class_index"], v["feature_index"]): v for v in verdicts}
+    assert got[(1, 10)]["confidence"] == 1.0 and got[(1, 10)]["verdict"] == "core"
+    assert got[(1, 11)]["confidence"] == 1.0 and got[(1, 11)]["verdict"] == "spurious"
+    assert not got[(1, 10)]["low_confidence"] and not got[(1, 11)]["low_confidence"]
+    # at the boundary the verdict is core and the resamples with mean >= 0.3 are (by symmetry) a bit over half
+    assert got[(1, 12)]["verdict"] == "core" and 0.5 < got[(1, 12)]["confidence"] < 0.8 and got[(1, 12)]["low_confidence"]
+    one = got[(1, 13)]
+    assert one["n_samples"] == 1 and one["low_confidence"]
+    assert one["confidence"] is None and one["mean_object_fraction_low"] is None and one["mean_object_fraction_high"] is None
+    # mean of 6 draws of {0.1, 0.9} below 0.3 needs at most one 0.9: P = 7/64 ~ 0.11, so confidence ~ 0.89
+    assert got[(2, 20)]["verdict"] == "core" and 0.85 < got[(2, 20)]["confidence"] < 0.93
+    assert {c["class_index"]: c["n_low_confidence"] for c in classes} == {1: 2, 2: 0}
+    to_table("verdicts", verdicts), to_table("classes", classes)  # the new columns fit the published schemas
+    # another delta re-scores the same resamples: the interval stays, the confidence follows the verdict
+    other, _ = decide(to_table("tasks", tasks), to_table("samples", samples), 0.5, "run-c")
+    moved = {(v["class_index"], v["feature_index"]): v for v in other}
+    assert moved[(1, 12)]["confidence"] == 1.0 and moved[(1, 12)]["verdict"] == "spurious"
+    assert all(moved[k]["mean_object_fraction_low"] == got[k]["mean_object_fraction_low"] for k in got)
+
+
+def test_without_uncertainty_the_columns_stay_null():
+    tasks, samples = _pairs(SPREAD)
+    verdicts, classes = decide(to_table("tasks", tasks), to_table("samples", samples), 0.3, "r", uncertainty=False)
+    assert all(v.get(k) is None for v in verdicts for k in UNCERTAINTY)
+    assert [v["verdict"] for v in verdicts] == [v["verdict"] for v in decide(
+        to_table("tasks", tasks), to_table("samples", samples), 0.3, "r")[0]]
+    assert all(c["n_low_confidence"] is None for c in classes)

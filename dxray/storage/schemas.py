@@ -86,6 +86,12 @@ VERDICTS = _schema("verdicts", [
     _f("n_samples", pa.int32(), "images with a measured r"),
     _f("delta", pa.float32(), "threshold: core when mean r >= delta"),
     _f("verdict", pa.string(), "core or spurious"),
+    _f("mean_object_fraction_low", pa.float32(), "2.5th percentile of the bootstrap means of r: the 95% interval's low end (null with fewer than 2 images)"),
+    _f("mean_object_fraction_high", pa.float32(), "97.5th percentile of the bootstrap means of r: the 95% interval's high end (null with fewer than 2 images)"),
+    _f("confidence", pa.float32(), "share of bootstrap resamples whose mean r gives the same verdict at delta (null with fewer than 2 images)"),
+    _f("low_confidence", pa.bool_(), "confidence < 0.8, or fewer than 2 images: a verdict not to trust alone"),
+    _f("bootstrap_resamples", pa.int32(), "bootstrap resamples of the images' r behind the interval and confidence"),
+    _f("bootstrap_seed", pa.int64(), "seed of the resamples: sha256 of run id, class, feature and template (reproducible)"),
 ])
 
 CLASSES = _schema("classes", [
@@ -97,6 +103,7 @@ CLASSES = _schema("classes", [
     _f("n_spurious", pa.int32(), "features judged spurious"),
     _f("n_features", pa.int32(), "features judged"),
     _f("delta", pa.float32(), "threshold used for the verdicts"),
+    _f("n_low_confidence", pa.int32(), "features whose verdict is low confidence (see verdicts.low_confidence)"),
 ])
 
 FEATURE_RANKING = _schema("feature_ranking", [
@@ -126,6 +133,7 @@ AGREEMENT = _schema("agreement", [
     _f("n_human_spurious", pa.int32(), "pairs the annotators call spurious (>= 3 of 5 said separate_object or background)"),
     _f("n_dxray_spurious", pa.int32(), "pairs dxray calls spurious"),
     _f("n_both_spurious", pa.int32(), "pairs both call spurious"),
+    _f("roc_auc", pa.float32(), "threshold-free: ROC AUC of mean r as a score for human core vs human spurious (1.0 = every core pair has a higher mean r than every spurious one, 0.5 chance; ties count half; the same at every delta; null when the pairs lack either label or a mean r)"),
 ])
 
 TABLES: dict[str, pa.Schema] = {"tasks": TASKS, "samples": SAMPLES, "verdicts": VERDICTS, "classes": CLASSES,
