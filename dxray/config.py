@@ -274,7 +274,8 @@ class TargetsConfig(_Section):
 class SegmentConfig(_Section):
     enabled: bool = Field(True, description="score images with Grounding DINO + SAM")
     detector: str = Field("IDEA-Research/grounding-dino-tiny", description="Grounding DINO: hub id or local folder ('tiny' builds a tiny random model)")
-    sam: str | None = Field("facebook/sam-vit-base", description="SAM: hub id or local folder; null uses the boxes as masks")
+    sam: str | None = Field("facebook/sam-vit-base", description="SAM: transformers hub id or local folder, or segment-anything:TYPE:PATH.pth (TYPE vit_b, vit_l or vit_h: an original SAM checkpoint, read by the segment-anything package, pip install 'dxray[sam]'); null uses the boxes as masks")
+    allow_pickle: bool = Field(False, description="allow a segment-anything SAM checkpoint that executes pickled code when loaded")
     box_threshold: Float = Field(0.35, ge=0, le=1)
     text_threshold: Float = Field(0.25, ge=0, le=1)
     prompts: dict[Key, str] = Field(default_factory=dict, description="detection prompt per class index (default: the class name)")

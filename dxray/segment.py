@@ -3,10 +3,15 @@
 r = object pixels / all pixels, where the object is the union of the SAM masks
 of every box Grounding DINO finds for the class prompt (paper Sec. 3, "spurious
 feature discovery"). Masks are stored as COCO-style uncompressed RLE.
+
+SAM runs on one of two backends behind the same interface: transformers' ``SamModel`` (a hub id or
+folder) or the original ``segment-anything`` package (``segment-anything:vit_b:PATH.pth``, the
+``sam_vit_*.pth`` checkpoints only that package reads; ``pip install 'dxray[sam]'``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import os
 from dataclasses import dataclass
@@ -93,11 +98,83 @@ def _load(ref: str, what: str, *classes):
         raise DxrayError(f"cannot load {what} {ref!r}: {reason}") from e
 
 
+SAM_PACKAGE = "segment-anything"
+SAM_PACKAGE_TYPES = ("vit_b", "vit_l", "vit_h")  # the sam_model_registry names of the released checkpoints
+_SAM_FORMAT = f"{SAM_PACKAGE}:TYPE:PATH.pth with TYPE one of {', '.join(SAM_PACKAGE_TYPES)}"
+
+
+def sam_package_ref(ref: str | None) -> tuple[str, str] | None:
+    """(model type, checkpoint path) of a ``segment-anything:TYPE:PATH`` reference; None for a transformers
+    hub id or folder (hub ids hold no colon)."""
+    if not isinstance(ref, str) or not ref.startswith(SAM_PACKAGE + ":"):
+        return None
+    model_type, _, path = ref.removeprefix(SAM_PACKAGE + ":").partition(":")
+    return model_type, path
+
+
+def check_sam_package_ref(ref: str, missing: list[str] | None = None) -> None:
+    """One-line errors, naming ``segment.sam``, for a ``segment-anything:`` reference: an unknown model type,
+    a checkpoint that is not here, the package not installed. Loads nothing. With ``missing`` (a list: the
+    dry run of a job meant for another machine) an absent checkpoint or package is listed there instead."""
+    model_type, path = sam_package_ref(ref)
+    if model_type not in SAM_PACKAGE_TYPES:
+        raise DxrayError(f"segment.sam: unknown segment-anything model type {model_type!r} in {ref!r}; "
+                         f"give {_SAM_FORMAT}")
+    if not path:
+        raise DxrayError(f"segment.sam: {ref!r} names no checkpoint; give {_SAM_FORMAT}")
+    file = Path(path).expanduser()
+    if not file.is_file():
+        if missing is not None and not file.exists():
+            missing.append(f"segment.sam {path}")
+        else:
+            what = "is a folder, not a checkpoint file" if file.is_dir() else "not found"
+            raise DxrayError(f"segment.sam: SAM checkpoint {what}: {path}")
+    if importlib.util.find_spec("segment_anything") is None:
+        if missing is not None:
+            missing.append(f"segment.sam package {SAM_PACKAGE}")
+        else:
+            raise DxrayError(f"segment.sam: {ref!r} needs the {SAM_PACKAGE} package, which is not installed: "
+                             f"pip install 'dxray[sam]'")
+
+
+def _fit_sam(model: torch.nn.Module, state: dict, path: str, model_type: str) -> None:
+    """load_state_dict, but a checkpoint of another size (vit_h given as vit_b) is one line naming a tensor."""
+    own = model.state_dict()
+    wrong = [k for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        k = wrong[0]
+        raise DxrayError(f"segment.sam: checkpoint {path} is not a segment-anything {model_type}: {k} is "
+                         f"{tuple(state[k].shape)} there, {tuple(own[k].shape)} in {model_type} "
+                         f"({len(wrong)} tensors differ)")
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    if missing or unexpected:
+        raise DxrayError(f"segment.sam: checkpoint {path} does not fit segment-anything {model_type}: "
+                         f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys "
+                         f"{unexpected[:3]}")
+    model.load_state_dict(state)
+
+
+def load_sam_package(ref: str, *, allow_pickle: bool = False):
+    """The package's own model for ``segment-anything:TYPE:PATH``: built by its registry
+    (``sam_model_registry[TYPE]()``, random weights), then the checkpoint loaded without running pickled
+    code (the registry's ``checkpoint=`` argument would ``torch.load`` it with pickle), eval mode."""
+    check_sam_package_ref(ref)
+    from segment_anything import sam_model_registry
+
+    from dxray.classifiers import read_state_dict
+
+    model_type, path = sam_package_ref(ref)
+    state = read_state_dict(path, allow_pickle, "set segment.allow_pickle=true only if you trust the file")
+    model = sam_model_registry[model_type]()
+    _fit_sam(model, state, path, model_type)
+    return model.eval()
+
+
 class Segmenter:
     """Holds Grounding DINO + SAM (Ray-Data-style stateful holder: load in __init__, work in __call__)."""
 
     def __init__(self, detector: str, sam: str | None, *, device="cpu", box_threshold=0.35, text_threshold=0.25,
-                 batch_size=4):
+                 batch_size=4, allow_pickle=False):
         from transformers import (
             AutoModelForZeroShotObjectDetection,
             AutoProcessor,
@@ -112,13 +189,24 @@ class Segmenter:
             raise DxrayError(f"segment.batch_size must be a positive integer, got {batch_size!r}")
         self.device, self.batch_size = torch.device(device), batch_size
         self.box_threshold, self.text_threshold = float(box_threshold), float(text_threshold)
+        if sam_package_ref(sam):
+            check_sam_package_ref(sam)  # before the detector loads
         self.processor, self.detector = _load(detector, "detector",
                                               AutoProcessor, AutoModelForZeroShotObjectDetection)
         self.detector.to(self.device).eval()
-        self.sam_processor = self.sam = None
-        if sam is not None:
+        # sam_backend "transformers": sam is a SamModel, sam_processor its SamProcessor;
+        # "segment-anything": sam is the package's Sam, sam_transform its ResizeLongestSide
+        self.sam_processor = self.sam = self.sam_transform = self.sam_backend = None
+        if sam_package_ref(sam):
+            from segment_anything.utils.transforms import ResizeLongestSide
+
+            self.sam, self.sam_backend = load_sam_package(sam, allow_pickle=allow_pickle), SAM_PACKAGE
+            self.sam_transform = ResizeLongestSide(self.sam.image_encoder.img_size)
+            self.sam.to(self.device)
+        elif sam is not None:
             self.sam_processor, self.sam = _load(sam, "SAM", SamProcessor, SamModel)
             self.sam.to(self.device).eval()
+            self.sam_backend = "transformers"
         # transformers renamed box_threshold -> threshold in the post-processing
         params = inspect.signature(self.processor.post_process_grounded_object_detection).parameters
         self._threshold_kw = "threshold" if "threshold" in params else "box_threshold"
@@ -158,6 +246,10 @@ class Segmenter:
         if found and self.sam is None:
             for i in found:
                 masks[i] = [boxes_mask(boxes[i], *sizes[i])]
+        elif found and self.sam_backend == SAM_PACKAGE:
+            for i, m in zip(found, self._package_masks([images[i] for i in found], [boxes[i] for i in found]),
+                            strict=True):
+                masks[i] = m
         elif found:
             n = max(len(boxes[i]) for i in found)  # pad with copies of the first box: the union is unchanged
             sam_inputs = self.sam_processor(
@@ -176,3 +268,17 @@ class Segmenter:
             union, r = union_fraction(m, h, w)
             out.append(Segmentation(r, rle_encode(union), b, s))
         return out
+
+    def _package_masks(self, images, boxes) -> list[np.ndarray]:
+        """segment-anything's batched path (``Sam.forward`` over a list of records, as in the package's
+        batched-prompts example): one image-encoder call for the whole batch; ``SamPredictor`` would encode
+        one image at a time. The records are built by hand because the package has no helper for them; the
+        resize is the predictor's own (``ResizeLongestSide.apply_image``, then ``apply_boxes_torch``)."""
+        records = []
+        for image, b in zip(images, boxes, strict=True):
+            size = image.shape[:2]
+            pixels = torch.as_tensor(self.sam_transform.apply_image(image), device=self.device)
+            records.append({"image": pixels.permute(2, 0, 1).contiguous(), "original_size": size,
+                            "boxes": self.sam_transform.apply_boxes_torch(
+                                torch.as_tensor(b, dtype=torch.float, device=self.device), size)})
+        return [o["masks"][:, 0].cpu().numpy() for o in self.sam(records, multimask_output=False)]

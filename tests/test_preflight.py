@@ -4,6 +4,8 @@ messages and describes what it can of a preset whose files live on another machi
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from conftest import ROOT, TINY_YAML
 from typer.testing import CliRunner
@@ -215,3 +217,27 @@ def test_generator_hub_failure_message(monkeypatch):
         LCMGenerator.from_pretrained("nobody/x", device="cpu")
     assert str(info.value) == "cannot load generator 'nobody/x': Cannot load model nobody/x: not cached (ConnectionError: unreachable)"
 
+
+# -- issue 23: segment.sam=segment-anything:TYPE:PATH (the original SAM checkpoints) ------------------------
+def test_segment_anything_unknown_model_type_is_refused_before_any_run_folder(tmp_path, cache_dir):
+    msg = refused(tmp_path, "segment.sam=segment-anything:vit_x:/data/sam_vit_b_01ec64.pth")
+    assert msg == ("segment.sam: unknown segment-anything model type 'vit_x' in "
+                   "'segment-anything:vit_x:/data/sam_vit_b_01ec64.pth'; give segment-anything:TYPE:PATH.pth with "
+                   "TYPE one of vit_b, vit_l, vit_h")
+
+
+@pytest.mark.parametrize("absent", ["checkpoint", "package"])
+def test_segment_anything_checkpoint_or_package_not_here(tmp_path, cache_dir, monkeypatch, absent):
+    """A real run refuses it in one line; the dry run (a job meant for another machine) lists it."""
+    ckpt = tmp_path / "sam_vit_b_01ec64.pth"
+    if absent == "package":
+        ckpt.write_bytes(b"")
+        monkeypatch.setitem(sys.modules, "segment_anything", None)  # import fails, no spec
+    override = f"segment.sam=segment-anything:vit_b:{ckpt}"
+    msg = one_error_line(invoke("explain", TINY_YAML, f"output={tmp_path / 'out'}", override, "-q"))
+    assert msg == {"checkpoint": f"segment.sam: SAM checkpoint not found: {ckpt}",
+                   "package": f"segment.sam: 'segment-anything:vit_b:{ckpt}' needs the segment-anything package, "
+                              f"which is not installed: pip install 'dxray[sam]'"}[absent]
+    plan = dry_run(load_config(TINY_YAML, [f"output={tmp_path / 'out'}", override]), figures=[], warn=lambda m: None)
+    assert plan.missing == [f"segment.sam {ckpt}" if absent == "checkpoint" else "segment.sam package segment-anything"]
+    assert not (tmp_path / "out").exists()

@@ -22,7 +22,7 @@ _PLACE = {"output", "run_id", "device", "cache_dir", "storage", "cluster", "esti
 _LEFT_OUT: dict[str, dict[str, set[str]]] = {
     "optimize": {"batch_tasks": {RUN, TASK}},
     "sample": {"batch_size": {RUN, TASK}},
-    "segment": {"batch_size": {RUN, TASK}},
+    "segment": {"batch_size": {RUN, TASK}, "allow_pickle": {RUN, TASK}},  # how weights load, not which: ids stay
     "generator": {"checkpointing": {TASK}, "dtype": {TASK}},
     "classifier": {"allow_pickle": {TASK}},
 }

@@ -61,11 +61,13 @@ def preflight(cfg: Config, missing: list[str] | None = None, *, build: bool = Tr
         if not _listed_as_missing(t.feature_table, "targets.feature_table", missing, _not_found):
             features.read_ranking_table(t.feature_table, t.classes, t.top_k)
     if cfg.segment.enabled:
-        from dxray.segment import detection_prompt
+        from dxray.segment import check_sam_package_ref, detection_prompt, sam_package_ref
 
         for ref, where, what in ((cfg.segment.detector, "segment.detector", "detector"),
                                  (cfg.segment.sam, "segment.sam", "SAM")):
-            if ref and not models.is_preset(ref) and not _listed_as_missing(ref, where, missing):
+            if where == "segment.sam" and sam_package_ref(ref):
+                check_sam_package_ref(ref, missing)
+            elif ref and not models.is_preset(ref) and not _listed_as_missing(ref, where, missing):
                 check_model_ref(ref, what)
         for c in t.classes:
             given = cfg.segment.prompts.get(c)
