@@ -1,9 +1,12 @@
 """The toy world's known-answer figures over many audit seeds (quality, not speed).
 
     python benchmarks/toyworld_seeds.py --cache-dir C --seeds 3-10 --jobs 2 --name v4
+    python benchmarks/toyworld_seeds.py --cache-dir C1 --world-seed 1 --top-k 5 --seeds 3-10 --name feat-w1
 
-One class-task audit per seed (``dxray explain jobs/configs/toyworld.yaml targets.top_k=0 seed=S``, one
-torch thread each, ``--jobs`` at a time), each scored by ``dxray toyworld check``. One run's figure means
+One audit per seed (``dxray explain jobs/configs/toyworld.yaml targets.top_k=K seed=S``, one torch thread
+each, ``--jobs`` at a time; K = ``--top-k``, 0 = class tasks only), each scored by ``dxray toyworld check``:
+the class-level bias calls and, with feature tasks, the feature verdicts' agreement with the feature truth
+(``dxray/toyworld/feature_truth.py``, Fig. 6), overall and for biased / unbiased classes. One run's figure means
 little (a class flips with the seed, and with the CPU's rounding): this reports the mean over seeds, the
 per-seed figures, and which classes missed how often. The world is the one cached under ``--cache-dir``
 (trained there on first use). Extra ``key=value`` arguments override the preset, as on the CLI.
@@ -54,18 +57,32 @@ def dxray(*args: str) -> None:
         raise SystemExit(f"dxray {args[0]} failed (exit {done.returncode}): {last}")
 
 
-def audit(seed: int, cache_dir: str, out: Path, overrides: list[str]) -> dict:
+def audit(seed: int, cache_dir: str, out: Path, overrides: list[str], top_k: int = 0) -> dict:
     started = time.perf_counter()
-    dxray("explain", str(ROOT / "jobs/configs/toyworld.yaml"), f"output={out}", "device=cpu", "targets.top_k=0",
+    dxray("explain", str(ROOT / "jobs/configs/toyworld.yaml"), f"output={out}", "device=cpu", f"targets.top_k={top_k}",
           f"seed={seed}", f"cache_dir={cache_dir}", *overrides)
     seconds = time.perf_counter() - started
     [run] = [p for p in out.iterdir() if p.is_dir()]
     dxray("toyworld", "check", str(run))
     report = json.loads((run / "toyworld_check.json").read_text())
+    features = report.get("features")
     return {"seed": seed, "seconds": round(seconds, 1), "bias_call_accuracy": report["bias_call_accuracy"],
             "optimised_fraction": report["optimised_fraction"],
             "classes": [{k: r[k] for k in ("class_name", "planted_biased", "called_biased", "object_fraction",
-                                           "prob_before", "prob_after")} for r in report["classes"]]}
+                                           "prob_before", "prob_after")} for r in report["classes"]],
+            "feature_agreement": None if not features else {k: features[k] for k in ("all", "biased", "unbiased")},
+            "feature_pairs": None if not features else features["pairs"]}
+
+
+def pooled(runs: list[dict], split: str) -> dict:
+    """Pairs judged and agreeing over every run (ambiguous truth left out), for 'all' / 'biased' / 'unbiased'."""
+    cells = [r["feature_agreement"][split] for r in runs if r["feature_agreement"]]
+    n = sum(c["n_pairs"] for c in cells)
+    agree = sum(round(c["agreement"] * c["n_pairs"]) for c in cells if c["agreement"] is not None)
+    per_seed = [c["agreement"] for c in cells if c["agreement"] is not None]
+    return {"agreement": agree / n if n else None, "n_pairs": n, "n_ambiguous": sum(c["n_ambiguous"] for c in cells),
+            "mean_per_seed": sum(per_seed) / len(per_seed) if per_seed else None,
+            "min_per_seed": min(per_seed, default=None), "max_per_seed": max(per_seed, default=None)}
 
 
 def main() -> None:
@@ -74,31 +91,54 @@ def main() -> None:
     ap.add_argument("--seeds", default="3-10", help="audit seeds: 3-10 or 3,5,8 (0-2 chose the preset)")
     ap.add_argument("--jobs", type=int, default=2, help="audits at a time (one thread each)")
     ap.add_argument("--name", required=True, help="results/toyworld-NAME.json")
+    ap.add_argument("--world-seed", type=int, default=None,
+                    help="train the world from this seed if the cache has none (one world per cache dir; default 0)")
+    ap.add_argument("--top-k", type=int, default=0, help="feature tasks per class (0: class tasks only; Fig. 6: 5)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the preset")
     args = ap.parse_args()
     # Train the world once, before the audits race to build it.
-    subprocess.run([*DXRAY, "toyworld", "train", "--cache-dir", args.cache_dir], check=True,
+    world = [] if args.world_seed is None else ["--world-seed", str(args.world_seed)]
+    subprocess.run([*DXRAY, "toyworld", "train", "--cache-dir", args.cache_dir, *world], check=True,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(audit, s, args.cache_dir, Path(tmp) / f"seed{s}", args.overrides)
+        futures = [pool.submit(audit, s, args.cache_dir, Path(tmp) / f"seed{s}", args.overrides, args.top_k)
                    for s in seeds_of(args.seeds)]
         runs = []
         for f in futures:
             runs.append(f.result())
             r = runs[-1]
-            print(f"seed {r['seed']}: bias calls {r['bias_call_accuracy']:.0%}, optimised {r['optimised_fraction']:.0%} "
-                  f"({r['seconds']:.0f} s)", flush=True)
+            fa = r["feature_agreement"]
+            feat = "" if not fa else (
+                f", feature verdicts {fa['all']['agreement']:.0%} of {fa['all']['n_pairs']} (biased "
+                f"{fa['biased']['agreement']:.0%}, unbiased {fa['unbiased']['agreement']:.0%})")
+            print(f"seed {r['seed']}: bias calls {r['bias_call_accuracy']:.0%}, optimised {r['optimised_fraction']:.0%}"
+                  f"{feat} ({r['seconds']:.0f} s)", flush=True)
     misses = dict(Counter(c["class_name"] for r in runs for c in r["classes"]
                           if c["called_biased"] is not None and c["called_biased"] != c["planted_biased"]))
     mean = lambda key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
-    result = {"name": args.name, "cache_dir": args.cache_dir, "overrides": args.overrides,
+    from dxray.toyworld.train import truth as world_truth
+
+    truth = world_truth(args.cache_dir)
+    result = {"name": args.name, "cache_dir": args.cache_dir, "world_seed": truth.get("world_seed", 0),
+              "top_k": args.top_k, "overrides": args.overrides,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_name()}",
               "mean_bias_call_accuracy": mean("bias_call_accuracy"), "mean_optimised_fraction": mean("optimised_fraction"),
               "misses_by_class": misses, "runs": runs}
+    if args.top_k:
+        result["feature_agreement"] = {k: pooled(runs, k) for k in ("all", "biased", "unbiased")}
+        result["feature_misses_by_class"] = dict(Counter(
+            p["class_name"] for r in runs for p in r["feature_pairs"] or [] if p["correct"] is False))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"toyworld-{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{args.name}: mean bias calls {result['mean_bias_call_accuracy']:.1%}, optimised "
           f"{result['mean_optimised_fraction']:.1%} over seeds {args.seeds}; misses {misses}")
+    if args.top_k:
+        fa = result["feature_agreement"]
+        pct = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
+        print(f"{args.name}: feature verdicts agree with the truth on {pct(fa['all']['agreement'])} of "
+              f"{fa['all']['n_pairs']} pairs (per seed {pct(fa['all']['min_per_seed'])}-{pct(fa['all']['max_per_seed'])}; "
+              f"biased {pct(fa['biased']['agreement'])}, unbiased {pct(fa['unbiased']['agreement'])}; "
+              f"{fa['all']['n_ambiguous']} ambiguous left out); misses {result['feature_misses_by_class']}")
 
 
 if __name__ == "__main__":

@@ -461,6 +461,8 @@ app.add_typer(toyworld, name="toyworld")
 def toyworld_train(
     cache_dir: Annotated[str | None, typer.Option(help="model cache (default $DXRAY_CACHE or ~/.cache/dxray)")] = None,
     force: Annotated[bool, typer.Option(help="retrain even if a trained world is cached")] = False,
+    world_seed: Annotated[int | None, typer.Option(help="seeds the classifier's and generator's training; one "
+                                                        "world per cache dir (default 0: the world make demo builds)")] = None,
 ) -> None:
     """Train the toy world's generator and biased classifier (a few minutes on a CPU).
 
@@ -469,7 +471,7 @@ def toyworld_train(
     quiet_libraries()
     from dxray.toyworld.train import ensure_toyworld
 
-    print(ensure_toyworld(cache_dir, log=lambda m: err.print(m, highlight=False), force=force))
+    print(ensure_toyworld(cache_dir, log=lambda m: err.print(m, highlight=False), force=force, seed=world_seed))
 
 
 @toyworld.command("check")
@@ -496,6 +498,15 @@ def toyworld_check(
                       "biased" if r["called_biased"] else "unbiased", "biased" if r["planted_biased"] else "unbiased",
                       f(r["prob_before"]), f(r["prob_after"]))
     Console(stderr=True).print(table)
+    if report.get("features"):
+        ft = Table("class", "name", "rank", "feature", "r", "dxray", "truth", "object resp.", "background resp.",
+                   title="feature verdicts vs the feature truth (exact renders through the classifier)")
+        for p in report["features"]["pairs"]:
+            ft.add_row(str(p["class_index"]), p["class_name"], str(p["feature_rank"]), str(p["feature_index"]),
+                       f(p["mean_object_fraction"]), p["verdict"],
+                       p["truth"] + ("" if p["correct"] in (None, True) else "  ✗"),
+                       f(p["object_response"]), f(p["background_response"]))
+        Console(stderr=True).print(ft)
     print(summary_line(report))
 
 

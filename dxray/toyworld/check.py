@@ -3,6 +3,10 @@
 Class-level bias call (paper Fig. 3): a class is called *biased* when the object is missing from
 its class explanation, i.e. its mean object fraction r is below the run's δ. Optimisation works
 for a class when the held-out target probability after optimisation is well above chance.
+
+Feature-level verdicts (paper Fig. 6): each (class, feature) verdict of the run (core / spurious) is
+compared with :func:`dxray.toyworld.feature_truth.feature_truth`, a controlled experiment on exact
+renders through the audited classifier; pairs whose truth is ambiguous are left out and counted.
 """
 
 from __future__ import annotations
@@ -30,7 +34,41 @@ def planted_truth(sink) -> dict:
     return truth(manifest["config"].get("cache_dir"))
 
 
-def check(run: str, truth: dict | None = None, well_above_chance: float = 3.0) -> dict:
+def _manifest_cache_dir(sink):
+    with sink.fs.open_input_stream(f"{sink.root}/manifest.json") as f:
+        return json.loads(f.read())["config"].get("cache_dir")
+
+
+def feature_agreement(verdicts: list[dict], truth_rows: list[dict]) -> dict:
+    """The run's feature verdicts against the feature truth: overall and split by planted-biased /
+    unbiased class (Fig. 6's split), with every pair listed."""
+    truth = {(t["class_index"], t["feature_index"]): t for t in truth_rows}
+    pairs = []
+    for v in verdicts:
+        t = truth[(v["class_index"], v["feature_index"])]
+        pairs.append({
+            "class_index": v["class_index"], "class_name": v["class_name"], "feature_index": v["feature_index"],
+            "feature_rank": v["feature_rank"], "template": v["template"], "verdict": v["verdict"],
+            "mean_object_fraction": v["mean_object_fraction"], "truth": t["truth"],
+            "planted_biased": t["planted_biased"], "object_response": t["object_response"],
+            "background_response": t["background_response"], "scale": t["scale"],
+            "correct": None if t["truth"] == "ambiguous" else v["verdict"] == t["truth"],
+        })
+
+    def share(rows):
+        judged = [p["correct"] for p in rows if p["correct"] is not None]
+        return {"agreement": sum(judged) / len(judged) if judged else None, "n_pairs": len(judged),
+                "n_ambiguous": sum(p["correct"] is None for p in rows),
+                "n_truth_spurious": sum(p["truth"] == "spurious" for p in rows),
+                "n_dxray_spurious": sum(p["verdict"] == "spurious" for p in rows if p["correct"] is not None)}
+
+    return {"all": share(pairs), "biased": share([p for p in pairs if p["planted_biased"]]),
+            "unbiased": share([p for p in pairs if not p["planted_biased"]]), "pairs": pairs}
+
+
+def check(run: str, truth: dict | None = None, well_above_chance: float = 3.0, classifier=None) -> dict:
+    """Score a run; ``classifier``: the audited toy-world classifier for the feature truth (default: loaded
+    from the world cache the run's manifest names)."""
     sink = open_run(run)
     truth = truth or planted_truth(sink)
     classes = sink.read_table("classes")
@@ -60,12 +98,29 @@ def check(run: str, truth: dict | None = None, well_above_chance: float = 3.0) -
             "optimised": prob_after is not None and prob_after >= well_above_chance * chance,
         })
     judged = [r for r in rows if r["correct"] is not None]
+    verdicts = sink.read_table("verdicts")
+    verdicts = [] if verdicts is None else verdicts.to_pylist()
+    features = None
+    if verdicts:
+        from dxray.toyworld import feature_truth as ft
+
+        if classifier is None:
+            from dxray.classifiers import load_classifier
+            from dxray.toyworld.train import folder
+
+            classifier = load_classifier(f"hf:{folder(_manifest_cache_dir(sink)) / 'classifier'}", device="cpu")
+        wanted = sorted({v["feature_index"] for v in verdicts})
+        classes = sorted({v["class_index"] for v in verdicts})
+        features = feature_agreement(verdicts, ft.feature_truth(classifier, classes, wanted)) | {
+            "margins": ft.margins()}
     report = {
         "run": sink.uri(""), "chance": chance, "well_above_chance": well_above_chance * chance,
         "bias_call_accuracy": sum(r["correct"] for r in judged) / len(judged) if judged else None,
         "optimised_fraction": sum(r["optimised"] for r in rows) / len(rows) if rows else None,
         "classes": rows,
-        "targets": {"bias_call_accuracy": 0.9, "optimised_fraction": 0.8},
+        "feature_agreement": None if features is None else features["all"]["agreement"],
+        "features": features,
+        "targets": {"bias_call_accuracy": 0.9, "optimised_fraction": 0.8, "feature_agreement": 0.9},
     }
     sink.write_bytes("toyworld_check.json", (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
     return report
@@ -74,5 +129,12 @@ def check(run: str, truth: dict | None = None, well_above_chance: float = 3.0) -
 def summary_line(report: dict) -> str:
     acc, opt = report["bias_call_accuracy"], report["optimised_fraction"]
     fmt = lambda x: "n/a" if x is None else f"{x:.0%}"  # noqa: E731
-    return (f"toy world check: class-level bias calls {fmt(acc)} correct (target ≥ 90%); held-out target probability "
+    line = (f"toy world check: class-level bias calls {fmt(acc)} correct (target ≥ 90%); held-out target probability "
             f"≥ {report['well_above_chance']:.2f} for {fmt(opt)} of classes (target ≥ 80%)")
+    f = report.get("features")
+    if f:
+        a, b, u = f["all"], f["biased"], f["unbiased"]
+        line += (f"; feature verdicts agree with the feature truth on {fmt(a['agreement'])} of {a['n_pairs']} pairs "
+                 f"(biased classes {fmt(b['agreement'])} of {b['n_pairs']}, unbiased {fmt(u['agreement'])} of "
+                 f"{u['n_pairs']}; {a['n_ambiguous']} ambiguous left out; target ≥ 90%)")
+    return line

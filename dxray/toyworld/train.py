@@ -236,7 +236,7 @@ def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 40
             log(f"classifier step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
     model.eval()
     report = {"classes": render.CLASS_NAMES, "no_object_label": len(render.CLASSES),
-              "biased": {str(k): v for k, v in render.BIASED.items()}, "world_version": VERSION}
+              "biased": {str(k): v for k, v in render.BIASED.items()}, "world_version": VERSION, "world_seed": seed}
     with torch.no_grad():
         held = render.held_out_dataset(600, seed + 1)
         hx, hy = unit_images([s for s, _ in held]), torch.tensor([label for _, label in held])
@@ -255,9 +255,20 @@ def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 40
     return report
 
 
-def ensure_toyworld(cache_dir=None, log: Log = log_to_stderr, force: bool = False) -> Path:
-    """The trained world (generator/ and classifier/), trained on first use (3-6 min on one CPU thread)."""
+def ensure_toyworld(cache_dir=None, log: Log = log_to_stderr, force: bool = False,
+                    seed: int | None = None) -> Path:
+    """The trained world (generator/ and classifier/), trained on first use (3-6 min on one CPU thread).
+
+    ``seed`` is the world seed: it seeds both the classifier's and the generator's training (None: 0, the world
+    ``make demo`` and CI build). A cache folder holds one world, which the presets load whatever its seed;
+    another world seed needs another cache dir, and naming a seed the cache does not hold is an error."""
     root = folder(cache_dir)
+    if seed is not None and root.exists() and not force:
+        held = json.loads((root / "classifier" / "toyworld.json").read_text()).get("world_seed", 0)
+        if held != seed:
+            from dxray.errors import DxrayError
+
+            raise DxrayError(f"{root} holds world seed {held}, not {seed}: use another cache dir (or --force)")
     if force and root.exists():
         import shutil
 
@@ -269,8 +280,8 @@ def ensure_toyworld(cache_dir=None, log: Log = log_to_stderr, force: bool = Fals
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            train_classifier(tmp / "classifier", log=log)
-            train_generator(tmp / "generator", log=log)
+            train_classifier(tmp / "classifier", seed=seed or 0, log=log)
+            train_generator(tmp / "generator", seed=seed or 0, log=log)
         finally:
             torch.set_num_threads(threads)
 
