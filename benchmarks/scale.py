@@ -120,7 +120,8 @@ def _config(output: str, classes: int, resolution: int):
         "targets.feature_source=weights", "classifier.spec=torchvision:resnet50", "classifier.weights=DEFAULT",
         f"generator.resolution={resolution}", "device=cpu", "cluster.explainers=2", "cluster.gpus_per_explainer=0",
         "cluster.cpus_per_explainer=0", "cluster.cpus_per_segmenter=0", "cluster.segmenters=1",
-        "cluster.local_gpus=0", "cluster.log_every_s=60"])
+        "cluster.local_gpus=0", "cluster.log_every_s=60",
+        "segment.control=false"])  # the 6,000 tasks (the segmenter controls would add 1,000 cheap ones)
 
 
 class _Stop(KeyboardInterrupt):

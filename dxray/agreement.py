@@ -207,25 +207,36 @@ def roc_auc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
 
 
 def agreement_rows(verdicts: pa.Table, labels: pa.Table, groups: dict[int, dict], *, stored: bool,
-                   subset: str = "all", classes: Iterable[int] | None = None, annotations: str = "") -> list[dict]:
-    """``agreement`` rows per (template, delta) × group for the verdict pairs that have a human label."""
+                   subset: str = "all", classes: Iterable[int] | None = None, annotations: str = "",
+                   exclude_unreliable: bool = False) -> list[dict]:
+    """``agreement`` rows per (template, delta) × group for the verdict pairs that have a human label.
+    ``exclude_unreliable``: leave out the pairs of classes whose segmenter control failed (``reliable`` false);
+    either way ``n_unreliable`` counts them."""
     human = {(r["class_index"], r["feature_index"]): r["human"] for r in labels.to_pylist()}
     keep = None if classes is None else set(classes)
     pairs: dict[tuple, list[dict]] = {}
+    unreliable: dict[tuple, list[dict]] = {}
     run_id = None
-    columns = ["run_id", "class_index", "feature_index", "template", "delta", "verdict", "mean_object_fraction"]
+    columns = ["run_id", "class_index", "feature_index", "template", "delta", "verdict", "mean_object_fraction",
+               "reliable"]
     for v in verdicts.select([c for c in columns if c in verdicts.column_names]).to_pylist():
         key = (v["class_index"], v["feature_index"])
         run_id = run_id or v["run_id"]
         if key in human and (keep is None or v["class_index"] in keep):
             g = groups[v["class_index"]]
             delta = None if v["delta"] is None else round(float(v["delta"]), 6)
-            pairs.setdefault((v["template"], delta), []).append(
-                {**v, "human": human[key], "animacy": g["animacy"], "bias": g["bias"]})
+            pair = {**v, "human": human[key], "animacy": g["animacy"], "bias": g["bias"]}
+            mine = pairs.setdefault((v["template"], delta), [])
+            if exclude_unreliable and v.get("reliable") is False:
+                unreliable.setdefault((v["template"], delta), []).append(pair)
+            else:
+                mine.append(pair)
     rows = []
     for (template, delta), mine in sorted(pairs.items(), key=lambda kv: (kv[0][0] or "", kv[0][1] or 0.0)):
         for animacy, bias in GROUPS:
             sel = [p for p in mine if animacy in ("all", p["animacy"]) and bias in ("all", p["bias"])]
+            out = [p for p in unreliable.get((template, delta), []) if animacy in ("all", p["animacy"])
+                   and bias in ("all", p["bias"])]
             agree = sum(p["verdict"] == p["human"] for p in sel)
             rows.append({
                 "run_id": run_id, "annotations": annotations, "subset": subset, "template": template, "delta": delta,
@@ -235,6 +246,8 @@ def agreement_rows(verdicts: pa.Table, labels: pa.Table, groups: dict[int, dict]
                 "n_dxray_spurious": sum(p["verdict"] == "spurious" for p in sel),
                 "n_both_spurious": sum(p["human"] == p["verdict"] == "spurious" for p in sel),
                 "roc_auc": roc_auc([p.get("mean_object_fraction") for p in sel], [p["human"] == "core" for p in sel]),
+                "exclude_unreliable": exclude_unreliable,
+                "n_unreliable": len(out) if exclude_unreliable else sum(p.get("reliable") is False for p in sel),
             })
     return rows
 
@@ -332,7 +345,7 @@ def chart_template(rows: list[dict]) -> str | None:
 
 
 def run_agreement(path: str, annotations: str, class_metadata: str | None = None, subset: str | None = None,
-                  deltas: Sequence[float] | None = None) -> AgreementResult:
+                  deltas: Sequence[float] | None = None, exclude_unreliable: bool = False) -> AgreementResult:
     """Compare, write the ``agreement`` table (part ``{subset}``) and ``agreement[-{subset}].png``."""
     if subset is not None and subset not in SUBSETS:
         raise DxrayError(f"--subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
@@ -344,7 +357,8 @@ def run_agreement(path: str, annotations: str, class_metadata: str | None = None
     if deltas and source.samples is None:
         raise DxrayError(f"--deltas needs a run folder (tasks and samples tables); {path} holds verdicts only")
     chosen, short = salient90(groups) if subset else (None, {})
-    kw = {"subset": subset or "all", "classes": chosen, "annotations": posixpath.basename(annotations)}
+    kw = {"subset": subset or "all", "classes": chosen, "annotations": posixpath.basename(annotations),
+          "exclude_unreliable": exclude_unreliable}
     rows = agreement_rows(source.verdicts, labels, groups, stored=True, **kw)
     if not rows:
         raise DxrayError(f"no verdict of {path} has a human label in {annotations}"

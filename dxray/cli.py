@@ -384,6 +384,7 @@ def agreement_cmd(
     subset: Annotated[str | None, typer.Option(help="salient90: 15 classes for each number 0..5 of human-spurious top-5 features (seeded hash order, seed 0)")] = None,
     deltas: Annotated[str | None, typer.Option(help="comma-separated deltas for the sweep over the stored r (default 0,0.1,...,1)")] = None,
     print_classes: Annotated[bool, typer.Option("--print-classes", help="print the --subset classes as a list for targets.classes=[...] and exit")] = False,
+    exclude_unreliable: Annotated[bool, typer.Option("--exclude-unreliable", help="leave out the features of classes whose segmenter control failed (verdicts.reliable false: the segmenter did not find the object in the generator's plain pictures of it)")] = False,
 ) -> None:
     """Agreement of the run's core/spurious verdicts with the Salient ImageNet human labels, overall and per
     animate/inanimate x unbiased/medium/biased group, plus a delta sweep; writes the agreement table and a PNG chart.
@@ -411,7 +412,7 @@ def agreement_cmd(
         if run is None:
             raise DxrayError("RUN is required: a run folder or a verdicts file")
         result = ag.run_agreement(run, annotations, class_metadata, subset,
-                                  ag.parse_deltas(deltas) if deltas is not None else None)
+                                  ag.parse_deltas(deltas) if deltas is not None else None, exclude_unreliable)
     except DxrayError as e:
         _fail(str(e))
     for k, n in result.shortfall.items():
@@ -444,6 +445,10 @@ def agreement_cmd(
             st.add_row(f"{d:g}", *(cells.get(a, "-") for a in ("all", "animate", "inanimate")))
         out.print(st)
     overall = {r["animacy"]: r for r in stored if r["bias"] == "all"}
+    if (n := (overall.get("all") or {}).get("n_unreliable")):
+        err.print(f"note: {n} compared pairs belong to classes whose segmenter control failed (verdicts.reliable "
+                  f"false){': left out' if exclude_unreliable else '; --exclude-unreliable leaves them out'}",
+                  highlight=False, soft_wrap=True)
     out.print(f"ROC AUC of mean r for human core vs spurious (threshold-free; 1.0 = every human-core feature has a "
               f"higher mean r than every human-spurious one, 0.5 = chance): {auc(overall.get('all'))} "
               f"(animate {auc(overall.get('animate'))}, inanimate {auc(overall.get('inanimate'))})",

@@ -279,7 +279,18 @@ class SegmentConfig(_Section):
     box_threshold: Float = Field(0.35, ge=0, le=1)
     text_threshold: Float = Field(0.25, ge=0, le=1)
     prompts: dict[Key, str] = Field(default_factory=dict, description="detection prompt per class index (default: the class name)")
+    control: bool = Field(True, description="segmenter control: per class, render sample.k images from control_template filled with the class name (no optimisation) and score them (classes.control_object_fraction); a class whose control r is below verdict.delta has its verdicts flagged unreliable")
+    control_template: str = Field("a photo of a {}", description="the control's plain prompt; '{}' becomes the class name's words")
     batch_size: Int = Field(4, gt=0, le=1024)
+
+    @field_validator("control_template")
+    @classmethod
+    def _control_template(cls, template: str) -> str:
+        if len(template) > MAX_TEMPLATE:
+            raise ValueError(f"{_show(template)} is {len(template)} characters long (at most {MAX_TEMPLATE})")
+        if template.count("{}") != 1:
+            raise ValueError(f"{_show(template)} must contain '{{}}' exactly once (where the class name goes)")
+        return template
 
     @field_validator("prompts")
     @classmethod

@@ -208,8 +208,9 @@ def estimate(cfg: Config, info: classifiers.ClassifierInfo, figures: list[dict] 
         "feature": sum(per_class.values()) * n_templates,
         "neuron": len(t.neurons) * n_templates,
     }
-    total = sum(tasks.values())
+    total = sum(tasks.values())  # optimised
     with_class = tasks["class"] + tasks["feature"]  # neuron tasks have no class: no baseline, nothing to score
+    tasks["control"] = len(t.classes) if cfg.segment.enabled and cfg.segment.control else 0  # rendered, not optimised
     step, image, notes = timings(cfg, figures or [])
     if o.early_stop_prob is not None:
         notes.append(f"optimize.early_stop_prob={o.early_stop_prob}: step counts are an upper bound")
@@ -217,10 +218,10 @@ def estimate(cfg: Config, info: classifiers.ClassifierInfo, figures: list[dict] 
         run_id=cfg.resolved_run_id(), classes=len(t.classes), templates=list(cfg.prompt.templates), tasks=tasks,
         feature_count=how, restarts=o.restarts, steps=o.steps, samples_per_step=o.samples_per_step,
         optimisation_steps=total * o.restarts * o.steps,
-        held_out_images=total * s.k,
+        held_out_images=(total + tasks["control"]) * s.k,
         baseline_images=with_class * s.k if s.baseline else 0,
         training_images=total * o.restarts * o.steps * o.samples_per_step,
-        segment_images=with_class * s.k if cfg.segment.enabled else 0,
+        segment_images=(with_class + tasks["control"]) * s.k if cfg.segment.enabled else 0,
         step=step, image=image, notes=notes,
     )
 
@@ -275,10 +276,11 @@ def render(plan: Plan):
     table.add_row("tasks: class", _n(plan.tasks["class"]), "one per class and template")
     table.add_row("tasks: feature", _n(plan.tasks["feature"]), plan.feature_count)
     table.add_row("tasks: neuron", _n(plan.tasks["neuron"]), "targets.neurons x templates")
+    table.add_row("tasks: control", _n(plan.tasks.get("control", 0)), "one per class (segment.control), not optimised")
     table.add_row("tasks", _n(plan.total_tasks), "", end_section=True)
     table.add_row("optimisation steps", _n(plan.optimisation_steps),
                   f"tasks x {plan.restarts} restart(s) x {plan.steps} steps")
-    table.add_row("images: held-out", _n(plan.held_out_images), "tasks x sample.k")
+    table.add_row("images: held-out", _n(plan.held_out_images), "tasks (controls too) x sample.k")
     table.add_row("images: baseline", _n(plan.baseline_images), "class and feature tasks x sample.k (sample.baseline)")
     table.add_row("images: training", _n(plan.training_images),
                   f"tasks x restarts x steps x {plan.samples_per_step} samples per step")

@@ -77,6 +77,15 @@ def init_rows(tokenizer, text_encoder, n_tokens: int, init: str, generator: torc
     return table[[ids[i % len(ids)] for i in range(n_tokens)]].clone()
 
 
+def word_rows(tokenizer, text_encoder, words: str) -> torch.Tensor:
+    """The embedding rows of every token of ``words``: in a template's '{}' they make exactly the plain
+    prompt with the words written in (the segmenter control's prompt)."""
+    ids = _ids(tokenizer, words.strip())
+    if not ids:
+        raise DxrayError(f"{words!r} has no tokens")
+    return embedding_table(text_encoder).weight.detach().float().cpu()[ids].clone()
+
+
 def encode(text_encoder, prompts: Sequence[SoftPrompt], rows: Sequence[torch.Tensor]) -> torch.Tensor:
     """CLIP last hidden states (P × 77 × D) with each prompt's learnable rows in place."""
     if len(prompts) != len(rows):

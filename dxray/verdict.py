@@ -156,6 +156,14 @@ def decide(tasks: pa.Table, samples: pa.Table, delta: float, run_id: str,
             }
     verdicts.sort(key=lambda v: (v["class_index"], v["template"], v["feature_rank"] or 0, v["feature_index"]))
 
+    # The segmenter control (one per class, whatever the template): can the segmenter find the object in the
+    # generator's plain pictures of the class? Below delta, the class's verdicts are unreliable.
+    control = {r["class_index"]: r["object_fraction_mean"]
+               for r in _stats(_scored(tasks, samples, "control"), ["class_index"]).to_pylist()}
+    reliable = {c: r >= delta - _TOLERANCE for c, r in control.items()}
+    for v in verdicts:
+        v |= {"control_object_fraction": control.get(v["class_index"]), "reliable": reliable.get(v["class_index"])}
+
     class_keys = ["class_index", "class_name", "template"]
     fractions = {(r["class_index"], r["template"]): r for r in
                  _stats(_scored(tasks, samples, "class"), class_keys).to_pylist()}
@@ -173,5 +181,6 @@ def decide(tasks: pa.Table, samples: pa.Table, delta: float, run_id: str,
             "class_object_fraction": frac["object_fraction_mean"] if frac else None,
             "n_spurious": sum(v["verdict"] == "spurious" for v in mine), "n_features": len(mine), "delta": delta,
             "n_low_confidence": sum(v["low_confidence"] for v in mine) if uncertainty else None,
+            "control_object_fraction": control.get(key[0]), "reliable": reliable.get(key[0]),
         })
     return verdicts, classes

@@ -333,3 +333,22 @@ def test_cli_rank_features_from_annotations_needs_no_images(tmp_path):
     assert r.stdout.strip() == str(tmp_path / "o" / "top5" / "feature_ranking")
     rows = pq.read_table(tmp_path / "o" / "top5" / "feature_ranking" / "part-all.parquet")
     assert rows.num_rows == 10 and set(rows["class_index"].to_pylist()) == {1, 400}
+
+
+def test_unreliable_classes_are_counted_and_left_out_on_request(tmp_path):
+    """Class 1's segmenter control failed: its pairs are shown (and counted as unreliable) by default, and
+    left out with exclude_unreliable, which changes the agreement to that of the other classes alone."""
+    labels = _labels(tmp_path, {1: 2, 2: 0})
+    groups = ag.class_groups(labels)
+    verdicts = [{"run_id": "r", "class_index": c, "class_name": f"c{c}", "feature_index": 100 * c + k, "feature_rank": k,
+                 "template": "{}", "delta": 0.3, "mean_object_fraction": 0.5, "verdict": "core", "reliable": c != 1}
+                for c in (1, 2) for k in range(1, 6)]
+    table = to_table("verdicts", verdicts)
+    shown = {(r["animacy"], r["bias"]): r for r in ag.agreement_rows(table, labels, groups, stored=True)}
+    left = {(r["animacy"], r["bias"]): r for r in ag.agreement_rows(table, labels, groups, stored=True,
+                                                                    exclude_unreliable=True)}
+    assert (shown["all", "all"]["n_pairs"], shown["all", "all"]["n_unreliable"]) == (10, 5)
+    assert shown["all", "all"]["agreement"] == pytest.approx(8 / 10)  # class 1: 2 human-spurious called core
+    assert (left["all", "all"]["n_pairs"], left["all", "all"]["n_unreliable"]) == (5, 5)
+    assert left["all", "all"]["agreement"] == 1.0 and left["all", "all"]["exclude_unreliable"] is True
+    assert left["animate", "medium"]["n_pairs"] == 0 and left["animate", "medium"]["n_unreliable"] == 5

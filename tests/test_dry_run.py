@@ -23,7 +23,8 @@ def _tiny(tmp_path, *overrides, cache=None):
     return load_config(TINY_YAML, [f"output={tmp_path / 'out'}", *([f"cache_dir={cache}"] if cache else []), *overrides])
 
 
-@pytest.mark.parametrize("extra", [[], ["targets.features={0: [1, 2]}"]], ids=["top_k", "explicit-features"])
+@pytest.mark.parametrize("extra", [[], ["targets.features={0: [1, 2]}"], ["segment.control=true"]],
+                         ids=["top_k", "explicit-features", "control"])
 def test_counts_equal_an_independent_computation(tmp_path, cache_dir, tiny_classifier, extra):
     from dxray.pipeline.preflight import preflight
     from dxray.pipeline.ranking import rank_features
@@ -36,27 +37,29 @@ def test_counts_equal_an_independent_computation(tmp_path, cache_dir, tiny_class
 
     # By hand: 2 classes, 2 templates, top_k 3 (or 2 explicit features for class 0), 1 neuron;
     # tiny.yaml: 5 steps, 2 noise samples per step; restarts 2, k 3; baseline and segmentation on.
-    features = 3 + (2 if extra else 3)
+    # The segmenter control (tiny.yaml has it off): one per class, rendered and scored, never optimised.
+    features = 3 + (2 if "targets.features={0: [1, 2]}" in extra else 3)
+    controls = 2 if "segment.control=true" in extra else 0
     kinds = {"class": 2 * 2, "feature": features * 2, "neuron": 1 * 2}
     tasks = sum(kinds.values())
     with_class = kinds["class"] + kinds["feature"]
-    assert p.classes == 2 and p.templates == ["{}", "a photo of {}"] and p.tasks == kinds
+    assert p.classes == 2 and p.templates == ["{}", "a photo of {}"] and p.tasks == {**kinds, "control": controls}
     assert p.optimisation_steps == tasks * 2 * 5
-    assert p.held_out_images == tasks * 3 and p.baseline_images == with_class * 3
+    assert p.held_out_images == (tasks + controls) * 3 and p.baseline_images == with_class * 3
     assert p.training_images == tasks * 2 * 5 * 2
-    assert p.images_to_generate == tasks * 3 + with_class * 3 + tasks * 2 * 5 * 2
-    assert p.segment_images == with_class * 3
+    assert p.images_to_generate == (tasks + controls) * 3 + with_class * 3 + tasks * 2 * 5 * 2
+    assert p.segment_images == (with_class + controls) * 3
 
     # ... and what the real planner makes of the same config, with the loaded classifier's ranking.
     info = preflight(cfg)
     specs = plan(cfg, info, rank_features(cfg, tiny_classifier))
-    assert dict(Counter(s.kind for s in specs)) == kinds
+    assert dict(Counter(s.kind for s in specs)) == {**kinds, **({"control": controls} if controls else {})}
 
 
 def test_segmentation_off_and_no_baseline(tmp_path):
     cfg = _tiny(tmp_path, "segment.enabled=false", "sample.baseline=false", "targets.class_task=false")
     p = estimate(cfg, TINY_INFO)
-    assert p.tasks == {"class": 0, "feature": 2, "neuron": 0}
+    assert p.tasks == {"class": 0, "feature": 2, "neuron": 0, "control": 0}
     assert p.segment_images == 0 and p.baseline_images == 0 and p.held_out_images == 2 * 4
 
 
@@ -92,9 +95,9 @@ def test_dry_run_describes_aliases_without_building_them(tmp_path):
     empty = tmp_path / "cache"
     p = dry_run(load_config(ROOT / "jobs" / "configs" / "toyworld.yaml", [f"output={tmp_path / 'out'}", f"cache_dir={empty}"]),
                 figures=[])
-    assert p.tasks == {"class": 6, "feature": 6, "neuron": 0} and p.optimisation_steps == 12 * 5 * 60
+    assert p.tasks == {"class": 6, "feature": 6, "neuron": 0, "control": 6} and p.optimisation_steps == 12 * 5 * 60
     p = dry_run(_tiny(tmp_path, cache=empty), figures=[])
-    assert p.tasks == {"class": 2, "feature": 2, "neuron": 0}
+    assert p.tasks == {"class": 2, "feature": 2, "neuron": 0, "control": 0}
     assert not empty.exists() or not any(empty.iterdir())  # nothing trained, built or saved
 
 

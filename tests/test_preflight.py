@@ -147,7 +147,7 @@ def test_dry_run_lists_missing_folders_and_tables(tmp_path, cache_dir):
     plan = dry_run(cfg, figures=[], warn=lambda m: None)
     assert plan.missing == ["generator.model /nowhere/lcm", f"targets.feature_table {tmp_path / 'ranking.parquet'}",
                             "segment.detector /nowhere/dino"]
-    assert plan.tasks == {"class": 2, "feature": 2, "neuron": 0}
+    assert plan.tasks == {"class": 2, "feature": 2, "neuron": 0, "control": 0}
     with pytest.raises(DxrayError, match="generator model folder not found: /nowhere/lcm"):
         preflight(cfg)  # a real run still refuses it
 

@@ -43,6 +43,25 @@ class Explainer:
             prompts.vocabulary_ids(self.generator.tokenizer, self.settings.hard.vocabulary)
 
     def explain(self, specs: list[TaskSpec], on_step=None) -> list[Outcome]:
+        """One outcome per spec, in order: controls are rendered, the other tasks optimised together."""
+        controls = {id(s): self._control(s) for s in specs if s.kind == "control"}
+        optimised = iter(self._optimise([s for s in specs if s.kind != "control"], on_step))
+        return [controls[id(s)] if id(s) in controls else next(optimised) for s in specs]
+
+    def _control(self, spec: TaskSpec) -> Outcome:
+        """The segmenter control: the plain prompt (template + the class name's words), no optimisation."""
+        g, s = self.generator, self.cfg.sample
+        try:
+            rows = prompts.word_rows(g.tokenizer, g.text_encoder, spec.init.removeprefix("word:"))
+            samples = sample(g, self.classifier, spec.template, rows, s.seed_list(), class_index=spec.class_index,
+                             batch_size=s.batch_size)
+        except Exception as err:
+            return Outcome(spec, None, [], error_text(SAMPLE, err))
+        return Outcome(spec, None, samples, None)
+
+    def _optimise(self, specs: list[TaskSpec], on_step=None) -> list[Outcome]:
+        if not specs:
+            return []
         cfg = self.cfg
         r = cfg.optimize.restarts  # restart k of a task starts from seed + k; the lowest final loss wins
         targets = [Target(s.objective, s.template, cfg.prompt.n_tokens, s.init, s.seed + k, s.class_index,

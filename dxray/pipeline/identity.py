@@ -22,7 +22,10 @@ _PLACE = {"output", "run_id", "device", "cache_dir", "storage", "cluster", "esti
 _LEFT_OUT: dict[str, dict[str, set[str]]] = {
     "optimize": {"batch_tasks": {RUN, TASK}},
     "sample": {"batch_size": {RUN, TASK}},
-    "segment": {"batch_size": {RUN, TASK}, "allow_pickle": {RUN, TASK}},  # how weights load, not which: ids stay
+    "segment": {"batch_size": {RUN, TASK}, "allow_pickle": {RUN, TASK},  # how weights load, not which: ids stay
+                # The control is a task of its own (its template is in its id); a run from before it keeps its id
+                # and a resume adds the control tasks.
+                "control": {RUN, TASK}, "control_template": {RUN, TASK}},
     "generator": {"checkpointing": {TASK}, "dtype": {TASK}},
     "classifier": {"allow_pickle": {TASK}},
 }

@@ -61,7 +61,7 @@ def task_row(run_id: str, spec: TaskSpec, cfg, res: OptimizeResult | None, error
     row = {
         "run_id": run_id, "task_id": spec.task_id, "kind": spec.kind, "class_index": spec.class_index,
         "class_name": spec.class_name, "feature_index": spec.feature_index, "feature_rank": spec.feature_rank,
-        "layer": spec.layer, "objective": spec.objective.description, "template": spec.template,
+        "layer": spec.layer, "objective": spec.objective.description if spec.objective else None, "template": spec.template,
         "n_tokens": cfg.prompt.n_tokens, "init": spec.init, "status": "error" if error else "ok", "error": error,
         "lr": (cfg.prompt.kind == "hard" and cfg.prompt.hard.lr) or cfg.optimize.lr,
         "samples_per_step": cfg.optimize.samples_per_step,

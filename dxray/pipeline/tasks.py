@@ -15,8 +15,8 @@ from dxray.pipeline.identity import task_id
 @dataclass
 class TaskSpec:
     task_id: str
-    kind: str  # class | feature | neuron
-    objective: Objective
+    kind: str  # class | feature | neuron | control
+    objective: Objective | None  # None: a control, rendered from a plain prompt without optimisation
     template: str
     init: str
     seed: int
@@ -59,9 +59,20 @@ def plan(cfg, info, ranking: list[RankedFeature]) -> list[TaskSpec]:
             objective = objectives.class_ce(c) - cfg.optimize.feature_weight * objectives.neuron("penultimate", f)
             add("feature", objective, class_index=c, class_name=name, feature_index=f, feature_rank=rank,
                 layer="penultimate")
+        if cfg.segment.enabled and cfg.segment.control:
+            tasks.append(control_spec(cfg, c, name))
     for nt in t.neurons:
         add("neuron", -objectives.neuron(nt.layer, nt.unit), feature_index=nt.unit, layer=nt.layer)
     return tasks
+
+
+def control_spec(cfg, class_index: int, class_name: str) -> TaskSpec:
+    """The segmenter control of a class: ``segment.control_template`` filled with the class name, rendered for
+    the held-out seeds with no optimisation and scored like every task (``init`` names the words)."""
+    template, init = cfg.segment.control_template, f"word:{short_name(class_name)}"
+    tid = task_id(cfg, kind="control", template=template, init=init, class_index=class_index)
+    return TaskSpec(tid, "control", None, template, init, int(tid[:8], 16), class_index=class_index,
+                    class_name=class_name)
 
 
 def scoring_prompt(cfg, spec: TaskSpec) -> str | None:

@@ -29,7 +29,7 @@ def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
 TASKS = _schema("tasks", [
     _f("run_id", pa.string(), "run folder name", nullable=False),
     _f("task_id", pa.string(), "hash of everything that defines the task", nullable=False),
-    _f("kind", pa.string(), "class (Eq.3), feature (Eq.5) or neuron (Eq.4)"),
+    _f("kind", pa.string(), "class (Eq.3), feature (Eq.5), neuron (Eq.4) or control (the segmenter control: a plain prompt, not optimised)"),
     _f("class_index", pa.int32(), "classifier output index"),
     _f("class_name", pa.string(), "class name from the classifier's metadata"),
     _f("feature_index", pa.int32(), "penultimate feature (or neuron unit) index"),
@@ -92,6 +92,8 @@ VERDICTS = _schema("verdicts", [
     _f("low_confidence", pa.bool_(), "confidence < 0.8, or fewer than 2 images: a verdict not to trust alone"),
     _f("bootstrap_resamples", pa.int32(), "bootstrap resamples of the images' r behind the interval and confidence"),
     _f("bootstrap_seed", pa.int64(), "seed of the resamples: sha256 of run id, class, feature and template (reproducible)"),
+    _f("control_object_fraction", pa.float32(), "mean r of the class's segmenter control (its plain-prompt images); null without a control"),
+    _f("reliable", pa.bool_(), "false when the segmenter control is below delta: the segmenter cannot find this class's object even in the generator's own pictures of it, so the verdict is not to be trusted; null without a control"),
 ])
 
 CLASSES = _schema("classes", [
@@ -104,6 +106,8 @@ CLASSES = _schema("classes", [
     _f("n_features", pa.int32(), "features judged"),
     _f("delta", pa.float32(), "threshold used for the verdicts"),
     _f("n_low_confidence", pa.int32(), "features whose verdict is low confidence (see verdicts.low_confidence)"),
+    _f("control_object_fraction", pa.float32(), "mean r of the segmenter control: segment.control_template with the class name, not optimised; null without a control"),
+    _f("reliable", pa.bool_(), "control_object_fraction >= delta: the segmenter finds the class object in the generator's plain pictures of it (false: this class's verdicts are unreliable); null without a control"),
 ])
 
 FEATURE_RANKING = _schema("feature_ranking", [
@@ -134,6 +138,8 @@ AGREEMENT = _schema("agreement", [
     _f("n_dxray_spurious", pa.int32(), "pairs dxray calls spurious"),
     _f("n_both_spurious", pa.int32(), "pairs both call spurious"),
     _f("roc_auc", pa.float32(), "threshold-free: ROC AUC of mean r as a score for human core vs human spurious (1.0 = every core pair has a higher mean r than every spurious one, 0.5 chance; ties count half; the same at every delta; null when the pairs lack either label or a mean r)"),
+    _f("exclude_unreliable", pa.bool_(), "pairs of classes whose segmenter control failed were left out (dxray agreement --exclude-unreliable)"),
+    _f("n_unreliable", pa.int32(), "pairs of classes whose segmenter control failed (verdicts.reliable false): counted in n_pairs, or left out when exclude_unreliable"),
 ])
 
 TABLES: dict[str, pa.Schema] = {"tasks": TASKS, "samples": SAMPLES, "verdicts": VERDICTS, "classes": CLASSES,

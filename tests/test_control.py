@@ -1,0 +1,126 @@
+"""The segmenter control (issue 19): per class, the generator's plain pictures of the class (no optimisation),
+scored by the same segmenter. A class whose control the segmenter cannot segment has its verdicts flagged."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+import torch
+from conftest import ROOT, TINY_YAML
+
+from dxray.config import load_config
+from dxray.storage.schemas import to_table
+
+TOY_YAML = ROOT / "jobs" / "configs" / "toyworld.yaml"
+
+
+def test_the_control_prompt_is_exactly_the_plain_text_prompt(tiny_generator):
+    """The class name's word rows in the template's '{}' encode the same as the prompt with the words typed in."""
+    from dxray import prompts
+
+    g = tiny_generator
+    rows = prompts.word_rows(g.tokenizer, g.text_encoder, "tabby cat")
+    assert rows.shape[0] == len(g.tokenizer("tabby cat", add_special_tokens=False).input_ids) >= 2
+    soft = g.encode([g.soft_prompt("a photo of a {}", rows.shape[0])], [rows])
+    ids = g.tokenizer("a photo of a tabby cat", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        plain = g.text_encoder(input_ids=ids.to(g.device)).last_hidden_state
+    torch.testing.assert_close(soft, plain)
+
+
+def test_one_control_per_class_and_no_other_task_id_moves(tmp_path):
+    from dxray.features import RankedFeature
+    from dxray.pipeline.preflight import preflight
+    from dxray.pipeline.tasks import plan
+
+    def specs(*extra):
+        cfg = load_config(TINY_YAML, [f"output={tmp_path}", f"cache_dir={tmp_path / 'cache'}", *extra])
+        ranking = [RankedFeature(c, 3, 1, 0.0, "weights") for c in cfg.targets.classes]
+        return cfg, plan(cfg, preflight(cfg, build=False), ranking)
+
+    off_cfg, off = specs("segment.control=false")
+    on_cfg, on = specs("segment.control=true", "segment.control_template=a picture of a {}")
+    controls = [s for s in on if s.kind == "control"]
+    assert [s.class_index for s in controls] == list(on_cfg.targets.classes)
+    assert all(s.template == "a picture of a {}" and s.objective is None for s in controls)
+    assert [s.task_id for s in on if s.kind != "control"] == [s.task_id for s in off]
+    assert on_cfg.resolved_run_id() == off_cfg.resolved_run_id()  # a resume of an older run adds its controls
+    _, other = specs("segment.control=true")
+    assert {s.task_id for s in other if s.kind == "control"}.isdisjoint(s.task_id for s in controls)
+
+
+def _tables(control_r: dict[int, list[float]], feature_r: dict[int, list[float]]):
+    tasks, samples = [], []
+    for c in (0, 1, 2):
+        for kind, rs in (("control", control_r.get(c)), ("feature", feature_r[c])):
+            if rs is None:
+                continue
+            tid = f"{kind}-{c}"
+            tasks.append({"run_id": "r", "task_id": tid, "kind": kind, "status": "ok", "class_index": c,
+                          "class_name": f"class {c}", "feature_index": 7 if kind == "feature" else None,
+                          "feature_rank": 1 if kind == "feature" else None,
+                          "template": "{}" if kind == "feature" else "a photo of a {}"})
+            samples += [{"run_id": "r", "task_id": tid, "seed": i, "object_fraction": r} for i, r in enumerate(rs)]
+    return to_table("tasks", tasks), to_table("samples", samples)
+
+
+def test_a_class_whose_control_the_segmenter_cannot_segment_is_flagged():
+    from dxray.verdict import decide
+
+    tasks, samples = _tables({0: [0.0, 0.02, 0.0], 1: [0.4, 0.6, 0.5]}, {0: [0.9, 0.8], 1: [0.0, 0.1], 2: [0.5, 0.5]})
+    verdicts, classes = decide(tasks, samples, 0.3, "r")
+    by = {v["class_index"]: v for v in verdicts}
+    assert by[0]["reliable"] is False and by[0]["control_object_fraction"] == pytest.approx(0.02 / 3)
+    assert by[1]["reliable"] is True and by[1]["verdict"] == "spurious"  # a trusted spurious call
+    assert by[2]["reliable"] is None and by[2]["control_object_fraction"] is None  # no control: not judged
+    assert {c["class_index"]: c["reliable"] for c in classes} == {0: False, 1: True, 2: None}
+    assert pa.Table.from_pylist(verdicts).num_rows == 3
+    later, _ = decide(tasks, samples, 0.005, "r")  # another delta (redecide): the control is judged again
+    assert all(v["reliable"] for v in later if v["class_index"] in (0, 1))
+
+
+def test_toy_world_control_flags_the_class_the_segmenter_is_told_to_look_for_elsewhere(tmp_path, cache_dir):
+    """On the toy world (exact colour segmenter), class 0's detection prompt names class 1's object: the
+    generator's plain pictures of a red circle hold no blue square, so class 0 is flagged with r exactly 0;
+    the other classes' segmenter finds their objects in theirs."""
+    from test_cli import run_cli
+
+    from dxray.toyworld import render
+
+    out = tmp_path / "out"
+    wrong = render.CLASS_NAMES[1]
+    res = run_cli("explain", str(TOY_YAML), f"output={out}", "device=cpu", "targets.top_k=0", "optimize.steps=2",
+                  "optimize.restarts=1", "sample.k=4", f"segment.prompts={{0: '{wrong}'}}", f"cache_dir={cache_dir}",
+                  cache=cache_dir, timeout=900)
+    assert res.returncode == 0, res.stderr
+    [root] = [p for p in out.iterdir() if p.is_dir()]
+    tasks = ds.dataset(root / "tasks").to_table().to_pylist()
+    samples = ds.dataset(root / "samples").to_table(columns=["task_id", "object_fraction"]).to_pylist()
+    control = {t["class_index"]: t["task_id"] for t in tasks if t["kind"] == "control"}
+    assert sorted(control) == list(range(len(render.CLASSES)))
+    classes = {c["class_index"]: c for c in ds.dataset(root / "classes").to_table().to_pylist()}
+    for c, tid in control.items():  # the column is the mean r of the control task's own images
+        rs = [s["object_fraction"] for s in samples if s["task_id"] == tid]
+        assert len(rs) == 4 and classes[c]["control_object_fraction"] == pytest.approx(sum(rs) / 4, abs=1e-6)
+    assert classes[0]["reliable"] is False and classes[0]["control_object_fraction"] == 0.0
+    # The right prompts find their objects in the plain pictures (the world's generator draws them small and
+    # faint from a plain prompt: r 0.003-0.1 on seeds 0-7, so a few land below the preset's delta of 0.01).
+    assert all(classes[c]["control_object_fraction"] > 0 for c in range(1, len(render.CLASSES))), classes
+    delta = classes[0]["delta"]
+    assert all(c["reliable"] == (c["control_object_fraction"] >= delta - 1e-6) for c in classes.values())
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["config"]["segment"]["control_template"] == "a {} on a teal background"
+
+
+def test_controls_run_on_ray_actors_too(ray_local, tmp_path, cache_dir):
+    from dxray.distributed.audit import run_distributed
+
+    cfg = load_config(TINY_YAML, [f"output={tmp_path / 'out'}", f"cache_dir={cache_dir}", "optimize.steps=2",
+                                  "sample.k=2", "device=cpu", "targets.top_k=0", "segment.control=true"])
+    summary = run_distributed(cfg)
+    assert (summary.ok, summary.failed) == (2 * len(cfg.targets.classes), 0)
+    tasks = ds.dataset(f"{summary.root}/tasks").to_table().to_pylist()
+    assert sorted(t["kind"] for t in tasks) == ["class", "class", "control", "control"]
+    classes = ds.dataset(f"{summary.root}/classes").to_table().to_pylist()
+    assert all(c["control_object_fraction"] is not None and c["reliable"] is not None for c in classes)
