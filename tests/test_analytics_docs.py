@@ -19,7 +19,7 @@ from conftest import ROOT, TINY_YAML
 
 DOC = ROOT / "docs" / "analytics.md"
 S3_SECTION = "Reading from S3"
-CHECKED = ("spurious_per_class", "most_biased", "r_per_image")
+CHECKED = ("spurious_per_class", "most_biased", "r_per_image", "unsure_verdicts")
 
 
 def blocks() -> list[tuple[str, str, str]]:
@@ -124,6 +124,17 @@ def check(ns: dict, root: str) -> list[str]:
             assert sum(rs) / len(rs) == pytest.approx(verdicts[pair]["mean_object_fraction"], abs=1e-6)
         assert set(per_pair) == set(verdicts)
         checked.append("r_per_image")
+    if "unsure_verdicts" in ns:
+        got = rows(ns["unsure_verdicts"])
+        expected = {k for k, v in verdicts.items() if v["low_confidence"]}
+        assert {(r["class_index"], r["feature_index"], r["template"]) for r in got} == expected
+        assert all(v["low_confidence"] is not None for v in verdicts.values())  # the run has the columns
+        for r in got:
+            want = verdicts[(r["class_index"], r["feature_index"], r["template"])]["confidence"]
+            assert (r["confidence"] is None) == (want is None) and (want is None or r["confidence"] == pytest.approx(want))
+        keys = [-1.0 if r["confidence"] is None else r["confidence"] for r in got]
+        assert keys == sorted(keys)
+        checked.append("unsure_verdicts")
     return checked
 
 

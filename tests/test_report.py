@@ -90,6 +90,7 @@ class _Page(HTMLParser):
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.rows, self.sections, self.tasks, self.images, self.badges = [], [], [], [], []
+        self.unsure, self.cells = [], []  # low-confidence badges of tasks; (row class, cell class, text) on the index
         self.neuron_rows, self.ids, self.tags = [], set(), []
         self.scripts, self.styles, self.text, self.csp = [], [], [], []
         self.links = []
@@ -121,6 +122,10 @@ class _Page(HTMLParser):
             self.tasks.append(self._task)
         if tag == "div" and "error-box" in classes:
             self._in_error = True
+        if tag == "span" and "unsure" in classes and "count" not in classes:
+            self.unsure.append((self._section, int(self._task["data-feature"]), self._group, a["data-confidence"]))
+        if tag == "td" and "unsure" in classes:
+            self.cells.append((self.rows[-1], a["data-sort"]))
         if tag == "span" and "verdict" in classes:
             self.badges.append((self._section, int(self._task["data-feature"]), self._group, a["data-verdict"]))
         if tag == "img":
@@ -459,6 +464,34 @@ def test_synthetic_run_reads_like_a_finished_run(tmp_path):
     assert sink.read_table("samples").drop(same).equals(again.read_table("samples").drop(same))
     build_report(str(tmp_path / "run-syn"), tmp_path / "r.html")
     assert len(_parse(tmp_path / "r.html").rows) == 3
+
+
+def test_low_confidence_verdicts_are_shown_as_such(tmp_path):
+    """Issue 19: a hand-made run whose verdicts are sure, unsure (resamples split at delta) and from one image."""
+    from dxray.report import build_report
+    from dxray.runs import redecide
+    from dxray.storage.sink import RunSink
+
+    sink = RunSink(str(tmp_path), "run-unsure")
+    r = {(1, 10): [0.2, 0.4] * 4, (1, 11): [0.8, 0.9, 0.85, 0.7], (1, 12): [0.6], (2, 20): [0.0, 0.05, 0.1]}
+    sink.write_table("tasks", [{"run_id": "run-unsure", "task_id": f"t{c}-{f}", "kind": "feature", "class_index": c,
+                                "class_name": f"c{c}", "feature_index": f, "feature_rank": f % 10 + 1,
+                                "template": "{}", "status": "ok"} for c, f in r], part="all")
+    sink.write_table("samples", [{"run_id": "run-unsure", "task_id": f"t{c}-{f}", "seed": i, "object_fraction": v}
+                                 for (c, f), vs in r.items() for i, v in enumerate(vs)], part="all")
+    sink.write_manifest({"run_id": "run-unsure"})
+    verdicts, _ = redecide(str(tmp_path / "run-unsure"), 0.3)
+    unsure = {(v["class_index"], v["feature_index"]) for v in verdicts if v["low_confidence"]}
+    assert unsure == {(1, 10), (1, 12)}  # split at delta; one image
+    build_report(str(tmp_path / "run-unsure"), tmp_path / "r.html")
+    pages = [_parse(tmp_path / "r_files" / f"class-{c}.html") for c in (1, 2)]
+    badges = {(c, f): conf for pg in pages for c, f, _, conf in pg.unsure}
+    assert set(badges) == unsure
+    assert float(badges[(1, 10)]) == pytest.approx(next(v["confidence"] for v in verdicts if v["feature_index"] == 10),
+                                                   abs=1e-3) and badges[(1, 12)] == ""
+    text = " ".join(" ".join("".join(pg.text).split()) for pg in pages)
+    assert "95% interval" in text and "2 low confidence" in text
+    assert _parse(tmp_path / "r.html").cells == [(1, "2"), (2, "0")]  # the index's "unsure" column
 
 
 def test_report_of_a_run_on_s3(s3, tmp_path):

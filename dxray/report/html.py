@@ -31,6 +31,7 @@ from markupsafe import Markup
 from dxray.errors import DxrayError
 from dxray.report import thumbs
 from dxray.report.template import PAGES, SCRIPT, STYLE, csp
+from dxray.verdict import LOW_CONFIDENCE, RESAMPLES
 
 # Only the columns the report shows: samples also hold masks and boxes, which can be large.
 _COLUMNS = {
@@ -38,9 +39,10 @@ _COLUMNS = {
               "status", "error", "final_loss", "target_prob", "hard_prompt_text", "baseline_prob"],
     "samples": ["task_id", "seed", "image_uri", "width", "height", "class_prob", "object_fraction"],
     "verdicts": ["class_index", "feature_index", "template", "mean_object_fraction", "std_object_fraction",
-                 "n_samples", "delta", "verdict"],
+                 "n_samples", "delta", "verdict", "mean_object_fraction_low", "mean_object_fraction_high",
+                 "confidence", "low_confidence"],
     "classes": ["class_index", "class_name", "template", "class_object_fraction", "n_spurious", "n_features",
-                "delta"],
+                "delta", "n_low_confidence"],
 }
 THUMB_WIDTH = thumbs.WIDTH
 NEURONS_PER_PAGE = 100
@@ -143,7 +145,10 @@ def _task_view(t: dict, verdict: dict | None) -> dict:
     v = None
     if verdict is not None:
         v = {"verdict": verdict["verdict"], "mean": _float(verdict["mean_object_fraction"]),
-             "std": _float(verdict["std_object_fraction"]), "n": verdict["n_samples"]}
+             "std": _float(verdict["std_object_fraction"]), "n": verdict["n_samples"],
+             # issue 19; a run decided before it has none of these: no interval, no flag
+             "low": _float(verdict["mean_object_fraction_low"]), "high": _float(verdict["mean_object_fraction_high"]),
+             "confidence": _float(verdict["confidence"]), "unsure": bool(verdict["low_confidence"])}
     stats = [f"{label} {fmt % t[key]}" for label, key, fmt in (
         ("loss", "final_loss", "%.3g"), ("p before", "baseline_prob", "%.2f"), ("p after", "target_prob", "%.2f"))
         if t[key] is not None]
@@ -211,6 +216,7 @@ class _Model:
                 groups.append({
                     "template": tpl, "anchor": f"class-{c}-t{j}", "r": r, "biased": biased,
                     "n_spurious": row["n_spurious"] if row else None,
+                    "n_unsure": row["n_low_confidence"] if row else None,
                     "n_features": row["n_features"] if row else None,
                     "class_tasks": [t for t in ts if t["kind"] == "class"],
                     "features": sorted((t for t in ts if t["kind"] == "feature"), key=rank),
@@ -221,6 +227,7 @@ class _Model:
                     "fragment": "" if j == 0 else f"#class-{c}-t{j}", "row_id": f"row-{c}" if j == 0 else None,
                     "r": r, "biased": biased, "n_spurious": row["n_spurious"] if row else None,
                     "n_features": row["n_features"] if row else None,
+                    "n_unsure": row["n_low_confidence"] if row else None,
                     "n_failed": sum(t["status"] != "ok" for t in ts),
                 })
             self.classes.append({"class_index": c, "name": name, "anchor": f"class-{c}", "groups": groups})
@@ -237,6 +244,7 @@ class _Model:
             "run_id": sink.run_id, "generator": gen.get("model"), "classifier": clf.get("spec"), "delta": delta,
             "n_ok": len(tasks) - n_failed, "n_failed": n_failed, "n_samples": len(samples),
             "finished": _when(manifest.get("finished")), "several_templates": len(templates) > 1,
+            "low_confidence": LOW_CONFIDENCE, "resamples": RESAMPLES,
         }
 
 

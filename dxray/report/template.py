@@ -43,6 +43,7 @@ table.summary { border-collapse: collapse; width: 100%; margin-bottom: 2rem; }
 .badge.core { color: var(--core); background: var(--core-bg); }
 .badge.spurious { color: var(--spur); background: var(--spur-bg); }
 .badge.biased { color: var(--warn); background: var(--warn-bg); }
+.badge.unsure { color: var(--warn); background: var(--warn-bg); border: 1px dashed var(--warn); }
 .badge.none { color: var(--muted); background: var(--alt); }
 .badge.error { color: #fff; background: var(--spur); }
 section.class, section.neurons { border-top: 2px solid var(--line); padding: 1rem 0 .5rem; }
@@ -149,7 +150,8 @@ MACROS = r"""
 <span>run <code>{{ run.run_id }}</code></span>
 {%- if run.generator %}<span>generator {{ run.generator }}</span>{% endif %}
 {%- if run.classifier %}<span>classifier {{ run.classifier }}</span>{% endif %}
-{%- if run.delta is not none %}<span>&delta; = {{ "%.3g"|format(run.delta) }} (core when mean r &ge; &delta;)</span>{% endif %}
+{%- if run.delta is not none %}<span>&delta; = {{ "%.3g"|format(run.delta) }} (core when mean r &ge; &delta;)</span>
+<span>low confidence: fewer than {{ "%.0f"|format(100 * run.low_confidence) }}% of {{ run.resamples }} bootstrap resamples of r give the verdict, or one image</span>{% endif %}
 <span>{{ run.n_ok }} tasks ok{% if run.n_failed %}, <strong>{{ run.n_failed }} failed</strong>{% endif %}</span>
 <span>{{ run.n_samples }} images</span>
 {%- if run.finished %}<span>finished {{ run.finished }}</span>{% endif %}
@@ -184,6 +186,8 @@ MACROS = r"""
 {%- else %}<strong>class explanation</strong>{% endif %}
 {%- if t.status != "ok" %} <span class="badge error">failed</span>
 {%- elif t.verdict %} <span class="badge {{ t.verdict.verdict }} verdict" data-verdict="{{ t.verdict.verdict }}"{% if t.verdict.std is not none %} title="mean r {{ "%.3f"|format(t.verdict.mean) }} ± {{ "%.3f"|format(t.verdict.std) }} over {{ t.verdict.n }} images"{% endif %}>{{ t.verdict.verdict }} · mean r {{ "%.3f"|format(t.verdict.mean) if t.verdict.mean is not none else "–" }}</span>
+{%- if t.verdict.low is not none %} <span class="stats interval">95% interval {{ "%.3f"|format(t.verdict.low) }}–{{ "%.3f"|format(t.verdict.high) }} · confidence {{ "%.0f"|format(100 * t.verdict.confidence) }}%</span>{% endif %}
+{%- if t.verdict.unsure %} <span class="badge unsure" data-confidence="{{ "%.3f"|format(t.verdict.confidence) if t.verdict.confidence is not none else '' }}" title="{% if t.verdict.confidence is not none %}only {{ "%.0f"|format(100 * t.verdict.confidence) }}% of the bootstrap resamples of r give this verdict{% else %}one image: no interval{% endif %}">low confidence</span>{% endif %}
 {%- elif t.kind == "feature" %} <span class="badge none">no verdict</span>
 {%- endif %}
 <span class="stats">{{ t.stats|join(" · ") }}</span>
@@ -211,6 +215,7 @@ INDEX = r"""{% extends "base" %}{% from "macros" import meta %}
 {%- if run.several_templates %}<th>template</th>{% endif %}
 <th class="num">spurious</th>
 <th class="num">features</th>
+<th class="num" title="features whose verdict is low confidence">unsure</th>
 <th class="num">class r</th>
 <th>hint</th>
 {%- if run.n_failed %}<th class="num">failed</th>{% endif %}
@@ -223,6 +228,7 @@ INDEX = r"""{% extends "base" %}{% from "macros" import meta %}
 {%- if run.several_templates %}<td><code>{{ row.template }}</code></td>{% endif %}
 <td class="num" data-sort="{{ row.n_spurious if row.n_spurious is not none else '' }}">{{ row.n_spurious if row.n_spurious is not none else "–" }}</td>
 <td class="num" data-sort="{{ row.n_features if row.n_features is not none else '' }}">{{ row.n_features if row.n_features is not none else "–" }}</td>
+<td class="num unsure" data-sort="{{ row.n_unsure if row.n_unsure is not none else '' }}">{{ row.n_unsure if row.n_unsure is not none else "–" }}</td>
 <td class="num" data-sort="{{ row.r if row.r is not none else '' }}">{{ "%.3f"|format(row.r) if row.r is not none else "–" }}</td>
 <td data-sort="{{ 1 if row.biased else 0 }}">{% if row.biased %}<span class="badge biased" title="class r &lt; &delta;: the class explanation barely shows the object">biased?</span>{% endif %}</td>
 {%- if run.n_failed %}<td class="num" data-sort="{{ row.n_failed }}">{{ row.n_failed or "" }}</td>{% endif %}
@@ -264,6 +270,7 @@ CLASS = r"""{% extends "base" %}{% from "macros" import meta, nav, task_block %}
 <p class="meta">
 <span>class r {{ "%.3f"|format(g.r) if g.r is not none else "–" }}{% if g.biased %} <span class="badge biased">biased?</span>{% endif %}</span>
 {%- if g.n_features is not none %}<span>{{ g.n_spurious }} of {{ g.n_features }} features spurious</span>{% endif %}
+{%- if g.n_unsure %}<span><span class="badge unsure count">{{ g.n_unsure }} low confidence</span></span>{% endif %}
 </p>
 {%- for t in g.class_tasks %}{{ task_block(t) }}{% endfor %}
 {%- if g.features %}
