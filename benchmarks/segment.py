@@ -2,6 +2,7 @@
 
     python benchmarks/segment.py --model tiny --images 32 --size 128
     python benchmarks/segment.py --sam-backends --images 4 --size 512 --batch 2 --repeats 1
+    python benchmarks/segment.py --sam-backends --sam-size small --images 16 --size 128 --batch 4 --repeats 3
 
 The baseline (boxes as masks, no SAM) shows what the SAM stage costs. With --model tiny the models
 are the tiny random ones of the demo preset: a plumbing figure, not the real models' cost.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,17 +41,39 @@ def throughput(seg: Segmenter, images, prompts, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def real_size_sams(cache: str) -> tuple[str, str]:
-    """A ViT-B SAM with random weights for each backend: a transformers folder and a segment-anything .pth."""
-    from segment_anything import sam_model_registry
-    from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
+def sam_pair(cache: str, size: str) -> tuple[str, str]:
+    """A SAM with random weights for each backend: a transformers folder and a segment-anything .pth.
+    "vit_b": the real ViT-B (SamConfig's defaults; the registry's vit_b). "small": the vit_b layout with a
+    2-block, 64-wide encoder at 256 px (tests/test_segment_anything.py's), registered as the registry's vit_b
+    for this process: a plumbing figure for a CPU that cannot run ViT-B at 1024 px in reasonable time."""
+    import segment_anything
+    from transformers import (
+        SamConfig,
+        SamImageProcessor,
+        SamModel,
+        SamProcessor,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
 
     torch.manual_seed(0)
-    folder = Path(cache) / "sam-vit-b-transformers"
-    SamModel(SamConfig()).save_pretrained(folder)
-    SamProcessor(image_processor=SamImageProcessor()).save_pretrained(folder)  # 1024 px, as sam-vit-base
-    pth = Path(cache) / "sam_vit_b_random.pth"
-    torch.save(sam_model_registry["vit_b"]().state_dict(), pth)
+    if size == "small":
+        sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+        from test_segment_anything import small_vit_b
+
+        segment_anything.sam_model_registry["vit_b"] = small_vit_b
+        config = SamConfig(vision_config=SamVisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                                         mlp_dim=256, image_size=256, global_attn_indexes=[1]),
+                           prompt_encoder_config=SamPromptEncoderConfig(image_size=256))
+        image_processor = SamImageProcessor(size={"longest_edge": 256}, pad_size={"height": 256, "width": 256},
+                                            mask_size={"longest_edge": 64}, mask_pad_size={"height": 64, "width": 64})
+    else:
+        config, image_processor = SamConfig(), SamImageProcessor()  # 1024 px, as sam-vit-base
+    folder = Path(cache) / "sam-transformers"
+    SamModel(config).save_pretrained(folder)
+    SamProcessor(image_processor=image_processor).save_pretrained(folder)
+    pth = Path(cache) / "sam_random.pth"
+    torch.save(segment_anything.sam_model_registry["vit_b"]().state_dict(), pth)
     return str(folder), f"segment-anything:vit_b:{pth}"
 
 
@@ -58,20 +82,20 @@ def sam_backends(args, images, prompts) -> None:
 
     cache = tempfile.mkdtemp(prefix="dxray-bench-")
     detector = str(ensure_tiny_grounding_dino(cache))
-    hf, package = real_size_sams(cache)
+    hf, package = sam_pair(cache, args.sam_size)
     kw = dict(box_threshold=args.sam_threshold, batch_size=args.batch)
     boxes = [len(r.boxes) for r in Segmenter(detector, None, **kw)(images, prompts)]
     rates = {name: throughput(Segmenter(detector, sam, **kw), images, prompts, args.repeats)
              for name, sam in (("transformers", hf), ("segment_anything", package))}
-    out = {"sam": "vit_b (random weights)", "detector": "tiny", "images": args.images, "size": args.size,
+    out = {"sam": f"{args.sam_size} (random weights)", "detector": "tiny", "images": args.images, "size": args.size,
            "batch": args.batch, "repeats": args.repeats, "boxes_per_image": round(statistics.mean(boxes), 1),
            "transformers_images_per_s": round(rates["transformers"], 3),
            "segment_anything_images_per_s": round(rates["segment_anything"], 3),
            "ratio": round(rates["segment_anything"] / rates["transformers"], 2),
            "threads": torch.get_num_threads(), "torch": torch.__version__}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"segment-sam-backends-{args.size}.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"SAM vit_b @ {args.size}px, batch {args.batch}, {out['boxes_per_image']} boxes/image: transformers "
+    (RESULTS / f"segment-sam-backends-{args.sam_size}-{args.size}.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(f"SAM {args.sam_size}, images {args.size}px, batch {args.batch}, {out['boxes_per_image']} boxes/image: transformers "
           f"{rates['transformers']:.3f} images/s, segment-anything {rates['segment_anything']:.3f} images/s "
           f"(ratio {out['ratio']:.2f})")
 
@@ -85,6 +109,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sam-backends", action="store_true",
                     help="compare transformers' SAM with segment-anything's at ViT-B size (random weights)")
+    ap.add_argument("--sam-size", choices=["vit_b", "small"], default="vit_b", help="SAM size of --sam-backends")
     ap.add_argument("--sam-threshold", type=float, default=0.5, help="box threshold of --sam-backends")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
