@@ -124,14 +124,15 @@ def test_imagenet_full_dry_run_lists_what_is_missing(tmp_path):
                        "targets.feature_images.path /data/imagenet/train (not found here; the plan is the config's, "
                        "and a real run stops at the first of them)"], r.stderr
     text = " ".join(r.stdout.split())
-    assert "tasks │ 6,000" in text and "tasks: feature │ 5,000" in text and "optimisation steps │ 600,000" in text
+    assert "tasks │ 7,000" in text and "tasks: feature │ 5,000" in text and "optimisation steps │ 600,000" in text
+    assert "tasks: control │ 1,000" in text  # the segmenter controls: rendered and scored, not optimised
     assert "missing" in text
     assert not (tmp_path / "out").exists()
 
     plan = dry_run(load_config(IMAGENET_FULL, [f"output={tmp_path / 'out'}"]), figures=[], warn=lambda m: None)
     assert plan.missing == ["classifier.spec checkpoint /data/imagenet_l2_3_0.pt",
                             "targets.feature_images.path /data/imagenet/train"]
-    assert plan.total_tasks == 1000 * (1 + 5) * 1 and plan.held_out_images == 6000 * 10
+    assert plan.total_tasks == 1000 * (1 + 5) * 1 + 1000 and plan.held_out_images == 7000 * 10  # 1,000 controls
 
 
 def test_imagenet_full_real_run_still_fails_fast(tmp_path):

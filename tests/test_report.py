@@ -625,3 +625,37 @@ def test_report_in_headless_chromium(report, browser, tmp_path):
     # No console errors (CSP violations, script errors, failed loads) in the whole session.
     severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not severe, severe
+
+
+def test_a_class_whose_segmenter_control_failed_is_flagged(tmp_path):
+    """Issue 19: class 1's control images hold no object (r 0): its page and index row say "unreliable"; class 2's
+    control passes. Each class page shows its control task, and a control adds no template row to the index."""
+    from dxray.report import build_report
+    from dxray.runs import redecide
+    from dxray.storage.sink import RunSink
+
+    run = "run-control"
+    sink = RunSink(str(tmp_path), run)
+    r = {(1, "feature"): [0.5, 0.6], (1, "control"): [0.0, 0.0], (2, "feature"): [0.1, 0.0], (2, "control"): [0.7, 0.5]}
+    sink.write_table("tasks", [{"run_id": run, "task_id": f"t{c}-{k}", "kind": k, "class_index": c, "class_name": f"c{c}",
+                                "feature_index": 10 * c if k == "feature" else None,
+                                "feature_rank": 1 if k == "feature" else None,
+                                "template": "{}" if k == "feature" else "a photo of a {}", "status": "ok"}
+                               for c, k in r], part="all")
+    sink.write_table("samples", [{"run_id": run, "task_id": f"t{c}-{k}", "seed": i, "object_fraction": v}
+                                 for (c, k), vs in r.items() for i, v in enumerate(vs)], part="all")
+    sink.write_manifest({"run_id": run})
+    redecide(str(tmp_path / run), 0.3)
+    build_report(str(tmp_path / run), tmp_path / "r.html")
+    index = _parse(tmp_path / "r.html")
+    assert index.rows == [1, 2]
+    pages = {c: (tmp_path / "r_files" / f"class-{c}.html").read_text(encoding="utf-8") for c in (1, 2)}
+    parsed = {c: _parse(tmp_path / "r_files" / f"class-{c}.html") for c in (1, 2)}
+    for c in (1, 2):
+        kinds = [t["data-kind"] for t in parsed[c].tasks]
+        assert kinds == ["feature", "control"] and f'id="control-{c}"' in pages[c]
+    badge = [dict(attrs) for tag, attrs in parsed[1].tags if tag == "span" and "unreliable" in (dict(attrs).get("class") or "")]
+    assert len(badge) == 1 and float(badge[0]["data-control"]) == 0.0
+    assert not any("unreliable" in (dict(attrs).get("class") or "") for tag, attrs in parsed[2].tags)
+    in_index = [dict(attrs) for tag, attrs in index.tags if tag == "span" and "unreliable" in (dict(attrs).get("class") or "")]
+    assert len(in_index) == 1 and "0.000" in in_index[0]["title"]

@@ -42,7 +42,7 @@ _COLUMNS = {
                  "n_samples", "delta", "verdict", "mean_object_fraction_low", "mean_object_fraction_high",
                  "confidence", "low_confidence"],
     "classes": ["class_index", "class_name", "template", "class_object_fraction", "n_spurious", "n_features",
-                "delta", "n_low_confidence"],
+                "delta", "n_low_confidence", "control_object_fraction", "reliable"],
 }
 THUMB_WIDTH = thumbs.WIDTH
 NEURONS_PER_PAGE = 100
@@ -194,8 +194,11 @@ class _Model:
                 names.setdefault(r["class_index"], r["class_name"])
 
         grouped: dict[int, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+        controls: dict[int, dict] = {}  # the segmenter control of each class: one per class, whatever the template
         for t in tasks:
-            if t["class_index"] is not None:
+            if t["kind"] == "control" and t["class_index"] is not None:
+                controls[t["class_index"]] = _task_view(t, None)
+            elif t["class_index"] is not None:
                 grouped[t["class_index"]][t["template"] or ""].append(t)
         for c, tpl in class_rows:
             grouped[c].setdefault(tpl, [])
@@ -207,6 +210,10 @@ class _Model:
         for c in sorted(grouped):
             name = names.get(c) or f"class {c}"
             groups = []
+            # issue 19; a run from before the control has no such columns: no flag
+            control = next((r for (k, _), r in class_rows.items() if k == c and r.get("reliable") is not None), None)
+            unreliable = bool(control and control["reliable"] is False)
+            control_r = _float(control["control_object_fraction"]) if control else None
             for j, tpl in enumerate(sorted(grouped[c], key=lambda t: order.get(t, len(order)))):
                 row = class_rows.get((c, tpl))
                 r = _float(row["class_object_fraction"]) if row else None
@@ -228,9 +235,11 @@ class _Model:
                     "r": r, "biased": biased, "n_spurious": row["n_spurious"] if row else None,
                     "n_features": row["n_features"] if row else None,
                     "n_unsure": row["n_low_confidence"] if row else None,
-                    "n_failed": sum(t["status"] != "ok" for t in ts),
+                    "n_failed": sum(t["status"] != "ok" for t in ts), "unreliable": unreliable,
+                    "control_r": control_r,
                 })
-            self.classes.append({"class_index": c, "name": name, "anchor": f"class-{c}", "groups": groups})
+            self.classes.append({"class_index": c, "name": name, "anchor": f"class-{c}", "groups": groups,
+                                 "control": controls.get(c), "control_r": control_r, "unreliable": unreliable})
 
         # Neuron tasks (Eq. 4) belong to no class: their own pages, summarised on the index.
         self.neurons = sorted((_task_view(t, None) for t in tasks if t["class_index"] is None),
@@ -395,7 +404,8 @@ def _write_pages(model: _Model, folder: Path, out: Path, links: _Links, pictures
     classes = model.classes
     for k, c in enumerate(classes):
         view = {**c, "groups": [{**g, **{key: [_with_images(t, model, links, pictures, t["kind"]) for t in g[key]]
-                                         for key in ("class_tasks", "features", "neurons")}} for g in c["groups"]]}
+                                         for key in ("class_tasks", "features", "neurons")}} for g in c["groups"]],
+                "control": c["control"] and _with_images(c["control"], model, links, pictures, "control")}
         prev = f"class-{classes[k - 1]['class_index']}.html" if k > 0 else None
         nxt = f"class-{classes[k + 1]['class_index']}.html" if k + 1 < len(classes) else None
         nav = [("↑ all classes", f"{index}#row-{c['class_index']}"), ("← previous class", prev),

@@ -44,6 +44,7 @@ table.summary { border-collapse: collapse; width: 100%; margin-bottom: 2rem; }
 .badge.spurious { color: var(--spur); background: var(--spur-bg); }
 .badge.biased { color: var(--warn); background: var(--warn-bg); }
 .badge.unsure { color: var(--warn); background: var(--warn-bg); border: 1px dashed var(--warn); }
+.badge.unreliable { color: #fff; background: var(--warn); }
 .badge.none { color: var(--muted); background: var(--alt); }
 .badge.error { color: #fff; background: var(--spur); }
 section.class, section.neurons { border-top: 2px solid var(--line); padding: 1rem 0 .5rem; }
@@ -183,6 +184,7 @@ MACROS = r"""
 <div class="task-head">
 {%- if t.kind == "feature" %}<strong>#{{ t.rank if t.rank is not none else "?" }} · feature {{ t.feature_index }}</strong>
 {%- elif t.kind == "neuron" %}<strong>neuron {{ t.layer }}:{{ t.feature_index }}</strong>
+{%- elif t.kind == "control" %}<strong>plain prompt <code>{{ t.template }}</code></strong> <span class="stats">not optimised: does the segmenter find the object when it is drawn?</span>
 {%- else %}<strong>class explanation</strong>{% endif %}
 {%- if t.status != "ok" %} <span class="badge error">failed</span>
 {%- elif t.verdict %} <span class="badge {{ t.verdict.verdict }} verdict" data-verdict="{{ t.verdict.verdict }}"{% if t.verdict.std is not none %} title="mean r {{ "%.3f"|format(t.verdict.mean) }} ± {{ "%.3f"|format(t.verdict.std) }} over {{ t.verdict.n }} images"{% endif %}>{{ t.verdict.verdict }} · mean r {{ "%.3f"|format(t.verdict.mean) if t.verdict.mean is not none else "–" }}</span>
@@ -230,7 +232,7 @@ INDEX = r"""{% extends "base" %}{% from "macros" import meta %}
 <td class="num" data-sort="{{ row.n_features if row.n_features is not none else '' }}">{{ row.n_features if row.n_features is not none else "–" }}</td>
 <td class="num unsure" data-sort="{{ row.n_unsure if row.n_unsure is not none else '' }}">{{ row.n_unsure if row.n_unsure is not none else "–" }}</td>
 <td class="num" data-sort="{{ row.r if row.r is not none else '' }}">{{ "%.3f"|format(row.r) if row.r is not none else "–" }}</td>
-<td data-sort="{{ 1 if row.biased else 0 }}">{% if row.biased %}<span class="badge biased" title="class r &lt; &delta;: the class explanation barely shows the object">biased?</span>{% endif %}</td>
+<td data-sort="{{ (1 if row.biased else 0) + (2 if row.unreliable else 0) }}">{% if row.biased %}<span class="badge biased" title="class r &lt; &delta;: the class explanation barely shows the object">biased?</span>{% endif %}{% if row.unreliable %} <span class="badge unreliable" title="segmenter control r {{ "%.3f"|format(row.control_r) if row.control_r is not none else "–" }} &lt; &delta;: the segmenter does not find this class's object in the generator's plain pictures of it">unreliable</span>{% endif %}</td>
 {%- if run.n_failed %}<td class="num" data-sort="{{ row.n_failed }}">{{ row.n_failed or "" }}</td>{% endif %}
 </tr>
 {%- endfor %}
@@ -264,6 +266,9 @@ CLASS = r"""{% extends "base" %}{% from "macros" import meta, nav, task_block %}
 {{ meta(run) }}
 <section class="class" id="{{ c.anchor }}" data-class="{{ c.class_index }}">
 <h2>{{ c.class_index }} · {{ c.name }}<a class="top" href="{{ links[0][1] }}">↑ summary</a></h2>
+{%- if c.unreliable %}
+<p class="meta"><span class="badge unreliable" data-control="{{ "%.3f"|format(c.control_r) if c.control_r is not none else '' }}">unreliable</span> the segmenter found little of a {{ c.name }} in the generator's plain pictures of it (control r {{ "%.3f"|format(c.control_r) if c.control_r is not none else "–" }} &lt; &delta;): this class's verdicts say more about the segmenter than about the classifier</p>
+{%- endif %}
 {%- for g in c.groups %}
 <div class="template-group" id="{{ g.anchor }}" data-template="{{ g.template }}">
 {%- if run.several_templates %}<h3>template <code>{{ g.template }}</code></h3>{% endif %}
@@ -283,6 +288,12 @@ CLASS = r"""{% extends "base" %}{% from "macros" import meta, nav, task_block %}
 {%- endif %}
 </div>
 {%- endfor %}
+{%- if c.control %}
+<div class="control-group" id="control-{{ c.class_index }}">
+<h4>segmenter control{% if c.control_r is not none %} · r {{ "%.3f"|format(c.control_r) }}{% endif %}</h4>
+{{ task_block(c.control) }}
+</div>
+{%- endif %}
 </section>
 {{ nav(links) }}
 {%- endblock %}

@@ -18,7 +18,8 @@ _SECRET_PARAM = re.compile(r"(?P<key>[?&;](?:[^=&;#\s]*(?:secret|password|passwd
 SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "HF_TOKEN",
                "HUGGING_FACE_HUB_TOKEN", "AWS_ACCESS_KEY_ID")
 
-PACKAGES = ("dxray", "torch", "torchvision", "diffusers", "transformers", "peft", "pyarrow", "ray", "pydantic", "numpy")
+PACKAGES = ("dxray", "torch", "torchvision", "diffusers", "transformers", "peft", "pyarrow", "ray", "pydantic", "numpy",
+            "segment-anything")
 
 
 def redact(obj: Any) -> Any:
