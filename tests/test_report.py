@@ -649,6 +649,7 @@ def test_a_class_whose_segmenter_control_failed_is_flagged(tmp_path):
     build_report(str(tmp_path / run), tmp_path / "r.html")
     index = _parse(tmp_path / "r.html")
     assert index.rows == [1, 2]
+    assert ">template<" not in (tmp_path / "r.html").read_text(encoding="utf-8")  # one template: the control's is not one
     pages = {c: (tmp_path / "r_files" / f"class-{c}.html").read_text(encoding="utf-8") for c in (1, 2)}
     parsed = {c: _parse(tmp_path / "r_files" / f"class-{c}.html") for c in (1, 2)}
     for c in (1, 2):

@@ -185,7 +185,8 @@ class _Model:
             delta = _number(_dict(config.get("verdict")).get("delta"))
 
         configured = [t for t in _list(_dict(config.get("prompt")).get("templates")) if isinstance(t, str)]
-        used = dict.fromkeys([*(t["template"] or "" for t in tasks), *(tpl for _, tpl in class_rows)])
+        used = dict.fromkeys([*(t["template"] or "" for t in tasks if t["kind"] != "control"),
+                              *(tpl for _, tpl in class_rows)])
         templates = [t for t in configured if t in used] + [t for t in used if t not in configured]
         order = {t: i for i, t in enumerate(templates)}
         names: dict[int, str] = {}
