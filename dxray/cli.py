@@ -216,6 +216,10 @@ def _report(summary) -> None:
     err.print(f"run {summary.run_id}: {summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped "
               f"(already done), {summary.samples} samples, {summary.spurious} of {summary.verdicts} features "
               f"spurious → {summary.root}", highlight=False, soft_wrap=True)
+    if summary.low_confidence or summary.unreliable:
+        err.print(f"  {summary.low_confidence} verdict(s) low confidence; {summary.unreliable} class(es) unreliable "
+                  f"(the segmenter did not find the object in the generator's plain pictures of it)",
+                  highlight=False, soft_wrap=True)
     for line in summary.errors[:10]:
         err.print(f"  failed {line}", highlight=False, soft_wrap=True)
     print(summary.root)

@@ -109,6 +109,8 @@ def test_toy_world_control_flags_the_class_the_segmenter_is_told_to_look_for_els
     assert all(classes[c]["control_object_fraction"] > 0 for c in range(1, len(render.CLASSES))), classes
     delta = classes[0]["delta"]
     assert all(c["reliable"] == (c["control_object_fraction"] >= delta - 1e-6) for c in classes.values())
+    flagged = sum(c["reliable"] is False for c in classes.values())
+    assert f"{flagged} class(es) unreliable" in " ".join(res.stderr.split())  # the run's summary says so
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["config"]["segment"]["control_template"] == "a {} on a teal background"
 

@@ -43,6 +43,8 @@ class RunSummary:
     samples: int = 0
     verdicts: int = 0
     spurious: int = 0
+    low_confidence: int = 0  # verdicts (issue 19)
+    unreliable: int = 0  # classes whose segmenter control is below delta (issue 19)
     errors: list[str] = field(default_factory=list)
 
 
@@ -129,6 +131,8 @@ class AuditJob:
             sink.write_table("classes", classes, part="all")
             summary.spurious = sum(v["verdict"] == "spurious" for v in verdicts)
             summary.verdicts = len(verdicts)
+            summary.low_confidence = sum(bool(v.get("low_confidence")) for v in verdicts)
+            summary.unreliable = len({c["class_index"] for c in classes if c.get("reliable") is False})
         tables |= {name: sink.read_table(name) for name in TABLES if name not in tables}  # the small derived ones
         g, c = cfg.generator, cfg.classifier
         sink.write_manifest({
