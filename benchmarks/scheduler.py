@@ -66,8 +66,8 @@ def _callables(sink) -> dict:
                                       "error": f"{stage}: {message}"}, [], None))
 
     return {"explain": lambda actor, specs: actor.run.options(num_returns=2).remote(specs),
-            "score": lambda actor, images, done: actor.score.remote(images, [d.prompt for d in done]),
-            "needs_scoring": lambda done: bool(done.prompt), "commit": commit,
+            "score": lambda actor, images, done: actor.score.remote(images, [d.prompts for d in done]),
+            "needs_scoring": lambda done: bool(done.prompts), "commit": commit,
             "fail": fail}
 
 

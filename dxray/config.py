@@ -28,6 +28,7 @@ from dxray.errors import DxrayError
 HELD_OUT_SEED_LIMIT = 2**31
 INDEX_LIMIT = 2**31  # class, feature and unit indices
 MAX_MESSAGE = 80  # characters of an input shown in an error message
+MAX_CANDIDATES = 8  # detection prompts per class: each costs one more segmentation of every image
 MAX_TEMPLATE = 300  # characters; the exact token count is checked against the tokenizer when it loads
 MAX_VALUES = 100_000  # values in a config once YAML aliases are expanded
 MAX_DEPTH = 64
@@ -278,7 +279,7 @@ class SegmentConfig(_Section):
     allow_pickle: bool = Field(False, description="allow a segment-anything SAM checkpoint that executes pickled code when loaded")
     box_threshold: Float = Field(0.35, ge=0, le=1)
     text_threshold: Float = Field(0.25, ge=0, le=1)
-    prompts: dict[Key, str] = Field(default_factory=dict, description="detection prompt per class index (default: the class name)")
+    prompts: dict[Key, str | list[str]] = Field(default_factory=dict, description="detection prompt per class index (default: the class name); a list of up to 8 candidates (synonyms, a WordNet hypernym): every image is scored with each, and the one with the highest mean r on the class's control images decides its verdicts (needs segment.control)")
     control: bool = Field(True, description="segmenter control: per class, render sample.k images from control_template filled with the class name (no optimisation) and score them (classes.control_object_fraction); a class whose control r is below verdict.delta has its verdicts flagged unreliable")
     control_template: str = Field("a photo of a {}", description="the control's plain prompt; '{}' becomes the class name's words")
     batch_size: Int = Field(4, gt=0, le=1024)
@@ -294,14 +295,27 @@ class SegmentConfig(_Section):
 
     @field_validator("prompts")
     @classmethod
-    def _prompts(cls, prompts: dict[int, str]) -> dict[int, str]:
-        for c, text in prompts.items():
+    def _prompts(cls, prompts: dict[int, str | list[str]]) -> dict[int, str | list[str]]:
+        for c, given in prompts.items():
             try:
                 _index(c, "class index")
-                _plain_text(text, "the detection prompt")
+                texts = [given] if isinstance(given, str) else given
+                if not 1 <= len(texts) <= MAX_CANDIDATES:
+                    raise ValueError(f"lists {len(texts)} detection prompts (1 to {MAX_CANDIDATES})")
+                for text in texts:
+                    _plain_text(text, "the detection prompt")
+                _no_repeats([t.strip().lower().rstrip(".").strip() for t in texts], "detection prompt")
             except ValueError as e:
                 raise ValueError(f"[{c}]: {e}") from None
         return prompts
+
+    @model_validator(mode="after")
+    def _candidates_need_control(self) -> SegmentConfig:
+        several = sorted(c for c, given in self.prompts.items() if not isinstance(given, str) and len(given) > 1)
+        if several and self.enabled and not self.control:
+            raise ValueError(f"prompts[{several[0]}] lists several detection prompts, but control is false: the "
+                             f"control images choose among them (set segment.control=true, or give one prompt)")
+        return self
 
 
 class VerdictConfig(_Section):

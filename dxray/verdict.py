@@ -18,6 +18,14 @@ pair's values are sorted before they are resampled), and another δ (``dxray red
 same resamples. The 0.8 is a reading of the figures, not a setting of the run: it is a constant here
 (recorded with every row as ``low_confidence``), not a config field, so ``redecide`` and the report,
 which have no config, apply the same one.
+
+**Detection prompt candidates** (issue 19). A class given several detection prompts
+(``segment.prompts``: synonyms, a hypernym) has every image scored with each
+(``samples.candidate_object_fractions``). The candidate with the highest mean r on the class's control
+images (the generator's plain pictures of it) wins, the first on a tie; every figure of the class (its
+verdicts, class and control r) then uses the winner's r, and the winner is recorded
+(``detection_prompt`` on verdicts and classes, with every candidate's control r on classes). Without
+control images the first candidate stands.
 """
 
 from __future__ import annotations
@@ -48,7 +56,51 @@ def check_delta(delta: float) -> float:
 # The columns decide() reads: a full-ImageNet samples table is 60,000 rows of thumbnails and masks, and
 # reading only these keeps re-deciding it to a few seconds and a few MB.
 TASK_COLUMNS = ["task_id", "status", "kind", *_KEYS]
-SAMPLE_COLUMNS = ["task_id", "object_fraction"]
+SAMPLE_COLUMNS = ["task_id", "object_fraction", "detection_prompt", "candidate_prompts", "candidate_object_fractions"]
+
+
+def _choose(tasks: pa.Table, samples: pa.Table) -> tuple[pa.Table, dict[int, dict]]:
+    """Samples (task_id, object_fraction) with each class's winning candidate's r in ``object_fraction``, and
+    per class its ``detection_prompt`` (and, with candidates, ``detection_candidates`` and
+    ``candidate_control_object_fractions``)."""
+    plain = samples.select(["task_id", "object_fraction"])
+    if "detection_prompt" not in samples.column_names:  # a caller that read only r: nothing to record
+        return plain, {}
+    ok = tasks.filter(pc.equal(tasks["status"], "ok")).select(["task_id", "kind", "class_index"])
+    named = samples.select(["task_id", "detection_prompt"]).join(ok, "task_id", join_type="inner")
+    chosen: dict[int, dict] = {}
+    for r in named.group_by(["class_index", "detection_prompt"], use_threads=False).aggregate([]).to_pylist():
+        if r["detection_prompt"] is not None:
+            chosen.setdefault(r["class_index"], {"detection_prompt": r["detection_prompt"]})
+    if "candidate_object_fractions" not in samples.column_names:
+        return plain, chosen
+    listed = pc.is_valid(samples["candidate_object_fractions"])
+    if not pc.any(listed).as_py():
+        return plain, chosen
+    # (list columns cannot go through an Arrow join: the few classes with candidates are matched here)
+    of = {t: (k, c) for t, k, c in zip(*(ok[n].to_pylist() for n in ("task_id", "kind", "class_index")), strict=True)}
+    at = np.flatnonzero(listed.to_numpy(zero_copy_only=False))
+    picked = samples.take(at).select(["task_id", "candidate_prompts", "candidate_object_fractions"]).to_pylist()
+    by_class: dict[int, list[tuple[str, dict]]] = {}
+    for row in picked:
+        if row["task_id"] in of:
+            kind, c = of[row["task_id"]]
+            by_class.setdefault(c, []).append((kind, row))
+    winner: dict[int, int] = {}
+    for c, mine in by_class.items():
+        names = mine[0][1]["candidate_prompts"]
+        control = [row["candidate_object_fractions"] for kind, row in mine if kind == "control"]
+        means = np.nanmean(np.array(control, dtype=np.float64), axis=0) if control else None
+        winner[c] = int(np.argmax(means)) if means is not None else 0  # argmax: the first of equal means
+        chosen[c] = {"detection_prompt": names[winner[c]], "detection_candidates": names,
+                     "candidate_control_object_fractions": None if means is None else [float(m) for m in means]}
+    r = plain["object_fraction"].to_numpy(zero_copy_only=False).astype(np.float32)  # nulls become nan
+    for i, row in zip(at, picked, strict=True):
+        c = of.get(row["task_id"], (None, None))[1]
+        if c in winner:
+            r[i] = row["candidate_object_fractions"][winner[c]]
+    mask = pc.is_null(plain["object_fraction"]).to_numpy(zero_copy_only=False)
+    return plain.set_column(1, "object_fraction", pa.array(r, pa.float32(), mask=mask)), chosen
 
 
 def _scored(tasks: pa.Table, samples: pa.Table, kind: str) -> pa.Table:
@@ -136,6 +188,7 @@ def decide(tasks: pa.Table, samples: pa.Table, delta: float, run_id: str,
 
     ``uncertainty=False`` leaves the bootstrap columns null (a δ sweep that reads only the verdicts)."""
     check_delta(delta)
+    samples, chosen = _choose(tasks, samples)
     stats = _stats(_scored(tasks, samples, "feature"), _KEYS, values=uncertainty)
     u = _uncertainty(stats, run_id, delta) if uncertainty else None
     verdicts = []
@@ -162,7 +215,8 @@ def decide(tasks: pa.Table, samples: pa.Table, delta: float, run_id: str,
                for r in _stats(_scored(tasks, samples, "control"), ["class_index"]).to_pylist()}
     reliable = {c: r >= delta - _TOLERANCE for c, r in control.items()}
     for v in verdicts:
-        v |= {"control_object_fraction": control.get(v["class_index"]), "reliable": reliable.get(v["class_index"])}
+        v |= {"control_object_fraction": control.get(v["class_index"]), "reliable": reliable.get(v["class_index"]),
+              "detection_prompt": chosen.get(v["class_index"], {}).get("detection_prompt")}
 
     class_keys = ["class_index", "class_name", "template"]
     fractions = {(r["class_index"], r["template"]): r for r in
@@ -182,5 +236,7 @@ def decide(tasks: pa.Table, samples: pa.Table, delta: float, run_id: str,
             "n_spurious": sum(v["verdict"] == "spurious" for v in mine), "n_features": len(mine), "delta": delta,
             "n_low_confidence": sum(v["low_confidence"] for v in mine) if uncertainty else None,
             "control_object_fraction": control.get(key[0]), "reliable": reliable.get(key[0]),
+            "detection_prompt": None, "detection_candidates": None, "candidate_control_object_fractions": None,
+            **chosen.get(key[0], {}),
         })
     return verdicts, classes

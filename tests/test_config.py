@@ -196,10 +196,23 @@ def test_yaml_merge_keys_are_not_duplicates(tmp_path):
     ("segment.prompts={cat: a cat}", "segment.prompts", "integer"),
     ("segment.prompts={3: ''}", "segment.prompts[3]", "the detection prompt is empty"),
     ("segment.prompts={3: '  '}", "segment.prompts[3]", "the detection prompt is empty"),
+    ("segment.prompts={3: []}", "segment.prompts[3]", "lists 0 detection prompts"),
+    ("segment.prompts={3: [a, b, c, d, e, f, g, h, i]}", "segment.prompts[3]", "lists 9 detection prompts (1 to 8)"),
+    ("segment.prompts={3: [fish, ' Fish.']}", "segment.prompts[3]", "'fish' is listed twice"),
+    ("segment.prompts={3: [fish, '']}", "segment.prompts[3]", "the detection prompt is empty"),
+    ("segment.prompts={3: [fish, [x]]}", "segment.prompts", ""),
 ])
 def test_values_that_used_to_be_accepted_silently(override, field, words):
     msg = _one_line_error(build_config, {}, [override])
     assert f"config field '{field}" in msg and words in msg, msg
+
+
+def test_several_detection_prompts_need_the_control_that_chooses_among_them():
+    msg = _one_line_error(build_config, {}, ["segment.prompts={3: [tench, fish]}", "segment.control=false"])
+    assert "prompts[3] lists several detection prompts, but control is false" in msg, msg
+    assert build_config({}, ["segment.prompts={3: [tench, fish]}", "segment.control=true"]).segment.prompts == \
+        {3: ["tench", "fish"]}
+    assert build_config({}, ["segment.prompts={3: [tench]}", "segment.control=false"]).segment.prompts == {3: ["tench"]}
 
 
 @pytest.mark.parametrize("run_id", ["x" * 101, "a\x00b", "a\nb", "a\tb", "a\\b", "a/b", "", ".hidden", " a"])

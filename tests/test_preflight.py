@@ -182,6 +182,8 @@ def test_agreement_annotations_is_a_required_option(tmp_path):
 def test_segment_prompt_and_class_name_messages_say_which(tmp_path, cache_dir):
     msg = refused(tmp_path, "segment.prompts={1: ' , dog'}")
     assert msg.startswith("segment.prompts[1]: detection prompt ' , dog' is empty")
+    msg = refused(tmp_path, "segment.prompts={1: [dog, 'Dog, domestic dog']}", "segment.control=true")
+    assert msg.startswith("segment.prompts[1]: detection prompts 'dog' and 'Dog, domestic dog' are the same query 'dog.'")
     msg = refused(tmp_path, "classifier.class_names=[goldfish, ',']")
     assert msg.startswith("class 1's name ','") and msg.endswith("(set segment.prompts[1])")
     assert "empty class name" in msg

@@ -629,7 +629,8 @@ def test_report_in_headless_chromium(report, browser, tmp_path):
 
 def test_a_class_whose_segmenter_control_failed_is_flagged(tmp_path):
     """Issue 19: class 1's control images hold no object (r 0): its page and index row say "unreliable"; class 2's
-    control passes. Each class page shows its control task, and a control adds no template row to the index."""
+    control passes. Each class page shows its control task, and a control adds no template row to the index. Class 2
+    looks for two detection prompts: its page lists both with their control r and marks the one that won."""
     from dxray.report import build_report
     from dxray.runs import redecide
     from dxray.storage.sink import RunSink
@@ -642,7 +643,9 @@ def test_a_class_whose_segmenter_control_failed_is_flagged(tmp_path):
                                 "feature_rank": 1 if k == "feature" else None,
                                 "template": "{}" if k == "feature" else "a photo of a {}", "status": "ok"}
                                for c, k in r], part="all")
-    sink.write_table("samples", [{"run_id": run, "task_id": f"t{c}-{k}", "seed": i, "object_fraction": v}
+    sink.write_table("samples", [{"run_id": run, "task_id": f"t{c}-{k}", "seed": i, "object_fraction": v,
+                                  **({"candidate_prompts": ["c2", "thing"], "candidate_object_fractions": [v / 2, v]}
+                                     if c == 2 else {})}
                                  for (c, k), vs in r.items() for i, v in enumerate(vs)], part="all")
     sink.write_manifest({"run_id": run})
     redecide(str(tmp_path / run), 0.3)
@@ -660,3 +663,9 @@ def test_a_class_whose_segmenter_control_failed_is_flagged(tmp_path):
     assert not any("unreliable" in (dict(attrs).get("class") or "") for tag, attrs in parsed[2].tags)
     in_index = [dict(attrs) for tag, attrs in index.tags if tag == "span" and "unreliable" in (dict(attrs).get("class") or "")]
     assert len(in_index) == 1 and "0.000" in in_index[0]["title"]
+    prompts = {c: [dict(attrs) for tag, attrs in parsed[c].tags if tag == "span"
+                   and "detection-prompt" in (dict(attrs).get("class") or "")] for c in (1, 2)}
+    assert prompts[1] == []  # one prompt: nothing to choose
+    assert [p["class"] for p in prompts[2]] == ["detection-prompt", "detection-prompt chosen"]
+    assert [float(p["data-r"]) for p in prompts[2]] == [0.3, 0.6]  # the control's mean r per candidate
+    assert "thing (0.600) ✓" in pages[2]

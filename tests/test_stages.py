@@ -77,7 +77,7 @@ def test_a_failed_segmentation_reads_the_same_in_process_and_through_the_ray_run
     job.prepare(runner.classifier)
     [outcome] = runner.explainer.explain(job.todo)
     finished, images = package(outcome, ray_cfg, job.sink)
-    assert images and finished.prompt
+    assert images and finished.prompts
     row = _callables(job)["fail"](job.todo[0], finished, scheduler.SEGMENT,
                                   "RuntimeError: CUDA error: device-side assert triggered")
     assert row["error"] == in_process and row["status"] == "error"

@@ -46,7 +46,7 @@ class SegmenterActor:
     def ready(self) -> bool:
         return True
 
-    def score(self, images: list[list], prompts: list[str | None]) -> list[list[dict] | None]:
+    def score(self, images: list[list], prompts: list[list[str] | None]) -> list[list[dict] | None]:
         """Per task: the segmentation columns of each image, or None when the task is not scored."""
         # Arrays from the object store are read-only views; the processors want writable ones.
         return [segmentation_columns(self.segmenter, [i.copy() for i in imgs], p) if p and imgs else None

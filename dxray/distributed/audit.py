@@ -72,8 +72,8 @@ def _callables(job: AuditJob) -> dict:
         return rows.brief(job.commit(rows.error_row(job.sink.run_id, spec, job.cfg, stage, message)))
 
     return {"explain": lambda actor, specs: actor.run.options(num_returns=2).remote(specs),
-            "score": lambda actor, images, finished: actor.score.remote(images, [f.prompt for f in finished]),
-            "needs_scoring": lambda finished: bool(finished.prompt),
+            "score": lambda actor, images, finished: actor.score.remote(images, [f.prompts for f in finished]),
+            "needs_scoring": lambda finished: bool(finished.prompts),
             "commit": lambda finished, scores: rows.brief(job.commit(finished, scores)), "fail": fail}
 
 

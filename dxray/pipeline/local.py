@@ -36,7 +36,7 @@ class LocalRunner:
             scores, error = None, None
             if images:
                 try:
-                    scores = segmentation_columns(self.segmenter, images, done.prompt)
+                    scores = segmentation_columns(self.segmenter, images, done.prompts)
                 except Exception as err:  # this task's error; the batch goes on
                     error = error_text(SEGMENT, err)
             yield done, scores, error

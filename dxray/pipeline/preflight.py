@@ -71,14 +71,24 @@ def preflight(cfg: Config, missing: list[str] | None = None, *, build: bool = Tr
                 check_model_ref(ref, what)
         for c in t.classes:
             given = cfg.segment.prompts.get(c)
-            try:
-                detection_prompt(info.class_names[c] if given is None else given)
-            except DxrayError:
-                if given is not None:
-                    raise DxrayError(f"segment.prompts[{c}]: detection prompt {given!r} is empty once lower-cased "
+            if given is None:
+                try:
+                    detection_prompt(info.class_names[c])
+                except DxrayError:
+                    raise DxrayError(f"class {c}'s name {info.class_names[c]!r} is an empty class name for a "
+                                     f"detection prompt (set segment.prompts[{c}])") from None
+                continue
+            seen: dict[str, str] = {}
+            for text in [given] if isinstance(given, str) else given:
+                try:
+                    query = detection_prompt(text)
+                except DxrayError:
+                    raise DxrayError(f"segment.prompts[{c}]: detection prompt {text!r} is empty once lower-cased "
                                      f"and cut at its first comma") from None
-                raise DxrayError(f"class {c}'s name {info.class_names[c]!r} is an empty class name for a detection "
-                                 f"prompt (set segment.prompts[{c}])") from None
+                if query in seen:
+                    raise DxrayError(f"segment.prompts[{c}]: detection prompts {seen[query]!r} and {text!r} are the "
+                                     f"same query {query!r} once lower-cased and cut at their first comma")
+                seen[query] = text
     return info
 
 

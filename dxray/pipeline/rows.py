@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from dxray.errors import one_line
 from dxray.optimize import OptimizeResult, Sample
-from dxray.pipeline.tasks import TaskSpec, scoring_prompt
+from dxray.pipeline.tasks import TaskSpec, scoring_prompts
 from dxray.storage.images import encode_png, thumbnail_png
 
 OPTIMISE, SAMPLE, WRITE, SEGMENT, SCHEDULE = "optimise", "sample", "write", "segment", "schedule"
@@ -50,11 +50,11 @@ class Outcome:
 @dataclass
 class Finished:
     """A task ready to commit once its images are scored: the task row, its sample rows (images
-    already written) and the detection prompt (None: nothing to score)."""
+    already written) and the detection prompts (None: nothing to score)."""
 
     task_row: dict
     sample_rows: list[dict]
-    prompt: str | None
+    prompts: list[str] | None
 
 
 def task_row(run_id: str, spec: TaskSpec, cfg, res: OptimizeResult | None, error: str | None) -> dict:
@@ -93,7 +93,7 @@ def error_row(run_id: str, spec: TaskSpec, cfg, stage: str, err: BaseException |
     return Finished(task_row(run_id, spec, cfg, res, error_text(stage, err)), [], None)
 
 
-def sample_rows(run_id: str, spec: TaskSpec, samples: list[Sample], prompt: str | None, write) -> list[dict]:
+def sample_rows(run_id: str, spec: TaskSpec, samples: list[Sample], prompts: list[str] | None, write) -> list[dict]:
     """One row per held-out image; ``write(relative path, bytes) -> uri`` stores its full-size PNG."""
     rows = []
     for s in samples:
@@ -102,15 +102,22 @@ def sample_rows(run_id: str, spec: TaskSpec, samples: list[Sample], prompt: str 
             "run_id": run_id, "task_id": spec.task_id, "class_index": spec.class_index,
             "feature_index": spec.feature_index, "seed": s.seed, "image_uri": uri,
             "thumbnail": thumbnail_png(s.image), "width": s.image.shape[1], "height": s.image.shape[0],
-            "class_prob": s.class_prob, "feature_activation": s.feature_activation, "detection_prompt": prompt,
+            "class_prob": s.class_prob, "feature_activation": s.feature_activation, "detection_prompt": prompts[0] if prompts else None,
+            "candidate_prompts": prompts if prompts and len(prompts) > 1 else None,
         })
     return rows
 
 
-def segmentation_columns(segmenter, images: list, prompt: str) -> list[dict]:
-    """Segmentation columns of each image."""
-    return [{"object_fraction": g.object_fraction, "mask_rle": g.mask_rle, "boxes": g.boxes, "box_scores": g.box_scores}
-            for g in segmenter(images, [prompt] * len(images))]
+def segmentation_columns(segmenter, images: list, prompts: list[str]) -> list[dict]:
+    """Segmentation columns of each image: the first prompt's mask, boxes and r, and with several prompts
+    (a class's candidates) every prompt's r, one segmenter call per prompt."""
+    first, *others = [segmenter(images, [p] * len(images)) for p in prompts]
+    rows = [{"object_fraction": g.object_fraction, "mask_rle": g.mask_rle, "boxes": g.boxes, "box_scores": g.box_scores}
+            for g in first]
+    if others:
+        for i, row in enumerate(rows):
+            row["candidate_object_fractions"] = [row["object_fraction"], *(o[i].object_fraction for o in others)]
+    return rows
 
 
 def package(outcome: Outcome, cfg, sink) -> tuple[Finished, list]:
@@ -119,10 +126,10 @@ def package(outcome: Outcome, cfg, sink) -> tuple[Finished, list]:
     spec = outcome.spec
     if outcome.error is not None:
         return Finished(task_row(sink.run_id, spec, cfg, outcome.result, outcome.error), [], None), []
-    prompt = scoring_prompt(cfg, spec)
+    prompts = scoring_prompts(cfg, spec)
     try:
-        rows = sample_rows(sink.run_id, spec, outcome.samples, prompt, sink.write_bytes)
+        rows = sample_rows(sink.run_id, spec, outcome.samples, prompts, sink.write_bytes)
     except Exception as err:
         return error_row(sink.run_id, spec, cfg, WRITE, err, outcome.result), []
-    images = [s.image for s in outcome.samples] if prompt else []
-    return Finished(task_row(sink.run_id, spec, cfg, outcome.result, None), rows, prompt), images
+    images = [s.image for s in outcome.samples] if prompts else []
+    return Finished(task_row(sink.run_id, spec, cfg, outcome.result, None), rows, prompts), images

@@ -75,10 +75,12 @@ def control_spec(cfg, class_index: int, class_name: str) -> TaskSpec:
                     class_name=class_name)
 
 
-def scoring_prompt(cfg, spec: TaskSpec) -> str | None:
-    """Grounding DINO prompt for the task's images; None when they are not scored."""
+def scoring_prompts(cfg, spec: TaskSpec) -> list[str] | None:
+    """Grounding DINO prompts for the task's images, in the config's order (one, or the class's candidates
+    in ``segment.prompts``: the images are scored with each); None when they are not scored."""
     if not cfg.segment.enabled or spec.class_index is None:
         return None
     from dxray.segment import detection_prompt
 
-    return detection_prompt(cfg.segment.prompts.get(spec.class_index, spec.class_name))
+    given = cfg.segment.prompts.get(spec.class_index, spec.class_name)
+    return [detection_prompt(text) for text in ([given] if isinstance(given, str) else given)]

@@ -42,7 +42,8 @@ _COLUMNS = {
                  "n_samples", "delta", "verdict", "mean_object_fraction_low", "mean_object_fraction_high",
                  "confidence", "low_confidence"],
     "classes": ["class_index", "class_name", "template", "class_object_fraction", "n_spurious", "n_features",
-                "delta", "n_low_confidence", "control_object_fraction", "reliable"],
+                "delta", "n_low_confidence", "control_object_fraction", "reliable", "detection_prompt",
+                "detection_candidates", "candidate_control_object_fractions"],
 }
 THUMB_WIDTH = thumbs.WIDTH
 NEURONS_PER_PAGE = 100
@@ -215,6 +216,12 @@ class _Model:
             control = next((r for (k, _), r in class_rows.items() if k == c and r.get("reliable") is not None), None)
             unreliable = bool(control and control["reliable"] is False)
             control_r = _float(control["control_object_fraction"]) if control else None
+            # several detection prompts: which won on the control images, and by how much
+            chosen = next((r for (k, _), r in class_rows.items() if k == c and r.get("detection_candidates")), None)
+            candidates = ([{"prompt": p, "r": _float(v), "chosen": p == chosen["detection_prompt"]} for p, v in
+                           zip(chosen["detection_candidates"], chosen["candidate_control_object_fractions"]
+                               or [None] * len(chosen["detection_candidates"]), strict=True)]
+                          if chosen else [])
             for j, tpl in enumerate(sorted(grouped[c], key=lambda t: order.get(t, len(order)))):
                 row = class_rows.get((c, tpl))
                 r = _float(row["class_object_fraction"]) if row else None
@@ -240,7 +247,8 @@ class _Model:
                     "control_r": control_r,
                 })
             self.classes.append({"class_index": c, "name": name, "anchor": f"class-{c}", "groups": groups,
-                                 "control": controls.get(c), "control_r": control_r, "unreliable": unreliable})
+                                 "control": controls.get(c), "control_r": control_r, "unreliable": unreliable,
+                                 "candidates": candidates})
 
         # Neuron tasks (Eq. 4) belong to no class: their own pages, summarised on the index.
         self.neurons = sorted((_task_view(t, None) for t in tasks if t["class_index"] is None),

@@ -27,6 +27,7 @@ a { color: #1a56b0; }
 nav.pages { display: flex; gap: 1rem; flex-wrap: wrap; margin: 0 0 1rem; }
 .meta { color: var(--muted); margin: 0 0 1.25rem; }
 .meta span + span::before { content: " · "; }
+.detection-prompt.chosen { font-weight: 600; }
 table.summary { border-collapse: collapse; width: 100%; margin-bottom: 2rem; }
 .summary th, .summary td { border-bottom: 1px solid var(--line); padding: .35rem .6rem; text-align: left; }
 .summary td.num, .summary th.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -291,6 +292,10 @@ CLASS = r"""{% extends "base" %}{% from "macros" import meta, nav, task_block %}
 {%- if c.control %}
 <div class="control-group" id="control-{{ c.class_index }}">
 <h4>segmenter control{% if c.control_r is not none %} · r {{ "%.3f"|format(c.control_r) }}{% endif %}</h4>
+{%- if c.candidates %}
+<p class="meta detection-prompts">detection prompts, by mean r on these images (the highest decides the verdicts):
+{%- for d in c.candidates %} <span class="detection-prompt{{ ' chosen' if d.chosen }}" data-r="{{ "%.3f"|format(d.r) if d.r is not none else '' }}">{{ d.prompt }} ({{ "%.3f"|format(d.r) if d.r is not none else "–" }}){{ ' ✓' if d.chosen }}</span>{% endfor %}</p>
+{%- endif %}
 {{ task_block(c.control) }}
 </div>
 {%- endif %}

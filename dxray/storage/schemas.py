@@ -72,6 +72,8 @@ SAMPLES = _schema("samples", [
     _f("mask_rle", pa.list_(pa.int32()), "union object mask, COCO uncompressed RLE counts (column-major, background first)"),
     _f("boxes", pa.list_(pa.list_(pa.float32())), "detected boxes, xyxy pixels"),
     _f("box_scores", pa.list_(pa.float32()), "detection score of each box"),
+    _f("candidate_prompts", pa.list_(pa.string()), "the class's detection prompts when segment.prompts lists several (detection_prompt is the first); null with one"),
+    _f("candidate_object_fractions", pa.list_(pa.float32()), "r of the image under each of candidate_prompts, in order (object_fraction, mask and boxes are the first's); null with one prompt"),
 ])
 
 VERDICTS = _schema("verdicts", [
@@ -94,6 +96,7 @@ VERDICTS = _schema("verdicts", [
     _f("bootstrap_seed", pa.int64(), "seed of the resamples: sha256 of run id, class, feature and template (reproducible)"),
     _f("control_object_fraction", pa.float32(), "mean r of the class's segmenter control (its plain-prompt images); null without a control"),
     _f("reliable", pa.bool_(), "false when the segmenter control is below delta: the segmenter cannot find this class's object even in the generator's own pictures of it, so the verdict is not to be trusted; null without a control"),
+    _f("detection_prompt", pa.string(), "the detection prompt whose r decided this verdict: the class's only prompt, or of several candidates the one with the highest mean r on the control images"),
 ])
 
 CLASSES = _schema("classes", [
@@ -108,6 +111,9 @@ CLASSES = _schema("classes", [
     _f("n_low_confidence", pa.int32(), "features whose verdict is low confidence (see verdicts.low_confidence)"),
     _f("control_object_fraction", pa.float32(), "mean r of the segmenter control: segment.control_template with the class name, not optimised; null without a control"),
     _f("reliable", pa.bool_(), "control_object_fraction >= delta: the segmenter finds the class object in the generator's plain pictures of it (false: this class's verdicts are unreliable); null without a control"),
+    _f("detection_prompt", pa.string(), "the detection prompt whose r the class's figures use: its only prompt, or the candidate with the highest mean r on the control images"),
+    _f("detection_candidates", pa.list_(pa.string()), "every detection prompt tried for the class (segment.prompts list), in order; null with one"),
+    _f("candidate_control_object_fractions", pa.list_(pa.float32()), "mean control r of each of detection_candidates: the highest one wins (the first on a tie); null with one prompt"),
 ])
 
 FEATURE_RANKING = _schema("feature_ranking", [
