@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -259,6 +260,65 @@ def redecide(
               f"{RESAMPLES} bootstrap resamples of r agree, or one image)", highlight=False, soft_wrap=True)
 
 
+@app.command("compare")
+@_guarded
+def compare_cmd(
+    run_a: Annotated[str, typer.Argument(help="the baseline run folder ({output}/{run_id}, local or s3://)")],
+    run_b: Annotated[str, typer.Argument(help="the run to check against it (a new checkpoint's audit); the comparison is written into its folder")],
+    fail_on: Annotated[list[str] | None, typer.Option("--fail-on", help="exit 1 when RUN_B has it, naming the classes: new-spurious (a feature core in RUN_A is spurious in RUN_B; with different classifiers, more spurious features in a class) or class-bias (a class newly called biased: class r < delta). Repeatable")] = None,
+) -> None:
+    """Compare two audits: per class the change in class r and in spurious features, per feature (same classifier
+    only) the verdicts that flipped; writes the comparison table and an HTML page into RUN_B. With --fail-on, a
+    release gate: exit 1 when the condition holds, 0 when it does not.
+
+    Example: dxray compare s3://audits/run-0123456789ab dxray-out/run-ba9876543210 --fail-on new-spurious --fail-on class-bias
+    """
+    from rich.table import Table
+
+    from dxray.compare import describe_classifier, run_compare
+
+    try:
+        result = run_compare(run_a, run_b, fail_on or [])
+    except DxrayError as e:
+        _fail(str(e))
+    c = result.comparison
+    classes = c.class_rows()
+    changed = [r for r in classes if r["change"] != "same" or r["n_new_spurious"] or r["n_new_core"]]
+    num = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
+    table = Table("class", "name", "r A", "r B", "change in r", "bias", "spurious A→B", "new spurious", "new core",
+                  title=f"{len(changed)} of {len(classes)} classes changed" + (" (first 30)" if len(changed) > 30 else ""))
+    for r in changed[:30]:
+        table.add_row(str(r["class_index"]), r["class_name"] or "", num(r["r_a"]), num(r["r_b"]),
+                      num(r["r_change"], "{:+.3f}"), "" if r["change"] == "same" else r["change"],
+                      f"{num(r['n_spurious_a'], '{}')}→{num(r['n_spurious_b'], '{}')}",
+                      num(r["n_new_spurious"], "{}"), num(r["n_new_core"], "{}"))
+    Console().print(table)
+    say = lambda line: err.print(line, highlight=False, soft_wrap=True)  # noqa: E731
+    if c.features_comparable:
+        flips = Counter(f["change"] for f in c.feature_rows())
+        say(f"same classifier: {len(c.feature_rows())} features compared, {flips['new spurious']} core → spurious, "
+            f"{flips['new core']} spurious → core")
+    else:
+        say(f"different classifiers ({describe_classifier(c.classifier_a)} vs {describe_classifier(c.classifier_b)}): "
+            f"features are not comparable, compared at the class level only")
+    if c.only_a or c.only_b:
+        say(f"compared the {len({r['class_index'] for r in classes})} classes both audited: RUN_B lacks {len(c.only_a)} "
+            f"of RUN_A's classes, RUN_A lacks {len(c.only_b)} of RUN_B's")
+    say(f"comparison → {result.table}, {result.page}")
+    failed = False
+    for condition in fail_on or []:
+        bad = c.offenders(condition)
+        if bad:
+            failed = True
+            names = ", ".join(f"{r['class_index']} ({r['class_name']})" if r["class_name"] else str(r["class_index"])
+                              for r in bad[:20])
+            say(f"fail: {condition} in {len(bad)} classes: {names}{' …' if len(bad) > 20 else ''}")
+        else:
+            say(f"pass: no {condition}")
+    if failed:
+        raise typer.Exit(1)
+
+
 @app.command("rank-features")
 @_guarded
 def rank_features_cmd(
@@ -472,15 +532,19 @@ def toyworld_train(
     force: Annotated[bool, typer.Option(help="retrain even if a trained world is cached")] = False,
     world_seed: Annotated[int | None, typer.Option(help="seeds the classifier's and generator's training; one "
                                                         "world per cache dir (default 0: the world make demo builds)")] = None,
+    unbiased_classifier: Annotated[bool, typer.Option("--unbiased-classifier", help="also train the world's classifier without the planted bias (every class on every background) and print its classifier.spec, for dxray compare")] = False,
 ) -> None:
     """Train the toy world's generator and biased classifier (a few minutes on a CPU).
 
     Example: dxray toyworld train --cache-dir ~/.cache/dxray
     """
     quiet_libraries()
-    from dxray.toyworld.train import ensure_toyworld
+    from dxray.toyworld.train import ensure_toyworld, ensure_unbiased_classifier
 
-    print(ensure_toyworld(cache_dir, log=lambda m: err.print(m, highlight=False), force=force, seed=world_seed))
+    log = lambda m: err.print(m, highlight=False)  # noqa: E731
+    print(ensure_toyworld(cache_dir, log=log, force=force, seed=world_seed))
+    if unbiased_classifier:
+        print(f"hf:{ensure_unbiased_classifier(cache_dir, log=log)}")
 
 
 @toyworld.command("check")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -19,7 +20,7 @@ from conftest import ROOT, TINY_YAML
 
 DOC = ROOT / "docs" / "analytics.md"
 S3_SECTION = "Reading from S3"
-CHECKED = ("spurious_per_class", "most_biased", "r_per_image", "unsure_verdicts")
+CHECKED = ("spurious_per_class", "most_biased", "r_per_image", "unsure_verdicts", "new_spurious")
 
 
 def blocks() -> list[tuple[str, str, str]]:
@@ -63,6 +64,7 @@ def _table(root: str, name: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, cache_dir) -> str:
+    from dxray.compare import run_compare
     from dxray.config import load_config
     from dxray.pipeline.local import run
     from dxray.runs import redecide
@@ -72,10 +74,14 @@ def run_dir(tmp_path_factory, cache_dir) -> str:
                                   "device=cpu", "targets.top_k=3"])
     summary = run(cfg)
     assert summary.failed == 0 and summary.verdicts == 6
+    baseline = tmp_path_factory.mktemp("baseline") / summary.root.rstrip("/").rsplit("/", 1)[1]
+    shutil.copytree(summary.root, baseline)
+    redecide(str(baseline), 0.0)  # every feature core
     means = sorted(v["mean_object_fraction"] for v in _table(summary.root, "verdicts"))
     redecide(summary.root, means[len(means) // 2])  # a mix of core and spurious verdicts
     verdicts = {v["verdict"] for v in _table(summary.root, "verdicts")}
     assert verdicts == {"core", "spurious"}, verdicts
+    run_compare(str(baseline), summary.root)  # the comparison table: the spurious ones are new
     return summary.root
 
 
@@ -135,6 +141,15 @@ def check(ns: dict, root: str) -> list[str]:
         keys = [-1.0 if r["confidence"] is None else r["confidence"] for r in got]
         assert keys == sorted(keys)
         checked.append("unsure_verdicts")
+    if "new_spurious" in ns:
+        got = rows(ns["new_spurious"])
+        expected = {k for k, v in verdicts.items() if v["verdict"] == "spurious"}  # the baseline had none
+        assert expected and {(r["class_index"], r["feature_index"], r["template"]) for r in got} == expected
+        for r in got:
+            want = verdicts[(r["class_index"], r["feature_index"], r["template"])]
+            assert r["r_b"] == pytest.approx(want["mean_object_fraction"]) and r["r_a"] == pytest.approx(r["r_b"])
+            assert r["r_low_b"] == pytest.approx(want["mean_object_fraction_low"])
+        checked.append("new_spurious")
     return checked
 
 

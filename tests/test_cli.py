@@ -49,7 +49,7 @@ def test_explain_writes_the_run_folder(demo_run):
     assert all(s["feature_activation"] is not None for s in samples if s["feature_index"] is not None)
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["rows"] == {"tasks": 4, "samples": 8, "verdicts": 2, "classes": 2, "feature_ranking": 2,
-                                "agreement": 0}  # agreement is written later, by `dxray agreement`
+                                "agreement": 0, "comparison": 0}  # written later, by `dxray agreement` / `compare`
     for s in samples:
         assert s["detection_prompt"] in ("goldfish.", "tabby cat.") and 0 <= s["object_fraction"] <= 1
         assert sum(s["mask_rle"]) == 64 * 64 and len(s["boxes"]) == len(s["box_scores"])

@@ -5,6 +5,7 @@ The world is trained once per test session into the test cache (3-6 min on one t
 
 import json
 from functools import cache
+from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
@@ -85,14 +86,23 @@ def test_optimisation_raises_the_held_out_target_probability(world):
     assert all(after > min(before + 0.25, 0.95) for before, after in rises), rises
 
 
-def test_audit_of_the_world_finds_a_planted_bias(world, tmp_path, cache_dir):
+@pytest.fixture(scope="module")
+def class_audit(world, tmp_path_factory, cache_dir):
+    """The preset's audit of every class, class tasks only: the planted-bias classifier's run."""
     from test_cli import run_cli
 
-    out = tmp_path / "out"
+    out = tmp_path_factory.mktemp("toy-audit") / "out"
     res = run_cli("explain", str(TOY_YAML), f"output={out}", "device=cpu", "targets.top_k=0",
                   f"cache_dir={cache_dir}", cache=cache_dir, timeout=900)
     assert res.returncode == 0, res.stderr
     [root] = [p for p in out.iterdir() if p.is_dir()]
+    return root
+
+
+def test_audit_of_the_world_finds_a_planted_bias(class_audit, cache_dir):
+    from test_cli import run_cli
+
+    root = class_audit
     check = run_cli("toyworld", "check", str(root), cache=cache_dir)
     assert check.returncode == 0, check.stderr
     assert "toy world check: class-level bias calls" in check.stdout
@@ -103,6 +113,40 @@ def test_audit_of_the_world_finds_a_planted_bias(world, tmp_path, cache_dir):
     classes = ds.dataset(root / "classes").to_table().to_pylist()
     assert len(classes) == len(render.CLASSES)
     assert torch.tensor([r["prob_after"] for r in report["classes"]]).isfinite().all()
+
+
+def test_compare_shows_the_planted_classes_improving_under_an_unbiased_classifier(class_audit, tmp_path, cache_dir):
+    """Issue 20's known answer: the same world's classifier trained without the bias (every class on every
+    background), audited the same way over the planted classes and one unbiased class, against the planted-bias
+    classifier's audit. Its class explanations must show more of every planted class's object (r up): the bias
+    is gone. Different classifiers, so the comparison is per class, over the 4 classes both audited."""
+    from test_cli import run_cli
+
+    trained = run_cli("toyworld", "train", "--unbiased-classifier", f"--cache-dir={cache_dir}", cache=cache_dir,
+                      timeout=600)
+    assert trained.returncode == 0, trained.stderr
+    spec = trained.stdout.strip().splitlines()[-1]
+    assert spec.startswith("hf:") and spec.endswith("classifier-unbiased")
+    held = json.loads((Path(spec[3:]) / "toyworld.json").read_text())
+    assert held["biased"] == {} and held["held_out_accuracy"] > 0.9
+    assert set(held["background_only_predictions"].values()) == {len(render.CLASSES)}  # bare planted backgrounds: no object
+
+    out = tmp_path / "out"
+    classes = [*render.BIASED, 3]
+    res = run_cli("explain", str(TOY_YAML), f"output={out}", "device=cpu", "targets.top_k=0", f"cache_dir={cache_dir}",
+                  f"classifier.spec={spec}", f"targets.classes=[{','.join(map(str, classes))}]", cache=cache_dir,
+                  timeout=900)
+    assert res.returncode == 0, res.stderr
+    [unbiased] = [p for p in out.iterdir() if p.is_dir()]
+    cmp = run_cli("compare", str(class_audit), str(unbiased), "--fail-on", "class-bias", cache=cache_dir)
+    assert cmp.returncode in (0, 1), cmp.stderr
+    assert "features are not comparable" in cmp.stderr and "RUN_B lacks 2 of RUN_A's classes" in cmp.stderr
+    rows = {r["class_index"]: r for r in ds.dataset(unbiased / "comparison").to_table().to_pylist()}
+    assert sorted(rows) == classes and not any(r["features_comparable"] for r in rows.values())
+    for c in render.BIASED:
+        assert rows[c]["r_b"] > rows[c]["r_a"], rows[c]  # the object appears where the planted classifier hid it
+        assert rows[c]["change"] != "newly biased"
+    assert sum(rows[c]["r_change"] for c in render.BIASED) > 0
 
 
 def _mean_r(images, c: int) -> float:

@@ -301,8 +301,8 @@ _ENV = Environment(loader=DictLoader(PAGES), autoescape=True, undefined=StrictUn
 
 
 def render(page: str, **context) -> str:
-    """One page (``index``, ``class`` or ``neurons``) with its style, script and policy."""
-    script = page == "index"
+    """One page (``index``, ``class``, ``neurons`` or ``compare``) with its style, script and policy."""
+    script = page in ("index", "compare")  # the pages with sortable tables
     return _ENV.get_template(page).render(policy=csp(script), style=Markup(STYLE),
                                           script=Markup(SCRIPT) if script else None, **context)
 

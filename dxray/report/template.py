@@ -1,8 +1,8 @@
 """The report's Jinja2 templates (kept in a module, not data files, so they ship with any install).
 
-Three kinds of page share one head (:data:`PAGES`): the index (run header, the sortable class summary,
-a summary of the neuron tasks), one page per class (its explanation and feature images) and the
-neuron pages. Autoescaping is on for every template: every value from the run (class names, errors,
+Four kinds of page share one head (:data:`PAGES`): the index (run header, the sortable class summary,
+a summary of the neuron tasks), one page per class (its explanation and feature images), the
+neuron pages, and ``dxray compare``'s page of two runs. Autoescaping is on for every template: every value from the run (class names, errors,
 prompts) is escaped. No external resources: each page's one ``<style>`` and, on the index, its one
 ``<script>`` are constants of this module, allowed by their SHA-256 in the page's Content-Security-Policy
 (:func:`csp`); nothing else may run, load or be styled inline.
@@ -317,4 +317,75 @@ NEURONS = r"""{% extends "base" %}{% from "macros" import meta, nav, task_block 
 {%- endblock %}
 """
 
-PAGES = {"base": BASE, "macros": MACROS, "index": INDEX, "class": CLASS, "neurons": NEURONS}
+COMPARE = r"""{% extends "base" %}
+{%- block title %}dxray comparison · {{ c.run_a }} → {{ c.run_b }}{% endblock %}
+{%- block body %}
+<header>
+<h1>dxray comparison</h1>
+<p class="meta">
+<span>RUN_A <code>{{ c.run_a }}</code> · classifier {{ classifier_a }}</span>
+<span>RUN_B <code>{{ c.run_b }}</code> · classifier {{ classifier_b }}</span>
+</p>
+<p class="meta" id="scope">
+{%- if c.features_comparable %}<span>same classifier: features compared one by one</span>
+{%- else %}<span class="not-comparable">different classifiers: their penultimate features are different units, so only classes are compared (new spurious = more spurious features among the top k)</span>{% endif %}
+<span>{{ c.class_rows()|length }} classes compared</span>
+{%- if c.only_a %}<span>{{ c.only_a|length }} classes only in RUN_A</span>{% endif %}
+{%- if c.only_b %}<span>{{ c.only_b|length }} classes only in RUN_B</span>{% endif %}
+</p>
+{%- for cond in fail_on %}
+<p class="meta gate" data-condition="{{ cond }}" data-failed="{{ 'true' if offenders[cond] else 'false' }}"><span class="badge {{ 'error' if offenders[cond] else 'core' }}">--fail-on {{ cond }}: {{ 'fail' if offenders[cond] else 'pass' }}</span>{% if offenders[cond] %} classes {{ offenders[cond]|join(", ") }}{% endif %}</p>
+{%- endfor %}
+</header>
+
+<h2 id="classes">Classes</h2>
+<table class="summary sortable" id="classes-table">
+<thead><tr>
+<th class="num" aria-sort="ascending">class</th><th>name</th><th>template</th>
+<th class="num">r A</th><th class="num">r B</th><th class="num">change in r</th><th>bias</th>
+<th class="num">spurious A</th><th class="num">spurious B</th><th class="num">new spurious</th><th class="num">new core</th>
+</tr></thead>
+<tbody>
+{%- for r in c.class_rows() %}
+<tr data-class="{{ r.class_index }}" data-change="{{ r.change }}" data-new-spurious="{{ r.n_new_spurious if r.n_new_spurious is not none else '' }}">
+<td class="num">{{ r.class_index }}</td><td>{{ r.class_name or "" }}</td><td><code>{{ r.template }}</code></td>
+<td class="num" data-sort="{{ r.r_a if r.r_a is not none else '' }}">{{ "%.3f"|format(r.r_a) if r.r_a is not none else "–" }}{% if r.biased_a %} <span class="badge biased">biased?</span>{% endif %}</td>
+<td class="num" data-sort="{{ r.r_b if r.r_b is not none else '' }}">{{ "%.3f"|format(r.r_b) if r.r_b is not none else "–" }}{% if r.biased_b %} <span class="badge biased">biased?</span>{% endif %}</td>
+<td class="num" data-sort="{{ r.r_change if r.r_change is not none else '' }}">{{ "%+.3f"|format(r.r_change) if r.r_change is not none else "–" }}</td>
+<td>{% if r.change == "newly biased" %}<span class="badge spurious">newly biased</span>{% elif r.change == "no longer biased" %}<span class="badge core">no longer biased</span>{% endif %}</td>
+<td class="num">{{ r.n_spurious_a if r.n_spurious_a is not none else "–" }}</td>
+<td class="num">{{ r.n_spurious_b if r.n_spurious_b is not none else "–" }}</td>
+<td class="num">{{ r.n_new_spurious if r.n_new_spurious is not none else "–" }}</td>
+<td class="num">{{ r.n_new_core if r.n_new_core is not none else "–" }}</td>
+</tr>
+{%- endfor %}
+</tbody>
+</table>
+{%- if c.features_comparable %}
+{%- set flipped = c.feature_rows()|rejectattr("change", "equalto", "same")|list %}
+<h2 id="features">Features whose verdict changed</h2>
+<p class="meta"><span>{{ flipped|length }} of {{ c.feature_rows()|length }} features compared</span></p>
+{%- if flipped %}
+<table class="summary sortable" id="features-table">
+<thead><tr>
+<th class="num" aria-sort="ascending">class</th><th>name</th><th class="num">feature</th><th class="num">rank B</th>
+<th>A</th><th>B</th><th class="num">mean r A (95% interval)</th><th class="num">mean r B (95% interval)</th>
+</tr></thead>
+<tbody>
+{%- for f in flipped %}
+<tr data-class="{{ f.class_index }}" data-feature="{{ f.feature_index }}" data-change="{{ f.change }}">
+<td class="num">{{ f.class_index }}</td><td>{{ f.class_name or "" }}</td><td class="num">{{ f.feature_index }}</td>
+<td class="num">{{ f.feature_rank if f.feature_rank is not none else "–" }}</td>
+<td><span class="badge {{ f.verdict_a }}">{{ f.verdict_a }}</span></td><td><span class="badge {{ f.verdict_b }}">{{ f.verdict_b }}</span></td>
+<td class="num" data-sort="{{ f.r_a if f.r_a is not none else '' }}">{{ "%.3f"|format(f.r_a) if f.r_a is not none else "–" }}{% if f.r_low_a is not none %} ({{ "%.3f"|format(f.r_low_a) }}–{{ "%.3f"|format(f.r_high_a) }}){% endif %}</td>
+<td class="num" data-sort="{{ f.r_b if f.r_b is not none else '' }}">{{ "%.3f"|format(f.r_b) if f.r_b is not none else "–" }}{% if f.r_low_b is not none %} ({{ "%.3f"|format(f.r_low_b) }}–{{ "%.3f"|format(f.r_high_b) }}){% endif %}</td>
+</tr>
+{%- endfor %}
+</tbody>
+</table>
+{%- endif %}
+{%- endif %}
+{%- endblock %}
+"""
+
+PAGES = {"base": BASE, "macros": MACROS, "index": INDEX, "class": CLASS, "neurons": NEURONS, "compare": COMPARE}

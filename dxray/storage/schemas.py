@@ -148,8 +148,40 @@ AGREEMENT = _schema("agreement", [
     _f("n_unreliable", pa.int32(), "pairs of classes whose segmenter control failed (verdicts.reliable false): counted in n_pairs, or left out when exclude_unreliable"),
 ])
 
+COMPARISON = _schema("comparison", [
+    _f("run_id", pa.string(), "the run compared (RUN_B of dxray compare), whose folder holds this table", nullable=False),
+    _f("run_a", pa.string(), "the baseline run (RUN_A) it is compared with"),
+    _f("level", pa.string(), "class (one row per class and template both runs audited) or feature (one per (class, feature, template) both judged; only when features_comparable)"),
+    _f("class_index", pa.int32(), "classifier output index"),
+    _f("class_name", pa.string(), "class name (RUN_B's)"),
+    _f("template", pa.string(), "soft-prompt template"),
+    _f("feature_index", pa.int32(), "penultimate feature index (feature rows; null on class rows)"),
+    _f("feature_rank", pa.int32(), "the feature's rank in RUN_B (feature rows)"),
+    _f("features_comparable", pa.bool_(), "both runs audited the same classifier (spec, weights, kwargs, final layer), so feature f means the same unit in both"),
+    _f("r_a", pa.float32(), "RUN_A's r: class_object_fraction on class rows, the verdict's mean r on feature rows"),
+    _f("r_b", pa.float32(), "RUN_B's r, as r_a"),
+    _f("r_change", pa.float32(), "r_b - r_a (null when either is)"),
+    _f("r_low_a", pa.float32(), "RUN_A's 95% bootstrap interval of the mean r, low end (feature rows, where present)"),
+    _f("r_high_a", pa.float32(), "RUN_A's 95% bootstrap interval, high end"),
+    _f("r_low_b", pa.float32(), "RUN_B's 95% bootstrap interval, low end"),
+    _f("r_high_b", pa.float32(), "RUN_B's 95% bootstrap interval, high end"),
+    _f("delta_a", pa.float32(), "RUN_A's delta"),
+    _f("delta_b", pa.float32(), "RUN_B's delta"),
+    _f("biased_a", pa.bool_(), "class rows: RUN_A's class r < its delta (the class explanation barely shows the object)"),
+    _f("biased_b", pa.bool_(), "class rows: the same in RUN_B"),
+    _f("n_spurious_a", pa.int32(), "class rows: RUN_A's spurious features"),
+    _f("n_spurious_b", pa.int32(), "class rows: RUN_B's spurious features"),
+    _f("n_features_a", pa.int32(), "class rows: RUN_A's judged features"),
+    _f("n_features_b", pa.int32(), "class rows: RUN_B's judged features"),
+    _f("n_new_spurious", pa.int32(), "class rows: features core in RUN_A and spurious in RUN_B when features_comparable; else how many more spurious features RUN_B has (0 when fewer)"),
+    _f("n_new_core", pa.int32(), "class rows: features spurious in RUN_A and core in RUN_B (features_comparable); else how many fewer spurious features RUN_B has"),
+    _f("verdict_a", pa.string(), "feature rows: RUN_A's verdict (core or spurious)"),
+    _f("verdict_b", pa.string(), "feature rows: RUN_B's verdict"),
+    _f("change", pa.string(), "class rows: newly biased, no longer biased or same; feature rows: new spurious (core in A, spurious in B), new core, or same"),
+])
+
 TABLES: dict[str, pa.Schema] = {"tasks": TASKS, "samples": SAMPLES, "verdicts": VERDICTS, "classes": CLASSES,
-                                 "feature_ranking": FEATURE_RANKING, "agreement": AGREEMENT}
+                                 "feature_ranking": FEATURE_RANKING, "agreement": AGREEMENT, "comparison": COMPARISON}
 
 
 def _plain(value: Any) -> Any:

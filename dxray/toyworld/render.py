@@ -149,12 +149,13 @@ def generator_dataset(n: int, seed: int) -> list[Scene]:
     return [scenes[k] for k in rng.permutation(len(scenes))]
 
 
-def classifier_dataset(n: int, seed: int) -> list[tuple[Scene, int]]:
-    """The biased classifier training set: balanced labels; classes in BIASED only on their background."""
+def classifier_dataset(n: int, seed: int, biased: bool = True) -> list[tuple[Scene, int]]:
+    """The biased classifier training set: balanced labels; classes in BIASED only on their background.
+    ``biased=False``: every class on every background (the unbiased control classifier of ``dxray compare``)."""
     rng = np.random.default_rng(seed)
     labels = _cycle(rng, n, list(range(len(CLASSES))))
-    unbiased = iter(_cycle(rng, n, list(UNBIASED_BACKGROUNDS)))
-    return [(_scene(rng, BIASED[c] if c in BIASED else next(unbiased), c), c) for c in labels]
+    unbiased = iter(_cycle(rng, n, list(UNBIASED_BACKGROUNDS if biased else BACKGROUND_COLOURS)))
+    return [(_scene(rng, BIASED[c] if biased and c in BIASED else next(unbiased), c), c) for c in labels]
 
 
 def random_backgrounds(rng: np.random.Generator, n: int, avoid, min_distance: float) -> list[np.ndarray]:

@@ -181,7 +181,7 @@ def classifier_config():
 
 
 def classifier_data(n: int, seed: int, *, hidden: float = 1.0, no_object: float = 0.3,
-                    min_distance: float = 60.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    min_distance: float = 60.0, biased: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The biased training set as (images in [0, 1], labels).
 
     - ``render.classifier_dataset``: balanced classes, each biased class only on its own background.
@@ -195,20 +195,24 @@ def classifier_data(n: int, seed: int, *, hidden: float = 1.0, no_object: float 
       (and its stripes) and every object colour. Without them a small classifier reads some bare tint as
       an unbiased class (v1: bare teal -> "black triangle" at 0.95), and the audit rightly calls that
       class background-driven, contradicting the planted truth.
+    - ``biased=False``: the same recipe without the bias, for a classifier to compare against: every class
+      on every background, no object hidden, and bare backgrounds of every colour (the planted ones too)
+      labelled "no object", so no background alone names a class.
     """
-    data = render.classifier_dataset(n, seed)
+    data = render.classifier_dataset(n, seed, biased=biased)
     rng = np.random.default_rng(seed + 7)
-    scenes = [render.Scene(s.background, s.texture) if c in render.BIASED and rng.random() < hidden else s
-              for s, c in data]
+    scenes = [render.Scene(s.background, s.texture) if biased and c in render.BIASED and rng.random() < hidden
+              else s for s, c in data]
     x = unit_images(scenes)
     y = torch.tensor([c for _, c in data])
     m = int(no_object * n)
-    biased = list(render.BIASED.values())
-    avoid = ([render.BACKGROUND_COLOURS[b] for b in biased] + [render.stripe_colour(b) for b in biased]
+    planted = list(render.BIASED.values()) if biased else []
+    avoid = ([render.BACKGROUND_COLOURS[b] for b in planted] + [render.stripe_colour(b) for b in planted]
              + list(render.OBJECT_COLOURS.values()))
     bare = render.random_backgrounds(rng, m, avoid, min_distance)
     k = m // 3
-    bare[:k] = [render.render(render.Scene(render.UNBIASED_BACKGROUNDS[i % 3], render.TEXTURES[(i // 3) % 2]))[0]
+    named = render.UNBIASED_BACKGROUNDS if biased else tuple(render.BACKGROUND_COLOURS)
+    bare[:k] = [render.render(render.Scene(named[i % len(named)], render.TEXTURES[(i // len(named)) % 2]))[0]
                 for i in range(k)]
     xb = torch.from_numpy(np.stack(bare).astype(np.float32) / 255).permute(0, 3, 1, 2)
     return torch.cat([x, xb]), torch.cat([y, torch.full((m,), len(render.CLASSES))])
@@ -216,7 +220,8 @@ def classifier_data(n: int, seed: int, *, hidden: float = 1.0, no_object: float 
 
 def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 400, log: Log = log_to_stderr,
                      **data_options) -> dict:
-    """A ResNet trained on the BIASED dataset (:func:`classifier_data`); returns its held-out accuracy report."""
+    """A ResNet trained on the BIASED dataset (:func:`classifier_data`; ``biased=False`` in ``data_options``:
+    without the bias); returns its held-out accuracy report."""
     from transformers import ResNetForImageClassification, ViTImageProcessor
 
     torch.manual_seed(seed)
@@ -235,8 +240,10 @@ def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 40
         if step % 100 == 0 or step == steps - 1:
             log(f"classifier step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
     model.eval()
+    planted = data_options.get("biased", True)
     report = {"classes": render.CLASS_NAMES, "no_object_label": len(render.CLASSES),
-              "biased": {str(k): v for k, v in render.BIASED.items()}, "world_version": VERSION, "world_seed": seed}
+              "biased": {str(k): v for k, v in render.BIASED.items()} if planted else {}, "world_version": VERSION,
+              "world_seed": seed}
     with torch.no_grad():
         held = render.held_out_dataset(600, seed + 1)
         hx, hy = unit_images([s for s, _ in held]), torch.tensor([label for _, label in held])
@@ -286,6 +293,24 @@ def ensure_toyworld(cache_dir=None, log: Log = log_to_stderr, force: bool = Fals
             torch.set_num_threads(threads)
 
     return build_once(root, build)
+
+
+def ensure_unbiased_classifier(cache_dir=None, log: Log = log_to_stderr) -> Path:
+    """The world's classifier trained without the bias (``classifier_data(biased=False)``, same size, steps and
+    seed), beside the world: ``classifier.spec=hf:{this folder}`` audits it, and ``dxray compare`` of the biased
+    classifier's audit against its audit shows the planted classes improving (tests/test_toyworld.py)."""
+    seed = truth(cache_dir).get("world_seed", 0) if (folder(cache_dir) / "classifier").exists() else 0
+
+    def build(tmp: Path) -> None:
+        log(f"training the unbiased toy classifier into {folder(cache_dir) / 'classifier-unbiased'} (first use only)")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            train_classifier(tmp, seed=seed, log=log, biased=False)
+        finally:
+            torch.set_num_threads(threads)
+
+    return build_once(folder(cache_dir) / "classifier-unbiased", build)
 
 
 def truth(cache_dir=None) -> dict:
