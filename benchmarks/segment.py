@@ -11,6 +11,13 @@ are the tiny random ones of the demo preset: a plumbing figure, not the real mod
 sam_vit_b_01ec64.pth / facebook/sam-vit-base): transformers' SamModel (SamConfig's defaults are ViT-B) and the
 segment-anything package's registry-built vit_b loaded from a saved .pth (segment.sam=segment-anything:vit_b:PATH),
 behind the same tiny Grounding DINO, so both get the same boxes (--sam-threshold, default 0.5).
+
+--concepts N (issue 20) prices naming concepts: the same images scored for the class object alone and with the
+first N concepts of segment.concepts=default in one extra detector query, whose boxes share SAM's image encoding
+with the object's. Real sizes with random weights: Grounding DINO at grounding-dino-tiny's architecture
+(GroundingDinoConfig's defaults: Swin-T, BERT-base, 800 px) and SAM ViT-B (1024 px).
+
+    python benchmarks/segment.py --concepts 16 --images 4 --size 512 --batch 2 --repeats 1
 """
 
 from __future__ import annotations
@@ -100,6 +107,52 @@ def sam_backends(args, images, prompts) -> None:
           f"(ratio {out['ratio']:.2f})")
 
 
+def real_grounding_dino(cache: str) -> str:
+    """A Grounding DINO of grounding-dino-tiny's size (random weights, the tiny preset's tokenizer), saved."""
+    from transformers import (
+        BertConfig,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoProcessor,
+    )
+
+    from dxray.models.tiny_segment import tiny_detector_processor
+
+    tiny = tiny_detector_processor()
+    processor = GroundingDinoProcessor(image_processor=type(tiny.image_processor)(), tokenizer=tiny.tokenizer)
+    torch.manual_seed(0)
+    config = GroundingDinoConfig(text_config=BertConfig(vocab_size=len(tiny.tokenizer)))
+    folder = Path(cache) / "grounding-dino-real-size"
+    GroundingDinoForObjectDetection(config).eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)
+
+
+def concepts_cost(args, images, prompts) -> None:
+    from dxray.config import DEFAULT_CONCEPTS
+
+    cache = tempfile.mkdtemp(prefix="dxray-bench-")
+    detector = real_grounding_dino(cache)
+    sam, _ = sam_pair(cache, "vit_b")
+    concepts = list(DEFAULT_CONCEPTS[: args.concepts])
+    kw = dict(box_threshold=args.sam_threshold, batch_size=args.batch)
+    named = Segmenter(detector, sam, concepts=concepts, **kw)
+    found = named(images, prompts)
+    rates = {"object": throughput(Segmenter(detector, sam, **kw), images, prompts, args.repeats),
+             "object_and_concepts": throughput(named, images, prompts, args.repeats)}
+    out = {"detector": "grounding-dino-tiny size (random weights)", "sam": "vit_b (random weights)",
+           "concepts": len(concepts), "images": args.images, "size": args.size, "batch": args.batch,
+           "repeats": args.repeats, "object_boxes_per_image": round(statistics.mean(len(r.boxes) for r in found), 1),
+           "object_images_per_s": round(rates["object"], 4),
+           "object_and_concepts_images_per_s": round(rates["object_and_concepts"], 4),
+           "cost_ratio": round(rates["object"] / rates["object_and_concepts"], 2),
+           "threads": torch.get_num_threads(), "torch": torch.__version__}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"segment-concepts-{len(concepts)}-{args.size}.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(f"{len(concepts)} concepts, images {args.size}px: object only {rates['object']:.4f} images/s, with concepts "
+          f"{rates['object_and_concepts']:.4f} images/s: {out['cost_ratio']:.2f}x the cost")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny", help="'tiny' or DETECTOR,SAM (hub ids or folders)")
@@ -111,12 +164,15 @@ def main() -> None:
                     help="compare transformers' SAM with segment-anything's at ViT-B size (random weights)")
     ap.add_argument("--sam-size", choices=["vit_b", "small"], default="vit_b", help="SAM size of --sam-backends")
     ap.add_argument("--sam-threshold", type=float, default=0.5, help="box threshold of --sam-backends")
+    ap.add_argument("--concepts", type=int, default=0, help="price naming this many concepts (real-size models)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8) for _ in range(args.images)]
     prompts = ["goldfish.", "tabby cat."] * (args.images // 2) + ["goldfish."] * (args.images % 2)
     if args.sam_backends:
         return sam_backends(args, images, prompts)
+    if args.concepts:
+        return concepts_cost(args, images, prompts)
     cache = tempfile.mkdtemp(prefix="dxray-bench-")
     if args.model == "tiny":
         from dxray.models.tiny_segment import ensure_tiny_grounding_dino, ensure_tiny_sam

@@ -29,6 +29,10 @@ HELD_OUT_SEED_LIMIT = 2**31
 INDEX_LIMIT = 2**31  # class, feature and unit indices
 MAX_MESSAGE = 80  # characters of an input shown in an error message
 MAX_CANDIDATES = 8  # detection prompts per class: each costs one more segmentation of every image
+MAX_CONCEPTS = 32  # Grounding DINO reads at most 256 text tokens: the whole vocabulary is one query
+# segment.concepts=default: common ImageNet contexts (the spurious cues Salient ImageNet's annotators name most)
+DEFAULT_CONCEPTS = ("snow", "water", "grass", "sand", "sky", "tree", "road", "rock", "flower", "person", "hand",
+                    "text", "building", "leaf", "wood", "fence")
 MAX_TEMPLATE = 300  # characters; the exact token count is checked against the tokenizer when it loads
 MAX_VALUES = 100_000  # values in a config once YAML aliases are expanded
 MAX_DEPTH = 64
@@ -282,7 +286,34 @@ class SegmentConfig(_Section):
     prompts: dict[Key, str | list[str]] = Field(default_factory=dict, description="detection prompt per class index (default: the class name); a list of up to 8 candidates (synonyms, a WordNet hypernym): every image is scored with each, and the one with the highest mean r on the class's control images decides its verdicts (needs segment.control)")
     control: bool = Field(True, description="segmenter control: per class, render sample.k images from control_template filled with the class name (no optimisation) and score them (classes.control_object_fraction); a class whose control r is below verdict.delta has its verdicts flagged unreliable")
     control_template: str = Field("a photo of a {}", description="the control's plain prompt; '{}' becomes the class name's words")
+    concepts: list[str] | str | None = Field(None, description="context concepts whose coverage is scored on every image, to name what a spurious feature shows: a list, a text file (one per line), or 'default' (snow, water, grass, sand, sky, tree, road, rock, flower, person, hand, text, building, leaf, wood, fence); null: none. Each verdict gets its top concepts")
     batch_size: Int = Field(4, gt=0, le=1024)
+
+    @field_validator("concepts")
+    @classmethod
+    def _concepts(cls, concepts: list[str] | str | None) -> list[str] | None:
+        if concepts == "default":
+            return list(DEFAULT_CONCEPTS)
+        if isinstance(concepts, str):
+            path = Path(concepts).expanduser()
+            if not path.is_file():
+                raise ValueError(f"file not found: {_show(concepts)} (give a list, a text file or 'default')")
+            try:
+                concepts = path.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                reason = "is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"cannot be read ({e.strerror})"
+                raise ValueError(f"file {_show(concepts)} {reason}") from None
+            concepts = [c for c in concepts if c.strip()]
+        if concepts is None:
+            return None
+        if not 1 <= len(concepts) <= MAX_CONCEPTS:
+            raise ValueError(f"lists {len(concepts)} concepts (1 to {MAX_CONCEPTS}: they share one detector query)")
+        for c in concepts:
+            _plain_text(c, "a concept")
+            if "." in c:
+                raise ValueError(f"concept {_show(c)} holds a '.', which ends a phrase of the detector's query")
+        _no_repeats([c.strip().lower() for c in concepts], "concept")
+        return [c.strip() for c in concepts]
 
     @field_validator("control_template")
     @classmethod

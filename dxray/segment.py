@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ class Segmentation:
     mask_rle: list[int]  # COCO uncompressed RLE counts, column-major, first count = background run
     boxes: list[list[float]]  # xyxy, pixels of the input image, one per kept detection
     box_scores: list[float]
+    concept_fractions: list[float] | None = None  # per concept of the segmenter's vocabulary: its masks' coverage
 
 
 def detection_prompt(class_name: str) -> str:
@@ -170,11 +172,17 @@ def load_sam_package(ref: str, *, allow_pickle: bool = False):
     return model.eval()
 
 
+def _words(text: str) -> str:
+    """" snow water " from "Snow. water!": lower-case words between single spaces, padded."""
+    words = re.sub(r"[\W_]+", " ", str(text).lower()).split()
+    return f" {' '.join(words)} "
+
+
 class Segmenter:
     """Holds Grounding DINO + SAM (Ray-Data-style stateful holder: load in __init__, work in __call__)."""
 
     def __init__(self, detector: str, sam: str | None, *, device="cpu", box_threshold=0.35, text_threshold=0.25,
-                 batch_size=4, allow_pickle=False):
+                 batch_size=4, allow_pickle=False, concepts: list[str] | None = None):
         from transformers import (
             AutoModelForZeroShotObjectDetection,
             AutoProcessor,
@@ -188,6 +196,9 @@ class Segmenter:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise DxrayError(f"segment.batch_size must be a positive integer, got {batch_size!r}")
         self.device, self.batch_size = torch.device(device), batch_size
+        # context concepts: all of them in one detector query ("snow. water. grass."), one query per image
+        self.concepts = [c.strip().lower() for c in concepts] if concepts else []
+        self._concept_query = " ".join(f"{c}." for c in self.concepts)
         self.box_threshold, self.text_threshold = float(box_threshold), float(text_threshold)
         if sam_package_ref(sam):
             check_sam_package_ref(sam)  # before the detector loads
@@ -211,8 +222,9 @@ class Segmenter:
         params = inspect.signature(self.processor.post_process_grounded_object_detection).parameters
         self._threshold_kw = "threshold" if "threshold" in params else "box_threshold"
 
-    def __call__(self, images: list[np.ndarray], prompts: list[str]) -> list[Segmentation]:
-        """One Segmentation per H x W x 3 uint8 image; prompts[i] is the query for images[i]."""
+    def __call__(self, images: list[np.ndarray], prompts: list[str], with_concepts: bool = True) -> list[Segmentation]:
+        """One Segmentation per H x W x 3 uint8 image; prompts[i] is the query for images[i]. With a concept
+        vocabulary (and ``with_concepts``), each also gets every concept's coverage (``concept_fractions``)."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         images = [np.asarray(image) for image in images]
@@ -222,30 +234,67 @@ class Segmenter:
         # a list of prompts without any "." would be merged into one query by the processor
         prompts = [p.strip().lower().rstrip(".") + "." for p in prompts]
         out: list[Segmentation] = []
+        concepts = bool(self.concepts and with_concepts)
         for i in range(0, len(images), self.batch_size):
-            out += self._batch(images[i : i + self.batch_size], prompts[i : i + self.batch_size])
+            out += self._batch(images[i : i + self.batch_size], prompts[i : i + self.batch_size], concepts)
         return out
 
-    @torch.no_grad()
-    def _batch(self, images, prompts) -> list[Segmentation]:
-        # 1. detect: boxes in input-image pixels, clipped to the image
-        sizes = [image.shape[:2] for image in images]
+    def _detect(self, images, prompts, sizes) -> tuple[list, list, list]:
+        """Boxes (input-image pixels, clipped to the image), scores and phrase labels per image."""
         inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True).to(self.device)
         detections = self.processor.post_process_grounded_object_detection(
             self.detector(**inputs), inputs["input_ids"], target_sizes=sizes, text_threshold=self.text_threshold,
             **{self._threshold_kw: self.box_threshold},
         )
-        boxes, scores = [], []
+        boxes, scores, labels = [], [], []
         for (h, w), det in zip(sizes, detections, strict=True):
             limit = torch.tensor([w, h, w, h], dtype=det["boxes"].dtype)
             boxes.append(torch.minimum(det["boxes"].float().cpu().clamp(min=0), limit).tolist())
             scores.append(det["scores"].float().cpu().tolist())
-        # 2. masks: SAM on every image with >= 1 box, or the filled boxes when SAM is off
+            text = det["text_labels"] if "text_labels" in det else det.get("labels")  # the older name
+            labels.append(list(text) if text is not None else [""] * len(boxes[-1]))
+        return boxes, scores, labels
+
+    def _owners(self, label: str) -> list[int]:
+        """The concepts a detected phrase names ("snow. water." -> snow and water): whole words only, punctuation
+        ignored on both sides (the tokenizer decodes "t-shirt" as "t - shirt")."""
+        words = _words(label)
+        return [k for k, c in enumerate(self.concepts) if _words(c) in words]
+
+    @torch.no_grad()
+    def _batch(self, images, prompts, concepts: bool) -> list[Segmentation]:
+        # 1. detect: the class prompt's boxes; with concepts, the vocabulary's boxes (one query) after them
+        sizes = [image.shape[:2] for image in images]
+        boxes, scores, _ = self._detect(images, prompts, sizes)
+        n_object = [len(b) for b in boxes]
+        owners = [[] for _ in images]  # per image: the concepts of each concept box
+        if concepts:
+            found, _, labels = self._detect(images, [self._concept_query] * len(images), sizes)
+            for i, (bs, ls) in enumerate(zip(found, labels, strict=True)):
+                kept = [(b, self._owners(label)) for b, label in zip(bs, ls, strict=True) if self._owners(label)]
+                boxes[i] = boxes[i] + [b for b, _ in kept]
+                owners[i] = [o for _, o in kept]
+        masks = self._masks(images, boxes, sizes)
+        # 3. r = union of the object's masks / all pixels; a concept's coverage likewise
+        out = []
+        for i, ((h, w), m) in enumerate(zip(sizes, masks, strict=True)):
+            union, r = union_fraction(m[: n_object[i]], h, w)
+            seg = Segmentation(r, rle_encode(union), boxes[i][: n_object[i]], scores[i])
+            if concepts:
+                seg.concept_fractions = [
+                    union_fraction([mk for mk, o in zip(m[n_object[i]:], owners[i], strict=True) if k in o], h, w)[1]
+                    for k in range(len(self.concepts))]
+            out.append(seg)
+        return out
+
+    def _masks(self, images, boxes, sizes) -> list[list[np.ndarray]]:
+        """2. One mask per box: SAM over every image with >= 1 box (one image encoding for all its boxes), or the
+        filled box when SAM is off."""
         masks = [[] for _ in images]
         found = [i for i, b in enumerate(boxes) if b]
         if found and self.sam is None:
             for i in found:
-                masks[i] = [boxes_mask(boxes[i], *sizes[i])]
+                masks[i] = [boxes_mask([b], *sizes[i]) for b in boxes[i]]
         elif found and self.sam_backend == SAM_PACKAGE:
             for i, m in zip(found, self._package_masks([images[i] for i in found], [boxes[i] for i in found]),
                             strict=True):
@@ -261,13 +310,8 @@ class Segmenter:
             upscaled = self.sam_processor.post_process_masks(
                 pred.float().cpu(), sam_inputs["original_sizes"].cpu(), sam_inputs["reshaped_input_sizes"].cpu())
             for i, m in zip(found, upscaled, strict=True):
-                masks[i] = m[: len(boxes[i]), 0].numpy()
-        # 3. r = union of masks / all pixels
-        out = []
-        for (h, w), m, b, s in zip(sizes, masks, boxes, scores, strict=True):
-            union, r = union_fraction(m, h, w)
-            out.append(Segmentation(r, rle_encode(union), b, s))
-        return out
+                masks[i] = list(m[: len(boxes[i]), 0].numpy())
+        return masks
 
     def _package_masks(self, images, boxes) -> list[np.ndarray]:
         """segment-anything's batched path (``Sam.forward`` over a list of records, as in the package's

@@ -26,6 +26,12 @@ images (the generator's plain pictures of it) wins, the first on a tie; every fi
 verdicts, class and control r) then uses the winner's r, and the winner is recorded
 (``detection_prompt`` on verdicts and classes, with every candidate's control r on classes). Without
 control images the first candidate stands.
+
+**Concepts** (issue 20). With ``segment.concepts``, every image also has each concept's coverage
+(``samples.concept_fractions``: its masks' pixels / all pixels). A verdict names the up to
+:data:`TOP_CONCEPTS` concepts of the highest mean coverage over its images (``top_concepts``, above 0,
+highest first), and a class row those of its class explanation (``class_top_concepts``): what a spurious
+feature shows instead of the object ("spurious: snow 0.61, tree 0.22"). They do not enter the verdict.
 """
 
 from __future__ import annotations
@@ -56,7 +62,39 @@ def check_delta(delta: float) -> float:
 # The columns decide() reads: a full-ImageNet samples table is 60,000 rows of thumbnails and masks, and
 # reading only these keeps re-deciding it to a few seconds and a few MB.
 TASK_COLUMNS = ["task_id", "status", "kind", *_KEYS]
-SAMPLE_COLUMNS = ["task_id", "object_fraction", "detection_prompt", "candidate_prompts", "candidate_object_fractions"]
+SAMPLE_COLUMNS = ["task_id", "object_fraction", "detection_prompt", "candidate_prompts", "candidate_object_fractions",
+                  "concepts", "concept_fractions"]
+TOP_CONCEPTS = 3  # concepts named per verdict
+
+
+def _concepts(tasks: pa.Table, samples: pa.Table) -> dict[tuple, dict]:
+    """Per (kind, class, feature, template) of an ok task: its up to ``TOP_CONCEPTS`` concepts of the highest
+    mean coverage over its images (above 0), highest first, as ``{"names": [...], "fractions": [...]}``."""
+    if "concept_fractions" not in samples.column_names:
+        return {}
+    rows = samples.filter(pc.is_valid(samples["concept_fractions"]))
+    if rows.num_rows == 0:
+        return {}
+    names = rows["concepts"][0].as_py()
+    rows = rows.filter(pc.equal(pc.list_value_length(rows["concept_fractions"]), len(names)))  # one vocabulary a run
+    matrix = pc.list_flatten(rows["concept_fractions"].combine_chunks()).to_numpy(zero_copy_only=False)
+    matrix = matrix.astype(np.float64).reshape(rows.num_rows, len(names))
+    ok = tasks.filter(pc.equal(tasks["status"], "ok"))
+    key_of = {t: key for t, *key in zip(*(ok[n].to_pylist() for n in ("task_id", "kind", "class_index",
+                                                                       "feature_index", "template")), strict=True)}
+    keys = [tuple(key_of[t]) if t in key_of else None for t in rows["task_id"].to_pylist()]
+    groups = sorted({k for k in keys if k is not None}, key=str)
+    index = {k: g for g, k in enumerate(groups)}
+    at = np.array([index.get(k, -1) for k in keys], dtype=np.intp)
+    mine = at >= 0
+    sums = np.zeros((len(groups), len(names)))
+    np.add.at(sums, at[mine], np.nan_to_num(matrix[mine]))
+    means = sums / np.maximum(np.bincount(at[mine], minlength=len(groups)), 1)[:, None]
+    out = {}
+    for key, m in zip(groups, means, strict=True):
+        top = [j for j in np.argsort(-m, kind="stable")[:TOP_CONCEPTS] if m[j] > 0]
+        out[key] = {"names": [names[j] for j in top], "fractions": [float(m[j]) for j in top]}
+    return out
 
 
 def _choose(tasks: pa.Table, samples: pa.Table) -> tuple[pa.Table, dict[int, dict]]:
@@ -188,6 +226,7 @@ def decide(tasks: pa.Table, samples: pa.Table, delta: float, run_id: str,
 
     ``uncertainty=False`` leaves the bootstrap columns null (a δ sweep that reads only the verdicts)."""
     check_delta(delta)
+    concepts = _concepts(tasks, samples)
     samples, chosen = _choose(tasks, samples)
     stats = _stats(_scored(tasks, samples, "feature"), _KEYS, values=uncertainty)
     u = _uncertainty(stats, run_id, delta) if uncertainty else None
@@ -215,8 +254,10 @@ def decide(tasks: pa.Table, samples: pa.Table, delta: float, run_id: str,
                for r in _stats(_scored(tasks, samples, "control"), ["class_index"]).to_pylist()}
     reliable = {c: r >= delta - _TOLERANCE for c, r in control.items()}
     for v in verdicts:
+        named = concepts.get(("feature", v["class_index"], v["feature_index"], v["template"]), {})
         v |= {"control_object_fraction": control.get(v["class_index"]), "reliable": reliable.get(v["class_index"]),
-              "detection_prompt": chosen.get(v["class_index"], {}).get("detection_prompt")}
+              "detection_prompt": chosen.get(v["class_index"], {}).get("detection_prompt"),
+              "top_concepts": named.get("names"), "top_concept_fractions": named.get("fractions")}
 
     class_keys = ["class_index", "class_name", "template"]
     fractions = {(r["class_index"], r["template"]): r for r in
@@ -238,5 +279,7 @@ def decide(tasks: pa.Table, samples: pa.Table, delta: float, run_id: str,
             "control_object_fraction": control.get(key[0]), "reliable": reliable.get(key[0]),
             "detection_prompt": None, "detection_candidates": None, "candidate_control_object_fractions": None,
             **chosen.get(key[0], {}),
+            "class_top_concepts": concepts.get(("class", key[0], None, key[1]), {}).get("names"),
+            "class_top_concept_fractions": concepts.get(("class", key[0], None, key[1]), {}).get("fractions"),
         })
     return verdicts, classes

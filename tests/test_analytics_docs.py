@@ -20,7 +20,7 @@ from conftest import ROOT, TINY_YAML
 
 DOC = ROOT / "docs" / "analytics.md"
 S3_SECTION = "Reading from S3"
-CHECKED = ("spurious_per_class", "most_biased", "r_per_image", "unsure_verdicts", "new_spurious")
+CHECKED = ("spurious_per_class", "most_biased", "r_per_image", "unsure_verdicts", "new_spurious", "spurious_concepts")
 
 
 def blocks() -> list[tuple[str, str, str]]:
@@ -71,7 +71,8 @@ def run_dir(tmp_path_factory, cache_dir) -> str:
 
     out = tmp_path_factory.mktemp("analytics") / "out"
     cfg = load_config(TINY_YAML, [f"output={out}", f"cache_dir={cache_dir}", "optimize.steps=2", "sample.k=2",
-                                  "device=cpu", "targets.top_k=3"])
+                                  "device=cpu", "targets.top_k=3", "segment.concepts=[snow, water, grass]",
+                                  "segment.text_threshold=0.0"])  # a random detector's phrases: name every box
     summary = run(cfg)
     assert summary.failed == 0 and summary.verdicts == 6
     baseline = tmp_path_factory.mktemp("baseline") / summary.root.rstrip("/").rsplit("/", 1)[1]
@@ -150,6 +151,16 @@ def check(ns: dict, root: str) -> list[str]:
             assert r["r_b"] == pytest.approx(want["mean_object_fraction"]) and r["r_a"] == pytest.approx(r["r_b"])
             assert r["r_low_b"] == pytest.approx(want["mean_object_fraction_low"])
         checked.append("new_spurious")
+    if "spurious_concepts" in ns:
+        got = {(r["class_index"], r["template"], r["concept"]): r for r in rows(ns["spurious_concepts"])}
+        want: dict[tuple, list[float]] = {}
+        for (c, _, t), v in verdicts.items():
+            if v["verdict"] == "spurious" and v["top_concepts"]:
+                want.setdefault((c, t, v["top_concepts"][0]), []).append(v["top_concept_fractions"][0])
+        assert want and set(got) == set(want)
+        for k, fs in want.items():
+            assert got[k]["n_features"] == len(fs) and got[k]["mean_coverage"] == pytest.approx(sum(fs) / len(fs))
+        checked.append("spurious_concepts")
     return checked
 
 

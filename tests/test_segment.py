@@ -269,3 +269,40 @@ def test_unloadable_models_are_one_line_errors(cache, tmp_path, monkeypatch):
     with pytest.raises(DxrayError, match="cannot load SAM") as e:
         Segmenter(_tiny(cache)[0], str(tmp_path))  # an existing folder without a model
     assert "\n" not in str(e.value)
+
+
+CONCEPTS = ["snow", "water", "grass"]
+
+
+def test_concepts_leave_the_object_columns_as_they_were(cache, images):
+    """Issue 20: the concept query shares SAM with the object's boxes but never changes r, mask or boxes."""
+    plain = Segmenter(*_tiny(cache), box_threshold=0.0, text_threshold=0.0)(images, PROMPTS)
+    named = Segmenter(*_tiny(cache), box_threshold=0.0, text_threshold=0.0, concepts=CONCEPTS)(images, PROMPTS)
+    for p, n in zip(plain, named, strict=True):
+        assert (n.object_fraction, n.mask_rle, n.boxes, n.box_scores) == (p.object_fraction, p.mask_rle, p.boxes,
+                                                                           p.box_scores)
+        assert p.concept_fractions is None and len(n.concept_fractions) == len(CONCEPTS)
+        assert all(0.0 <= f <= 1.0 for f in n.concept_fractions)
+    skipped = Segmenter(*_tiny(cache), concepts=CONCEPTS)(images, PROMPTS, with_concepts=False)
+    assert all(s.concept_fractions is None for s in skipped)
+
+
+def test_a_concept_covers_the_boxes_whose_phrase_names_it(cache, images):
+    """Without SAM a box is its mask. At text threshold 0 every box's phrase holds every word of the query, so each
+    concept covers the union of all the query's boxes: what the object path gives for that query as a prompt. At
+    text threshold 1 no box is named by any phrase: every coverage is 0."""
+    detector = _tiny(cache)[0]
+    query = " ".join(f"{c}." for c in CONCEPTS)
+    as_object = Segmenter(detector, None, box_threshold=0.0)(images, [query] * len(images))
+    named = Segmenter(detector, None, box_threshold=0.0, text_threshold=0.0, concepts=CONCEPTS)(images, PROMPTS)
+    for o, n in zip(as_object, named, strict=True):
+        assert o.object_fraction > 0 and n.concept_fractions == [pytest.approx(o.object_fraction)] * len(CONCEPTS)
+    unnamed = Segmenter(detector, None, box_threshold=0.0, text_threshold=1.0, concepts=CONCEPTS)(images, PROMPTS)
+    assert all(n.concept_fractions == [0.0] * len(CONCEPTS) for n in unnamed)
+
+
+@pytest.mark.parametrize(("label", "owners"), [("snow", [0]), ("water snow", [0, 1]), ("snowy", []), ("", []),
+                                               ("snow. water. grass. [SEP]", [0, 1, 2]), ("Grass.", [2])])
+def test_a_phrase_names_concepts_by_whole_words(cache, label, owners):
+    seg = Segmenter(_tiny(cache)[0], None, concepts=CONCEPTS)
+    assert seg._owners(label) == owners

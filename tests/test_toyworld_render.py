@@ -112,6 +112,23 @@ def test_segmenter_finds_only_the_prompted_colour():
         assert (seg.object_fraction > 0) == name.startswith("green")
 
 
+def test_concepts_are_the_rendered_colours_exactly():
+    """Issue 20: on exact renders a background's coverage is every pixel off the object (plain or striped), the
+    object colour's is the object mask, and the other colours cover nothing."""
+    concepts = [*R.BACKGROUND_COLOURS, *R.OBJECT_COLOURS]
+    seg = WorldSegmenter(concepts=concepts)
+    for scene in _scenes(60, seed=3):
+        image, mask = R.render(scene)
+        got = dict(zip(concepts, seg([image], [R.class_prompt(0)])[0].concept_fractions, strict=True))
+        want = {c: 0.0 for c in concepts} | {scene.background: 1 - mask.mean()}
+        if scene.colour:
+            want[scene.colour] = mask.mean()
+        assert got == pytest.approx(want), scene
+    assert seg([image], [R.class_prompt(0)], with_concepts=False)[0].concept_fractions is None
+    with pytest.raises(ValueError, match="knows colour names only, not 'snow'"):
+        WorldSegmenter(concepts=["purple", "snow"])
+
+
 def test_segmenter_on_blurred_images():
     seg = WorldSegmenter()
     ious = []

@@ -75,12 +75,12 @@ def load_segmenter(s, *, device="cpu", cache_dir: str | None = None):
     """The ``segment`` section's scorer: Grounding DINO + SAM, or a preset's exact segmenter (same interface)."""
     p = preset(s.detector)
     if p and p.segmenter:
-        return p.segmenter()
+        return p.segmenter(concepts=s.concepts)
     from dxray.segment import Segmenter
 
     return Segmenter(_segment_ref(s.detector, "detector", cache_dir), _segment_ref(s.sam, "sam", cache_dir),
                      device=device, box_threshold=s.box_threshold, text_threshold=s.text_threshold,
-                     batch_size=s.batch_size, allow_pickle=s.allow_pickle)
+                     batch_size=s.batch_size, allow_pickle=s.allow_pickle, concepts=s.concepts)
 
 
 def _segment_ref(ref: str | None, part: str, cache_dir: str | None) -> str | None:

@@ -28,7 +28,7 @@ class Preset:
     tokenizer: Callable[[], object]  # the generator's CLIP tokenizer, in memory (vocabulary only)
     detector: Callable[[str | None], str] | None = None  # cache_dir -> Grounding DINO folder
     sam: Callable[[str | None], str] | None = None  # cache_dir -> SAM folder
-    segmenter: Callable[[], object] | None = None  # an exact segmenter that replaces Grounding DINO + SAM
+    segmenter: Callable[..., object] | None = None  # (concepts=) an exact segmenter that replaces Grounding DINO + SAM
 
 
 # -- tiny ----------------------------------------------------------------------------------------
@@ -94,10 +94,10 @@ def _world_tokenizer():
     return world_tokenizer()
 
 
-def _world_segmenter():
+def _world_segmenter(concepts=None):
     from dxray.toyworld.segmenter import WorldSegmenter
 
-    return WorldSegmenter()
+    return WorldSegmenter(concepts=concepts)
 
 
 PRESETS: dict[str, Preset] = {

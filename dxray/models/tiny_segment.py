@@ -34,7 +34,7 @@ def tiny_vocab() -> list[str]:
     return vocab
 
 
-def _tiny_detector_processor():
+def tiny_detector_processor():
     from transformers import BertTokenizer, GroundingDinoProcessor
     from transformers.utils import is_torchvision_available
 
@@ -59,7 +59,7 @@ def tiny_grounding_dino(seed: int = 0):
         SwinConfig,
     )
 
-    processor = _tiny_detector_processor()
+    processor = tiny_detector_processor()
     torch.manual_seed(seed)
     backbone = SwinConfig(
         image_size=TINY_DETECTOR_SIZE, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,

@@ -41,6 +41,8 @@ def section(cfg, name: str, scope: str) -> dict:
     part = getattr(cfg, name)
     if name == "generator" and part.grad_steps is None:
         left_out.add("grad_steps")  # unset: the ids from before the option stay
+    if name == "segment" and part.concepts is None:
+        left_out.add("concepts")  # likewise; set, it is in both ids: every sample row gets its columns
     return part.model_dump(mode="json", exclude=left_out)
 
 

@@ -89,6 +89,12 @@ def preflight(cfg: Config, missing: list[str] | None = None, *, build: bool = Tr
                     raise DxrayError(f"segment.prompts[{c}]: detection prompts {seen[query]!r} and {text!r} are the "
                                      f"same query {query!r} once lower-cased and cut at their first comma")
                 seen[query] = text
+        exact = models.preset(cfg.segment.detector)
+        if cfg.segment.concepts and exact is not None and exact.segmenter is not None:
+            try:  # an exact segmenter builds in microseconds and knows which concepts it can see
+                exact.segmenter(concepts=cfg.segment.concepts)
+            except ValueError as e:
+                raise DxrayError(f"segment.concepts: {e}") from None
     return info
 
 

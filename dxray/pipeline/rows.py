@@ -110,10 +110,13 @@ def sample_rows(run_id: str, spec: TaskSpec, samples: list[Sample], prompts: lis
 
 def segmentation_columns(segmenter, images: list, prompts: list[str]) -> list[dict]:
     """Segmentation columns of each image: the first prompt's mask, boxes and r, and with several prompts
-    (a class's candidates) every prompt's r, one segmenter call per prompt."""
-    first, *others = [segmenter(images, [p] * len(images)) for p in prompts]
-    rows = [{"object_fraction": g.object_fraction, "mask_rle": g.mask_rle, "boxes": g.boxes, "box_scores": g.box_scores}
-            for g in first]
+    (a class's candidates) every prompt's r, one segmenter call per prompt; with a concept vocabulary, every
+    concept's coverage (scored once, with the first prompt)."""
+    first, *others = [segmenter(images, [p] * len(images), with_concepts=k == 0) for k, p in enumerate(prompts)]
+    concepts = list(getattr(segmenter, "concepts", None) or []) or None
+    rows = [{"object_fraction": g.object_fraction, "mask_rle": g.mask_rle, "boxes": g.boxes, "box_scores": g.box_scores,
+             "concepts": concepts if g.concept_fractions is not None else None,
+             "concept_fractions": g.concept_fractions} for g in first]
     if others:
         for i, row in enumerate(rows):
             row["candidate_object_fractions"] = [row["object_fraction"], *(o[i].object_fraction for o in others)]

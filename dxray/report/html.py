@@ -40,10 +40,11 @@ _COLUMNS = {
     "samples": ["task_id", "seed", "image_uri", "width", "height", "class_prob", "object_fraction"],
     "verdicts": ["class_index", "feature_index", "template", "mean_object_fraction", "std_object_fraction",
                  "n_samples", "delta", "verdict", "mean_object_fraction_low", "mean_object_fraction_high",
-                 "confidence", "low_confidence"],
+                 "confidence", "low_confidence", "top_concepts", "top_concept_fractions"],
     "classes": ["class_index", "class_name", "template", "class_object_fraction", "n_spurious", "n_features",
                 "delta", "n_low_confidence", "control_object_fraction", "reliable", "detection_prompt",
-                "detection_candidates", "candidate_control_object_fractions"],
+                "detection_candidates", "candidate_control_object_fractions", "class_top_concepts",
+                "class_top_concept_fractions"],
 }
 THUMB_WIDTH = thumbs.WIDTH
 NEURONS_PER_PAGE = 100
@@ -141,7 +142,14 @@ def _number(x) -> float | None:
     return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
 
 
-def _task_view(t: dict, verdict: dict | None) -> dict:
+def _concepts(names, fractions) -> list[dict]:
+    """What a task's images show besides the object (issue 20): [{"name", "fraction"}], highest first."""
+    if not names:
+        return []
+    return [{"name": n, "fraction": _float(f)} for n, f in zip(names, fractions or [None] * len(names), strict=True)]
+
+
+def _task_view(t: dict, verdict: dict | None, concepts: list[dict] | None = None) -> dict:
     """A task's block without its images (:func:`_with_images` adds them for the page that shows them)."""
     v = None
     if verdict is not None:
@@ -158,6 +166,8 @@ def _task_view(t: dict, verdict: dict | None) -> dict:
         "error": t["error"], "feature_index": t["feature_index"], "rank": t["feature_rank"], "layer": t["layer"],
         "template": t["template"] or "", "prompt": t["hard_prompt_text"], "verdict": v, "images": [],
         "anchor": None, "href": None,
+        "concepts": concepts if concepts is not None else
+        _concepts(verdict["top_concepts"], verdict["top_concept_fractions"]) if verdict is not None else [],
     }
 
 
@@ -226,7 +236,9 @@ class _Model:
                 row = class_rows.get((c, tpl))
                 r = _float(row["class_object_fraction"]) if row else None
                 biased = bool(r is not None and delta is not None and r < delta)
-                ts = [_task_view(t, verdict_of.get((c, t["feature_index"], tpl)) if t["kind"] == "feature" else None)
+                seen = _concepts(row["class_top_concepts"], row["class_top_concept_fractions"]) if row else []
+                ts = [_task_view(t, verdict_of.get((c, t["feature_index"], tpl)) if t["kind"] == "feature" else None,
+                                 seen if t["kind"] == "class" else None)
                       for t in grouped[c][tpl]]
                 groups.append({
                     "template": tpl, "anchor": f"class-{c}-t{j}", "r": r, "biased": biased,

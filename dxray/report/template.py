@@ -28,6 +28,7 @@ nav.pages { display: flex; gap: 1rem; flex-wrap: wrap; margin: 0 0 1rem; }
 .meta { color: var(--muted); margin: 0 0 1.25rem; }
 .meta span + span::before { content: " · "; }
 .detection-prompt.chosen { font-weight: 600; }
+.concepts { font-size: .85rem; font-style: italic; }
 table.summary { border-collapse: collapse; width: 100%; margin-bottom: 2rem; }
 .summary th, .summary td { border-bottom: 1px solid var(--line); padding: .35rem .6rem; text-align: left; }
 .summary td.num, .summary th.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -193,6 +194,7 @@ MACROS = r"""
 {%- if t.verdict.unsure %} <span class="badge unsure" data-confidence="{{ "%.3f"|format(t.verdict.confidence) if t.verdict.confidence is not none else '' }}" title="{% if t.verdict.confidence is not none %}only {{ "%.0f"|format(100 * t.verdict.confidence) }}% of the bootstrap resamples of r give this verdict{% else %}one image: no interval{% endif %}">low confidence</span>{% endif %}
 {%- elif t.kind == "feature" %} <span class="badge none">no verdict</span>
 {%- endif %}
+{%- if t.concepts %} <span class="concepts" data-concepts="{{ t.concepts|map(attribute='name')|join(',') }}" title="the concepts covering most of these images (segment.concepts), mean share of the image">{{ "shows" if not t.verdict else t.verdict.verdict }}: {% for k in t.concepts %}{{ k.name }} {{ "%.2f"|format(k.fraction) if k.fraction is not none else "–" }}{{ ", " if not loop.last }}{% endfor %}</span>{% endif %}
 <span class="stats">{{ t.stats|join(" · ") }}</span>
 </div>
 {%- if t.status != "ok" %}<div class="error-box">{{ t.error or "failed (no error recorded)" }}</div>{% endif %}

@@ -74,6 +74,8 @@ SAMPLES = _schema("samples", [
     _f("box_scores", pa.list_(pa.float32()), "detection score of each box"),
     _f("candidate_prompts", pa.list_(pa.string()), "the class's detection prompts when segment.prompts lists several (detection_prompt is the first); null with one"),
     _f("candidate_object_fractions", pa.list_(pa.float32()), "r of the image under each of candidate_prompts, in order (object_fraction, mask and boxes are the first's); null with one prompt"),
+    _f("concepts", pa.list_(pa.string()), "the context concepts scored on the image (segment.concepts, lower-case, in order); null without"),
+    _f("concept_fractions", pa.list_(pa.float32()), "coverage of each of concepts: pixels of the union of its masks / all pixels (the same detector and SAM as the object, all concepts in one query)"),
 ])
 
 VERDICTS = _schema("verdicts", [
@@ -97,6 +99,8 @@ VERDICTS = _schema("verdicts", [
     _f("control_object_fraction", pa.float32(), "mean r of the class's segmenter control (its plain-prompt images); null without a control"),
     _f("reliable", pa.bool_(), "false when the segmenter control is below delta: the segmenter cannot find this class's object even in the generator's own pictures of it, so the verdict is not to be trusted; null without a control"),
     _f("detection_prompt", pa.string(), "the detection prompt whose r decided this verdict: the class's only prompt, or of several candidates the one with the highest mean r on the control images"),
+    _f("top_concepts", pa.list_(pa.string()), "what the feature's images show besides the object: up to 3 concepts of segment.concepts with the highest mean coverage over its images (above 0), highest first; null without concepts"),
+    _f("top_concept_fractions", pa.list_(pa.float32()), "mean coverage of each of top_concepts"),
 ])
 
 CLASSES = _schema("classes", [
@@ -114,6 +118,8 @@ CLASSES = _schema("classes", [
     _f("detection_prompt", pa.string(), "the detection prompt whose r the class's figures use: its only prompt, or the candidate with the highest mean r on the control images"),
     _f("detection_candidates", pa.list_(pa.string()), "every detection prompt tried for the class (segment.prompts list), in order; null with one"),
     _f("candidate_control_object_fractions", pa.list_(pa.float32()), "mean control r of each of detection_candidates: the highest one wins (the first on a tie); null with one prompt"),
+    _f("class_top_concepts", pa.list_(pa.string()), "up to 3 concepts with the highest mean coverage over the class explanation's images (above 0): what the class is seen with; null without concepts"),
+    _f("class_top_concept_fractions", pa.list_(pa.float32()), "mean coverage of each of class_top_concepts"),
 ])
 
 FEATURE_RANKING = _schema("feature_ranking", [

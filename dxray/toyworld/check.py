@@ -66,6 +66,26 @@ def feature_agreement(verdicts: list[dict], truth_rows: list[dict]) -> dict:
             "unbiased": share([p for p in pairs if not p["planted_biased"]]), "pairs": pairs}
 
 
+def concept_naming(classes: list[dict], verdicts: list[dict], truth: dict) -> dict | None:
+    """Issue 20's known answer: a planted-biased class's cue is its background colour, so with the colours as
+    ``segment.concepts`` that colour must be the top concept of its class explanation and of its spurious
+    features. None when the run scored no concepts."""
+    planted = {int(k): v for k, v in truth["biased"].items()}
+    if not any(c.get("class_top_concepts") for c in classes) and not any(v.get("top_concepts") for v in verdicts):
+        return None
+
+    def named(rows, key):
+        items = [{"class_index": r["class_index"], "feature_index": r.get("feature_index"), "planted": planted[r["class_index"]],
+                  "top_concept": (r.get(key) or [None])[0]} for r in rows]
+        right = [i["top_concept"] == i["planted"] for i in items]
+        return {"n": len(items), "n_correct": sum(right), "share": sum(right) / len(items) if items else None,
+                "items": items}
+
+    return {"class_explanations": named([c for c in classes if c["class_index"] in planted], "class_top_concepts"),
+            "spurious_features": named([v for v in verdicts if v["class_index"] in planted
+                                        and v["verdict"] == "spurious"], "top_concepts")}
+
+
 def check(run: str, truth: dict | None = None, well_above_chance: float = 3.0, classifier=None) -> dict:
     """Score a run; ``classifier``: the audited toy-world classifier for the feature truth (default: loaded
     from the world cache the run's manifest names)."""
@@ -114,6 +134,7 @@ def check(run: str, truth: dict | None = None, well_above_chance: float = 3.0, c
         features = feature_agreement(verdicts, ft.feature_truth(classifier, classes, wanted)) | {
             "margins": ft.margins()}
     report = {
+        "concepts": concept_naming(sink.read_table("classes").to_pylist(), verdicts, truth),
         "run": sink.uri(""), "chance": chance, "well_above_chance": well_above_chance * chance,
         "bias_call_accuracy": sum(r["correct"] for r in judged) / len(judged) if judged else None,
         "optimised_fraction": sum(r["optimised"] for r in rows) / len(rows) if rows else None,
@@ -137,4 +158,9 @@ def summary_line(report: dict) -> str:
         line += (f"; feature verdicts agree with the feature truth on {fmt(a['agreement'])} of {a['n_pairs']} pairs "
                  f"(biased classes {fmt(b['agreement'])} of {b['n_pairs']}, unbiased {fmt(u['agreement'])} of "
                  f"{u['n_pairs']}; {a['n_ambiguous']} ambiguous left out; target ≥ 90%)")
+    k = report.get("concepts")
+    if k:
+        e, s = k["class_explanations"], k["spurious_features"]
+        line += (f"; the planted background is the top concept of {e['n_correct']}/{e['n']} planted-biased class "
+                 f"explanations and {s['n_correct']}/{s['n']} of their spurious features")
     return line
