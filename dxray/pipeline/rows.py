@@ -112,7 +112,8 @@ def segmentation_columns(segmenter, images: list, prompts: list[str]) -> list[di
     """Segmentation columns of each image: the first prompt's mask, boxes and r, and with several prompts
     (a class's candidates) every prompt's r, one segmenter call per prompt; with a concept vocabulary, every
     concept's coverage (scored once, with the first prompt)."""
-    first, *others = [segmenter(images, [p] * len(images), with_concepts=k == 0) for k, p in enumerate(prompts)]
+    first, *others = [segmenter(images, [p] * len(images), **({} if k == 0 else {"with_concepts": False}))
+                      for k, p in enumerate(prompts)]
     concepts = list(getattr(segmenter, "concepts", None) or []) or None
     rows = [{"object_fraction": g.object_fraction, "mask_rle": g.mask_rle, "boxes": g.boxes, "box_scores": g.box_scores,
              "concepts": concepts if g.concept_fractions is not None else None,
