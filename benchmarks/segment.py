@@ -135,14 +135,26 @@ def concepts_cost(args, images, prompts) -> None:
     detector = real_grounding_dino(cache)
     sam, _ = sam_pair(cache, "vit_b")
     concepts = list(DEFAULT_CONCEPTS[: args.concepts])
-    kw = dict(box_threshold=args.sam_threshold, batch_size=args.batch)
+    # Random weights score every one of the 900 queries near 0.5: keep about --boxes per image, as a real detector
+    # does (the threshold that leaves that many on the first image's object query).
+    probe = Segmenter(detector, None, box_threshold=0.0, batch_size=1, concepts=concepts)
+    thresholds = []
+    for query in (prompts[0], probe._concept_query):  # the stricter of the two queries' cut: neither keeps more
+        _, scores, _ = probe._detect(images[:1], [query], [images[0].shape[:2]])
+        thresholds.append(sorted(scores[0], reverse=True)[args.boxes - 1])
+    threshold = max(thresholds)
+    kw = dict(box_threshold=threshold, batch_size=args.batch)
     named = Segmenter(detector, sam, concepts=concepts, **kw)
     found = named(images, prompts)
+    concept_boxes = [len(b) for b in Segmenter(detector, None, **kw)._detect(
+        images, [named._concept_query] * len(images), [i.shape[:2] for i in images])[0]]
     rates = {"object": throughput(Segmenter(detector, sam, **kw), images, prompts, args.repeats),
              "object_and_concepts": throughput(named, images, prompts, args.repeats)}
     out = {"detector": "grounding-dino-tiny size (random weights)", "sam": "vit_b (random weights)",
            "concepts": len(concepts), "images": args.images, "size": args.size, "batch": args.batch,
-           "repeats": args.repeats, "object_boxes_per_image": round(statistics.mean(len(r.boxes) for r in found), 1),
+           "repeats": args.repeats, "box_threshold": round(threshold, 4),
+           "object_boxes_per_image": round(statistics.mean(len(r.boxes) for r in found), 1),
+           "concept_query_boxes_per_image": round(statistics.mean(concept_boxes), 1),
            "object_images_per_s": round(rates["object"], 4),
            "object_and_concepts_images_per_s": round(rates["object_and_concepts"], 4),
            "cost_ratio": round(rates["object"] / rates["object_and_concepts"], 2),
@@ -165,6 +177,7 @@ def main() -> None:
     ap.add_argument("--sam-size", choices=["vit_b", "small"], default="vit_b", help="SAM size of --sam-backends")
     ap.add_argument("--sam-threshold", type=float, default=0.5, help="box threshold of --sam-backends")
     ap.add_argument("--concepts", type=int, default=0, help="price naming this many concepts (real-size models)")
+    ap.add_argument("--boxes", type=int, default=10, help="object boxes per image --concepts aims at")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8) for _ in range(args.images)]
