@@ -155,6 +155,8 @@ def explain(
     """Optimise soft prompts for the configured classes and features and write the run tables (one process, no Ray).
 
     Example: dxray explain jobs/configs/tiny.yaml output=dxray-out optimize.steps=50
+
+    Naming what spurious features show: dxray explain jobs/configs/imagenet.yaml segment.concepts=default
     """
     try:
         from dxray.config import load_config
@@ -183,6 +185,8 @@ def audit(
     """Run the audit on Ray: explainer actors per GPU, segmenter actors, resumable.
 
     Example: dxray audit jobs/configs/tiny.yaml output=s3://bucket/audits --address auto
+
+    Then, against a baseline audit: dxray compare BASELINE_RUN NEW_RUN --fail-on new-spurious
     """
 
     try:
