@@ -288,6 +288,7 @@ class SegmentConfig(_Section):
     control_template: str = Field("a photo of a {}", description="the control's plain prompt; '{}' becomes the class name's words")
     concepts: list[str] | str | None = Field(None, description="context concepts whose coverage is scored on every image, to name what a spurious feature shows: a list, a text file (one per line), or 'default' (snow, water, grass, sand, sky, tree, road, rock, flower, person, hand, text, building, leaf, wood, fence); null: none. Each verdict gets its top concepts")
     batch_size: Int = Field(4, gt=0, le=1024)
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="precision of Grounding DINO's and SAM's forward passes (autocast; boxes are post-processed in float32). float16/bfloat16 speed them up on a GPU at a cost of about a pixel per box")
 
     @field_validator("concepts")
     @classmethod

@@ -182,7 +182,7 @@ class Segmenter:
     """Holds Grounding DINO + SAM (Ray-Data-style stateful holder: load in __init__, work in __call__)."""
 
     def __init__(self, detector: str, sam: str | None, *, device="cpu", box_threshold=0.35, text_threshold=0.25,
-                 batch_size=4, allow_pickle=False, concepts: list[str] | None = None):
+                 batch_size=4, allow_pickle=False, concepts: list[str] | None = None, dtype: str = "float32"):
         from transformers import (
             AutoModelForZeroShotObjectDetection,
             AutoProcessor,
@@ -195,7 +195,10 @@ class Segmenter:
                 raise DxrayError(f"segment.{name} must be in [0, 1], got {value!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise DxrayError(f"segment.batch_size must be a positive integer, got {batch_size!r}")
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise DxrayError(f"segment.dtype must be float32, float16 or bfloat16, got {dtype!r}")
         self.device, self.batch_size = torch.device(device), batch_size
+        self.dtype = getattr(torch, dtype)  # the detector's and SAM's forward passes run under autocast to it
         # context concepts: all of them in one detector query ("snow. water. grass."), one query per image
         self.concepts = [c.strip().lower() for c in concepts] if concepts else []
         self._concept_query = " ".join(f"{c}." for c in self.concepts)
@@ -242,8 +245,11 @@ class Segmenter:
     def _detect(self, images, prompts, sizes) -> tuple[list, list, list]:
         """Boxes (input-image pixels, clipped to the image), scores and phrase labels per image."""
         inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True).to(self.device)
+        with self._autocast():
+            outputs = self.detector(**inputs)
+        outputs.logits, outputs.pred_boxes = outputs.logits.float(), outputs.pred_boxes.float()  # boxes in fp32
         detections = self.processor.post_process_grounded_object_detection(
-            self.detector(**inputs), inputs["input_ids"], target_sizes=sizes, text_threshold=self.text_threshold,
+            outputs, inputs["input_ids"], target_sizes=sizes, text_threshold=self.text_threshold,
             **{self._threshold_kw: self.box_threshold},
         )
         boxes, scores, labels = [], [], []
@@ -254,6 +260,9 @@ class Segmenter:
             text = det["text_labels"] if "text_labels" in det else det.get("labels")  # the older name
             labels.append(list(text) if text is not None else [""] * len(boxes[-1]))
         return boxes, scores, labels
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def _owners(self, label: str) -> list[int]:
         """The concepts a detected phrase names ("snow. water." -> snow and water): whole words only, punctuation
@@ -305,8 +314,9 @@ class Segmenter:
                 images=[images[i] for i in found], input_boxes=[boxes[i] + boxes[i][:1] * (n - len(boxes[i])) for i in found],
                 return_tensors="pt",
             )
-            pred = self.sam(pixel_values=sam_inputs["pixel_values"].to(self.device),
-                            input_boxes=sam_inputs["input_boxes"].to(self.device), multimask_output=False).pred_masks
+            with self._autocast():
+                pred = self.sam(pixel_values=sam_inputs["pixel_values"].to(self.device),
+                                input_boxes=sam_inputs["input_boxes"].to(self.device), multimask_output=False).pred_masks
             upscaled = self.sam_processor.post_process_masks(
                 pred.float().cpu(), sam_inputs["original_sizes"].cpu(), sam_inputs["reshaped_input_sizes"].cpu())
             for i, m in zip(found, upscaled, strict=True):
@@ -325,4 +335,5 @@ class Segmenter:
             records.append({"image": pixels.permute(2, 0, 1).contiguous(), "original_size": size,
                             "boxes": self.sam_transform.apply_boxes_torch(
                                 torch.as_tensor(b, dtype=torch.float, device=self.device), size)})
-        return [o["masks"][:, 0].cpu().numpy() for o in self.sam(records, multimask_output=False)]
+        with self._autocast():
+            return [o["masks"][:, 0].cpu().numpy() for o in self.sam(records, multimask_output=False)]

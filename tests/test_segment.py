@@ -253,12 +253,47 @@ def test_mismatched_images_and_prompts(low, images):
     ({"box_threshold": -0.1}, "segment.box_threshold"),
     ({"text_threshold": 2}, "segment.text_threshold"),
     ({"batch_size": 0}, "segment.batch_size"),
+    ({"dtype": "float64"}, "segment.dtype"),
 ])
 def test_bad_settings_are_one_line_errors(cache, kwargs, match):
     args = {"detector": _tiny(cache)[0], "sam": _tiny(cache)[1], **kwargs}
     with pytest.raises(DxrayError, match=match) as e:
         Segmenter(args.pop("detector"), args.pop("sam"), **args)
     assert "\n" not in str(e.value)
+
+
+def boxes_agree(low: list, full: list, px: float) -> float:
+    """Share of ``low``'s boxes with a box of ``full`` whose corners are all within ``px`` pixels (a box near the
+    threshold may pass in one precision only, so counts can differ by a few)."""
+    if not low:
+        return 1.0 if not full else 0.0
+    a, b = np.asarray(low, dtype=float), np.asarray(full, dtype=float).reshape(-1, 4)
+    return float(np.mean([bool(len(b)) and np.abs(b - box).max(axis=1).min() <= px for box in a]))
+
+
+def test_bfloat16_runs_both_models_in_bfloat16_and_keeps_the_boxes(cache, images):
+    detector, sam = _tiny(cache)
+    full = Segmenter(detector, sam, box_threshold=0.5, batch_size=2)(images[:2], PROMPTS[:2])
+    low = Segmenter(detector, sam, box_threshold=0.5, batch_size=2, dtype="bfloat16")
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: seen.append((mod.name, o.dtype)))
+             for m in _first_linears(low.detector, low.sam)]
+    found = low(images[:2], PROMPTS[:2])
+    for h in hooks:
+        h.remove()
+    assert {name for name, _ in seen} == {"detector", "sam"} and {d for _, d in seen} == {torch.bfloat16}
+    for a, b in zip(found, full, strict=True):
+        assert a.boxes and boxes_agree(a.boxes, b.boxes, px=1.5) >= 0.8, (a.boxes, b.boxes)
+        assert abs(a.object_fraction - b.object_fraction) < 0.05
+
+
+def _first_linears(detector, sam) -> list:
+    out = []
+    for name, model in (("detector", detector), ("sam", sam)):
+        layer = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+        layer.name = name
+        out.append(layer)
+    return out
 
 
 def test_unloadable_models_are_one_line_errors(cache, tmp_path, monkeypatch):

@@ -80,7 +80,8 @@ def load_segmenter(s, *, device="cpu", cache_dir: str | None = None):
 
     return Segmenter(_segment_ref(s.detector, "detector", cache_dir), _segment_ref(s.sam, "sam", cache_dir),
                      device=device, box_threshold=s.box_threshold, text_threshold=s.text_threshold,
-                     batch_size=s.batch_size, allow_pickle=s.allow_pickle, concepts=s.concepts)
+                     batch_size=s.batch_size, allow_pickle=s.allow_pickle, concepts=s.concepts,
+                     dtype=s.dtype)
 
 
 def _segment_ref(ref: str | None, part: str, cache_dir: str | None) -> str | None:

@@ -43,6 +43,8 @@ def section(cfg, name: str, scope: str) -> dict:
         left_out.add("grad_steps")  # unset: the ids from before the option stay
     if name == "segment" and part.concepts is None:
         left_out.add("concepts")  # likewise; set, it is in both ids: every sample row gets its columns
+    if name == "segment" and part.dtype == "float32":
+        left_out.add("dtype")  # the default: ids from before the option stay; a lower precision is another run
     return part.model_dump(mode="json", exclude=left_out)
 
 
