@@ -21,7 +21,12 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -384,23 +389,82 @@ def measure_lever(bench: Bench, name: str, a) -> dict:
         if not cuda and not a.compile_on_cpu:
             return {"status": "not measured on CPU by default: compiling the tiny UNet (forward + backward) took "
                               "432 s on the 2-core dev box (--compile-on-cpu measures it)"}
-        gen = bench.generator()
-        gen.unet = torch.compile(bench.parts["unet"])
-        fn, n = bench.engine_step(gen, T, S)
-        try:
-            t0 = time.perf_counter()
-            fn()  # compiles (forward and backward graphs)
-            sync(dev)
-            compile_s = round(time.perf_counter() - t0, 1)
-            both = interleaved(dev, {"off": bench.engine_step(bench.generator(), T, S), "on": (fn, n)},
-                               a.rounds, a.warmup)
-        except Exception as err:  # unsupported backend, compiler missing...: record, don't crash the bench
-            return {"status": "error", "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
-        finally:
-            torch._dynamo.reset()
-        return figure(both["on"]["image_steps_per_s"], both["off"]["image_steps_per_s"], "image-steps/s",
-                      off=both["off"], on=both["on"], compile_s=compile_s)
+        return compile_lever(a, dev)
     raise ValueError(f"unknown lever {name!r}; choose from {', '.join(LEVERS)}")
+
+
+def compile_and_time(bench: Bench, a) -> dict:
+    """torch_compile: the UNet compiled (first call: forward and backward graphs) vs eager, interleaved."""
+    dev, T, S = bench.device, a.tasks, a.samples
+    gen = bench.generator()
+    gen.unet = torch.compile(bench.parts["unet"], backend=a.compile_backend)
+    fn, n = bench.engine_step(gen, T, S)
+    try:
+        print("compiling", flush=True)
+        t0 = time.perf_counter()
+        fn()  # compiles (forward and backward graphs)
+        sync(dev)
+        compile_s = round(time.perf_counter() - t0, 1)
+        print(f"compiled in {compile_s} s; timing", flush=True)
+        both = interleaved(dev, {"off": bench.engine_step(bench.generator(), T, S), "on": (fn, n)},
+                           a.rounds, a.warmup)
+    except Exception as err:  # unsupported backend, compiler missing...: record, don't crash the bench
+        return {"status": "error", "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+    finally:
+        torch._dynamo.reset()
+    extra = {} if a.compile_backend == "inductor" else {"backend": a.compile_backend}
+    return figure(both["on"]["image_steps_per_s"], both["off"]["image_steps_per_s"], "image-steps/s",
+                  off=both["off"], on=both["on"], compile_s=compile_s, **extra)
+
+
+def compile_lever(a, device: torch.device) -> dict:
+    """The torch_compile lever within --compile-budget-s (0: no limit).
+
+    A compile cannot be stopped safely inside the process (Inductor holds the GIL, its worker pool
+    and the GPU), so the lever runs in a child process of its own (same arguments; it builds its
+    own models, compiles, times off vs on, writes its figure to a file) started in a new session;
+    at the budget the whole session is killed (child and compile workers) and the lever records
+    "over budget" with the seconds spent and how far it got."""
+    budget = a.compile_budget_s or None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the parent's cached blocks: the child needs the memory
+    with tempfile.TemporaryDirectory(prefix="optimize_step-compile-") as tmp:
+        out = Path(tmp) / "lever.json"
+        argv = [sys.executable, str(Path(__file__).resolve()), "--preset", a.preset, "--device", str(device),
+                "--resolution", str(a.resolution), "--tasks", str(a.tasks), "--samples", str(a.samples),
+                "--rounds", str(a.rounds), "--warmup", str(a.warmup), "--compile-backend", a.compile_backend,
+                "--compile-child", str(out)]
+        lines: list[str] = []
+        t0 = time.perf_counter()
+        child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)
+        reader = threading.Thread(target=lambda: lines.extend(line.rstrip() for line in child.stdout), daemon=True)
+        reader.start()
+        try:
+            rc = child.wait(timeout=budget)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            reader.join(timeout=10)
+            stages = [x for x in lines if x.startswith(("building", "compiling", "compiled"))]
+            return {"status": "over budget", "budget_s": budget, "seconds": round(time.perf_counter() - t0, 1),
+                    "reached": stages[-1] if stages else "starting",
+                    "note": "compiled and timed in a child process, killed at --compile-budget-s"}
+        reader.join(timeout=10)
+        if rc != 0 or not out.exists():
+            return {"status": "error", "error": f"compile child exited {rc}: {(lines or ['no output'])[-1][:300]}"}
+        result = json.loads(out.read_text())
+    result["seconds"] = round(time.perf_counter() - t0, 1)  # the child's whole run: models, compile, timing
+    return result
+
+
+def compile_child(a, device: torch.device) -> None:
+    """--compile-child FILE: measure the torch_compile lever alone and write its figure to FILE."""
+    torch.manual_seed(0)
+    print("building models", flush=True)
+    Path(a.compile_child).write_text(json.dumps(compile_and_time(Bench(a.preset, device, a.resolution), a),
+                                                default=float))
 
 
 def _toyworld_ready() -> bool:
@@ -529,6 +593,12 @@ def main() -> None:
     ap.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated subset of {','.join(LEVERS)}")
     ap.add_argument("--objective-steps", type=int, help="optimisation steps of the grad_steps quality check")
     ap.add_argument("--compile-on-cpu", action="store_true")
+    ap.add_argument("--compile-budget-s", type=float, default=150.0,
+                    help="seconds for the torch_compile lever (its models, compile and timing); past it the lever "
+                         "records 'over budget' and the run goes on; 0: no limit")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager, aot_eager: "
+                    "to try the lever's plumbing quickly)")
+    ap.add_argument("--compile-child", help=argparse.SUPPRESS)
     ap.add_argument("--no-h100-projection", dest="h100_projection", action="store_false",
                     help="skip the SD1.5-size FLOP count on the meta device and its H100 projection")
     ap.add_argument("--segment-images-per-s", type=float, default=16.0,
@@ -541,6 +611,8 @@ def main() -> None:
     from dxray.generator import resolve_device
 
     device = resolve_device(a.device)
+    if a.compile_child:
+        return compile_child(a, device)
     torch.manual_seed(0)
     bench = Bench(a.preset, device, a.resolution)
     print(f"optimize_step: {a.preset} @ {a.resolution}px on {device}: {a.tasks} tasks x S={a.samples}", flush=True)
