@@ -1,11 +1,12 @@
 # make install | test | demo | bench | lint  — each installs first if needed.
+# make gpu-wheels (networked) then make gpu-check (an offline CUDA node: its own python + torch).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= dxray-out
 
-.PHONY: install browser test demo demo-tiny bench bench-gpu lint schema
+.PHONY: install browser test demo demo-tiny bench bench-gpu gpu-wheels gpu-check lint schema
 
 install: $(STAMP)
 
@@ -49,6 +50,37 @@ bench: install
 # full-ImageNet projection on the SD1.5-size architecture (random weights) at 512 px, 4 steps.
 bench-gpu: install
 	$(BIN)/python benchmarks/optimize_step.py --preset sd15 --device cuda --out optimize_step-gpu.json
+
+# The offline GPU check. On a networked machine, `make gpu-wheels` downloads gpu/requirements.txt
+# (what an air-gapped CUDA node's python lacks: diffusers, pydantic, pytest, ...; no ray) as wheels
+# for the node's Python (GPU_PY) and platform into GPU_WHEELS, and prints their size. On the node,
+# `make gpu-check` installs nothing from an index: it unpacks the wheels of what GPU_PYTHON lacks into
+# GPU_SITE, then runs `pytest -m gpu` and optimize_step.py (sd15, every lever, torch_compile within
+# GPU_COMPILE_BUDGET_S) into benchmarks/results/ (gpu-check.txt: the summary). GPU_CHECK_DEVICE=cpu:
+# the same path on a CPU machine (tiny preset; the GPU tests only collected).
+GPU_PYTHON ?= python3
+GPU_PY ?= 3.12
+GPU_PLATFORMS ?= manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_28_x86_64 manylinux_2_34_x86_64
+GPU_WHEELS ?= gpu/wheels
+GPU_SITE ?= .gpu-site
+GPU_RESULTS ?= benchmarks/results
+GPU_CHECK_DEVICE ?= cuda
+GPU_CHECK_INSTALL ?= missing
+GPU_COMPILE_BUDGET_S ?= 150
+GPU_BENCH_ARGS ?=
+
+gpu-wheels:
+	mkdir -p $(GPU_WHEELS) && rm -f $(GPU_WHEELS)/*.whl
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --only-binary=:all: --no-deps \
+	  --python-version $(GPU_PY) --implementation cp --abi cp$(subst .,,$(GPU_PY)) --abi abi3 \
+	  $(addprefix --platform ,$(GPU_PLATFORMS)) -d $(GPU_WHEELS) -r gpu/requirements.txt
+	@$(PYTHON) gpu/check.py --sizes --wheels $(GPU_WHEELS)
+
+gpu-check:
+	@command -v $(GPU_PYTHON) >/dev/null || { echo "gpu-check: no python '$(GPU_PYTHON)'; set GPU_PYTHON" >&2; exit 2; }
+	@$(GPU_PYTHON) gpu/check.py --device $(GPU_CHECK_DEVICE) --wheels $(GPU_WHEELS) --site $(GPU_SITE) \
+	  --results $(GPU_RESULTS) --install $(GPU_CHECK_INSTALL) --compile-budget-s $(GPU_COMPILE_BUDGET_S) \
+	  --bench-args="$(GPU_BENCH_ARGS)"
 
 lint: install
 	$(BIN)/ruff check dxray tests benchmarks jobs
