@@ -199,6 +199,7 @@ class Segmenter:
             raise DxrayError(f"segment.dtype must be float32, float16 or bfloat16, got {dtype!r}")
         self.device, self.batch_size = torch.device(device), batch_size
         self.dtype = getattr(torch, dtype)  # the detector's and SAM's forward passes run under autocast to it
+        self.sam_boxes_per_call = 32  # SAM mask-decoder calls take at most this many boxes per image
         # context concepts: all of them in one detector query ("snow. water. grass."), one query per image
         self.concepts = [c.strip().lower() for c in concepts] if concepts else []
         self._concept_query = " ".join(f"{c}." for c in self.concepts)
@@ -314,13 +315,21 @@ class Segmenter:
                 images=[images[i] for i in found], input_boxes=[boxes[i] + boxes[i][:1] * (n - len(boxes[i])) for i in found],
                 return_tensors="pt",
             )
-            with self._autocast():
-                pred = self.sam(pixel_values=sam_inputs["pixel_values"].to(self.device),
-                                input_boxes=sam_inputs["input_boxes"].to(self.device), multimask_output=False).pred_masks
-            upscaled = self.sam_processor.post_process_masks(
-                pred.float().cpu(), sam_inputs["original_sizes"].cpu(), sam_inputs["reshaped_input_sizes"].cpu())
-            for i, m in zip(found, upscaled, strict=True):
-                masks[i] = list(m[: len(boxes[i]), 0].numpy())
+            with self._autocast():  # one image encoding per image, whatever its number of boxes
+                embeddings = self.sam.get_image_embeddings(sam_inputs["pixel_values"].to(self.device))
+            input_boxes = sam_inputs["input_boxes"].to(self.device)
+            sizes_in = (sam_inputs["original_sizes"].cpu(), sam_inputs["reshaped_input_sizes"].cpu())
+            parts = [[] for _ in found]
+            # Boxes in chunks: the masks are upscaled to 1024 px before cropping (4 MB a box), so a detector that
+            # keeps hundreds of boxes (a low box_threshold) would otherwise need gigabytes at once.
+            for start in range(0, n, self.sam_boxes_per_call):
+                with self._autocast():
+                    pred = self.sam(image_embeddings=embeddings, input_boxes=input_boxes[:, start:start + self.sam_boxes_per_call],
+                                    multimask_output=False).pred_masks
+                for k, m in enumerate(self.sam_processor.post_process_masks(pred.float().cpu(), *sizes_in)):
+                    parts[k].append(m[:, 0].numpy())
+            for k, i in enumerate(found):
+                masks[i] = list(np.concatenate(parts[k])[: len(boxes[i])])
         return masks
 
     def _package_masks(self, images, boxes) -> list[np.ndarray]:

@@ -134,7 +134,8 @@ def _documented_masks(sam: str, image: np.ndarray, boxes: np.ndarray) -> np.ndar
     return masks[:, 0].numpy()
 
 
-def test_segmenter_boxes_and_masks_match_the_documented_post_processing(seg_models):
+@pytest.mark.parametrize("boxes_per_call", [32, 5])  # 5: SAM's boxes in chunks, the image encoded once
+def test_segmenter_boxes_and_masks_match_the_documented_post_processing(seg_models, boxes_per_call):
     detector, sam = seg_models
     images = _images()
     # a threshold that leaves a few boxes on each image (random weights: a few of the 900 queries stand out)
@@ -142,13 +143,20 @@ def test_segmenter_boxes_and_masks_match_the_documented_post_processing(seg_mode
     reference = [_documented_boxes(detector, im, p + ".", threshold) for im, p in zip(images, PROMPTS, strict=True)]
     assert all(1 <= len(b) <= 50 for b in reference), [len(b) for b in reference]
 
-    found = Segmenter(detector, sam, box_threshold=threshold, batch_size=2)(images, PROMPTS)
-    for im, ref, seg in zip(images, reference, found, strict=True):
+    segmenter = Segmenter(detector, sam, box_threshold=threshold, batch_size=2)
+    segmenter.sam_boxes_per_call = boxes_per_call
+    found = segmenter(images, PROMPTS)
+    # every box's own mask too (random weights' masks overlap so much that the union alone would hide a lost box)
+    per_box = segmenter._masks(images, [seg.boxes for seg in found], [im.shape[:2] for im in images])
+    for im, ref, seg, masks in zip(images, reference, found, per_box, strict=True):
         h, w = im.shape[:2]
         clipped = np.minimum(ref.clip(min=0), [w, h, w, h])  # dxray clips boxes to the image
         np.testing.assert_allclose(np.array(seg.boxes), clipped, atol=1e-3)
-        union = _documented_masks(sam, im, clipped).any(axis=0)
-        ours = rle_decode(seg.mask_rle, h, w).astype(bool)
+        documented = _documented_masks(sam, im, clipped)
+        assert len(masks) == len(documented)
+        for k, (ours, theirs) in enumerate(zip(masks, documented, strict=True)):
+            np.testing.assert_array_equal(ours, theirs, err_msg=f"box {k}")
+        union = documented.any(axis=0)
         assert union.any() and not union.all()
-        np.testing.assert_array_equal(ours, union)
+        np.testing.assert_array_equal(rle_decode(seg.mask_rle, h, w).astype(bool), union)
         assert seg.object_fraction == pytest.approx(union.mean())
