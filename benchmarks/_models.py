@@ -8,31 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from dxray.models.tiny import tiny_clip_tokenizer, tiny_lcm_components
+from dxray.models.tiny import tiny_lcm_components
 
 
 def sd15_components() -> dict:
-    """SD1.5 / LCM-Dreamshaper-v7 sized UNet, VAE and CLIP ViT-L/14 text encoder (random weights)."""
-    from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """SD1.5 / LCM-Dreamshaper-v7 sized UNet, VAE and CLIP ViT-L/14 text encoder (random weights), the real CLIP
+    tokenizer (needs open_clip's wheel: pip install --no-deps open-clip-torch)."""
+    from dxray.models.real_size import sd15_parts
 
-    torch.manual_seed(0)
-    tok = tiny_clip_tokenizer()  # ids differ from real CLIP's; compute does not
-    unet = UNet2DConditionModel(
-        sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768, attention_head_dim=8, time_cond_proj_dim=256)
-    vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2,
-                        sample_size=512, scaling_factor=0.18215)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                        num_attention_heads=12, num_hidden_layers=12, hidden_act="quick_gelu",
-                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                        pad_token_id=tok.pad_token_id))
-    sched = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1)
-    return {"unet": unet, "vae": vae, "text_encoder": text, "tokenizer": tok, "scheduler": sched}
+    return sd15_parts(time_cond_proj_dim=256)
 
 
 def components(size: str) -> dict:
