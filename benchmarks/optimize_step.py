@@ -652,9 +652,10 @@ def main() -> None:
         doc["projection_h100_analytic"] = h100_projection(a)
     doc["targets"] = {"throughput_ratio_vs_naive": 2.0, "mfu_h100": 0.4, "imagenet_h100_hours": 16}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / a.out).write_text(json.dumps(doc, indent=2, default=float) + "\n")
+    out = RESULTS / a.out  # an absolute --out replaces the folder
+    out.write_text(json.dumps(doc, indent=2, default=float) + "\n")
     print(table(doc))
-    print(f"wrote benchmarks/results/{a.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
