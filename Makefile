@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= dxray-out
 
-.PHONY: install browser test demo demo-tiny bench bench-gpu gpu-wheels gpu-check lint schema
+.PHONY: install browser test test-slow demo demo-tiny bench bench-gpu gpu-wheels gpu-check lint schema
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ browser:
 
 test: install browser
 	$(BIN)/pytest
+
+# Every model the paper's job loads at its real size (random weights), run end to end (~15 min, ~10 GB of disk
+# under DXRAY_REAL_SIZE, default ~/.cache/dxray/real-size).
+test-slow: install
+	$(BIN)/pytest -m slow -s tests/test_real_size.py
 
 # The planted-bias toy world, end to end: trains the world on first use (one thread; 3-6 min on a 2-core box),
 # audits it on a local Ray (the embedded default), and scores the audit against the planted truth.
