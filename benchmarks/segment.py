@@ -135,8 +135,8 @@ def top_boxes(k: int) -> type:
         def _detect(self, images, prompts, sizes):
             boxes, scores, labels = super()._detect(images, prompts, sizes)
             keep = [sorted(range(len(s)), key=lambda j: -s[j])[:k] for s in scores]
-            return ([[b[j] for j in kj] for b, kj in zip(boxes, keep)], [[s[j] for j in kj] for s, kj in zip(scores, keep)],
-                    [[lab[j] for j in kj] for lab, kj in zip(labels, keep)])
+            return ([[b[j] for j in kj] for b, kj in zip(boxes, keep, strict=True)], [[s[j] for j in kj] for s, kj in zip(scores, keep, strict=True)],
+                    [[lab[j] for j in kj] for lab, kj in zip(labels, keep, strict=True)])
 
     return TopBoxes
 

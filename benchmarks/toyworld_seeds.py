@@ -2,11 +2,14 @@
 
     python benchmarks/toyworld_seeds.py --cache-dir C --seeds 3-10 --jobs 2 --name v4
     python benchmarks/toyworld_seeds.py --cache-dir C1 --world-seed 1 --top-k 5 --seeds 3-10 --name feat-w1
+    python benchmarks/toyworld_seeds.py --cache-dir C --top-k 5 --seeds 3-6 --name concepts-w0 \
+        'segment.concepts=[purple,orange,gray,teal,pink,brown]'
 
 One audit per seed (``dxray explain jobs/configs/toyworld.yaml targets.top_k=K seed=S``, one torch thread
 each, ``--jobs`` at a time; K = ``--top-k``, 0 = class tasks only), each scored by ``dxray toyworld check``:
 the class-level bias calls and, with feature tasks, the feature verdicts' agreement with the feature truth
-(``dxray/toyworld/feature_truth.py``, Fig. 6), overall and for biased / unbiased classes. One run's figure means
+(``dxray/toyworld/feature_truth.py``, Fig. 6), overall and for biased / unbiased classes, and, with the background
+colours as ``segment.concepts``, how often the planted background is the top concept (issue 20). One run's figure means
 little (a class flips with the seed, and with the CPU's rounding): this reports the mean over seeds, the
 per-seed figures, and which classes missed how often. The world is the one cached under ``--cache-dir``
 (trained there on first use). Extra ``key=value`` arguments override the preset, as on the CLI.
@@ -71,7 +74,24 @@ def audit(seed: int, cache_dir: str, out: Path, overrides: list[str], top_k: int
             "classes": [{k: r[k] for k in ("class_name", "planted_biased", "called_biased", "object_fraction",
                                            "prob_before", "prob_after")} for r in report["classes"]],
             "feature_agreement": None if not features else {k: features[k] for k in ("all", "biased", "unbiased")},
-            "feature_pairs": None if not features else features["pairs"]}
+            "feature_pairs": None if not features else features["pairs"], "concepts": report.get("concepts")}
+
+
+def pooled_concepts(runs: list[dict]) -> dict | None:
+    """Issue 20's known answer over every run that scored concepts: how often the planted background is the top
+    concept, for the planted classes' explanations and their spurious features, with each miss's top concept."""
+    cells = [r["concepts"] for r in runs if r.get("concepts")]
+    if not cells:
+        return None
+
+    def pool(key: str) -> dict:
+        n, right = sum(c[key]["n"] for c in cells), sum(c[key]["n_correct"] for c in cells)
+        return {"n": n, "n_correct": right, "share": right / n if n else None,
+                "misses": dict(Counter(f"{i['planted']} -> {i['top_concept']}" for c in cells for i in c[key]["items"]
+                                       if i["top_concept"] != i["planted"]))}
+
+    return {"n_runs": len(cells), "class_explanations": pool("class_explanations"),
+            "spurious_features": pool("spurious_features")}
 
 
 def pooled(runs: list[dict], split: str) -> dict:
@@ -111,6 +131,11 @@ def main() -> None:
             feat = "" if not fa else (
                 f", feature verdicts {fa['all']['agreement']:.0%} of {fa['all']['n_pairs']} (biased "
                 f"{fa['biased']['agreement']:.0%}, unbiased {fa['unbiased']['agreement']:.0%})")
+            k = r["concepts"]
+            if k:
+                e, sp = k["class_explanations"], k["spurious_features"]
+                feat += (f", planted background the top concept of {e['n_correct']}/{e['n']} explanations and "
+                         f"{sp['n_correct']}/{sp['n']} spurious features")
             print(f"seed {r['seed']}: bias calls {r['bias_call_accuracy']:.0%}, optimised {r['optimised_fraction']:.0%}"
                   f"{feat} ({r['seconds']:.0f} s)", flush=True)
     misses = dict(Counter(c["class_name"] for r in runs for c in r["classes"]
@@ -128,6 +153,9 @@ def main() -> None:
         result["feature_agreement"] = {k: pooled(runs, k) for k in ("all", "biased", "unbiased")}
         result["feature_misses_by_class"] = dict(Counter(
             p["class_name"] for r in runs for p in r["feature_pairs"] or [] if p["correct"] is False))
+    concepts = pooled_concepts(runs)
+    if concepts:
+        result["concepts"] = concepts
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"toyworld-{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{args.name}: mean bias calls {result['mean_bias_call_accuracy']:.1%}, optimised "
@@ -139,6 +167,11 @@ def main() -> None:
               f"{fa['all']['n_pairs']} pairs (per seed {pct(fa['all']['min_per_seed'])}-{pct(fa['all']['max_per_seed'])}; "
               f"biased {pct(fa['biased']['agreement'])}, unbiased {pct(fa['unbiased']['agreement'])}; "
               f"{fa['all']['n_ambiguous']} ambiguous left out); misses {result['feature_misses_by_class']}")
+    if concepts:
+        e, sp = concepts["class_explanations"], concepts["spurious_features"]
+        print(f"{args.name}: the planted background is the top concept of {e['n_correct']}/{e['n']} planted class "
+              f"explanations (misses {e['misses']}) and {sp['n_correct']}/{sp['n']} of their spurious features "
+              f"(misses {sp['misses']})")
 
 
 if __name__ == "__main__":

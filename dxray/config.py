@@ -191,7 +191,7 @@ class OptimizeConfig(_Section):
     early_stop_prob: OptFloat = Field(None, gt=0, le=1, description="stop a class task (not a feature task) once its mean target probability reaches this")
     feature_weight: Float = Field(1.0, gt=0, description="lambda of Eq.5: CE(class) - lambda * feature")
     batch_tasks: Int = Field(4, gt=0, le=1024, description="tasks optimised together in one batch")
-    restarts: Int = Field(1, gt=0, le=100, description="independent initialisations per task; the lowest final loss wins")
+    restarts: Int = Field(1, gt=0, le=100, description="independent initialisations per task; the lowest final loss wins (hard prompts: the lowest chosen_loss, the returned words' own)")
 
 
 class SampleConfig(_Section):

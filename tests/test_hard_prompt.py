@@ -112,7 +112,7 @@ def test_only_allowed_ids_are_ever_chosen(tiny_generator, tiny_classifier, monke
     targets = [Target(class_ce(c), "{}", 2, "random", seed=c, class_index=c) for c in (0, 1)]
     settings = OptimizeSettings(steps=4, lr=0.5, samples_per_step=1, hard=HardSettings(vocabulary=words))
     results = optimize(g, tiny_classifier, targets, settings)
-    assert len(seen) == 2 * 4
+    assert len(seen) == 2 * 4 + 2  # each step's draws, then each chosen prompt scored once (chosen_loss)
     for rows in seen:
         for row in rows:
             [[tid]] = (table == row).all(1).nonzero().tolist()
@@ -122,6 +122,28 @@ def test_only_allowed_ids_are_ever_chosen(tiny_generator, tiny_classifier, monke
         assert r.text == prompts.decode(g.tokenizer, r.token_ids)
         assert set(r.text.split()) <= set(words)
         assert torch.equal(r.rows, table[r.token_ids])  # what prompt_embedding stores: the words' rows
+
+
+def test_restarts_are_ranked_by_the_loss_of_the_prompt_they_return(tiny_generator, tiny_classifier):
+    """Each step's loss is a Gumbel draw's, and the draw's tokens can differ from the argmax prompt a hard-prompt
+    run returns: chosen_loss is the returned prompt's own loss on the last step's seeds, and best_of ranks by it."""
+    from dxray.optimize import OptimizeResult, best_of
+
+    g = tiny_generator
+    targets = [Target(class_ce(c), "{}", 2, "random", seed=c + k, class_index=c) for c in (0, 1) for k in (7, 20)]
+    hard = optimize(g, tiny_classifier, targets, OptimizeSettings(steps=3, lr=0.5, samples_per_step=2,
+                                                                     hard=HardSettings(vocabulary=["x", "y", "z"])))
+    for t, r in zip(targets, hard, strict=True):
+        with torch.no_grad():
+            images = g.generate(g.encode([g.soft_prompt("{}", 2)], [r.rows]), [r.train_seeds[-1]])
+            own = t.objective(tiny_classifier(images, layers=[])).mean().item()
+        assert r.chosen_loss == pytest.approx(own, rel=1e-4, abs=1e-5)
+    soft = optimize(g, tiny_classifier, targets[:1], OptimizeSettings(steps=2, samples_per_step=2))
+    assert soft[0].chosen_loss is None  # a soft prompt's rows are what each step rendered
+    rows = torch.zeros(1, 2)
+    lucky = OptimizeResult(rows, loss_curve=[0.01], chosen_loss=8.4, init_seed=1)
+    steady = OptimizeResult(rows, loss_curve=[4.6], chosen_loss=1.7, init_seed=2)
+    assert best_of([lucky, steady]).init_seed == 2
 
 
 def test_a_multi_token_word_is_a_one_line_error(tiny_generator, tiny_config):
@@ -191,7 +213,9 @@ def test_hard_prompt_optimisation_lowers_the_held_out_loss_on_the_toy_world(worl
         pairs.append((_held_out_ce(gen, clf, best.start_rows, c), _held_out_ce(gen, clf, best.rows, c), best.text))
     assert all(text and set(text.split()) <= set(WORLD_WORDS) for _, _, text in pairs), pairs
     before, after = (sum(p[i] for p in pairs) / len(pairs) for i in (0, 1))
-    assert after < before - 1.0, pairs  # measured: v3 about 6.2 -> 3.2, v4 3.14 -> 1.72
+    # Measured: v3 about 6.2 -> 3.2, v4 3.14 -> 1.72; v4 on the CI box 4.23 -> 3.73 (2 of 6 worse) while restarts were
+    # ranked by their last Gumbel draw's loss, 6.87 -> 1.78 (6 of 6 no worse) ranked by the returned prompt's.
+    assert after < before - 1.0, pairs
     assert sum(a <= b + 0.1 for b, a, _ in pairs) >= len(classes) - 1, pairs
 
 
@@ -212,6 +236,7 @@ def test_explain_with_hard_prompts_writes_the_words(tmp_path, cache_dir):
         ids = tok(t["hard_prompt_text"], add_special_tokens=False).input_ids
         assert len(ids) == 1 == len(t["prompt_embedding"])  # one learnable token, one real word
         assert t["baseline_prob"] is not None and math.isfinite(t["baseline_prob"])
+        assert t["chosen_loss"] is not None and math.isfinite(t["chosen_loss"])  # how the restart was picked
 
 
 def _tokenizers_for_cli(cache_dir):

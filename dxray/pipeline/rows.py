@@ -70,7 +70,7 @@ def task_row(run_id: str, spec: TaskSpec, cfg, res: OptimizeResult | None, error
         row |= {
             "steps": res.steps, "final_loss": res.final_loss, "loss_curve": res.loss_curve,
             "target_prob": res.target_prob, "stopped_early": res.stopped_early, "baseline_prob": res.baseline_prob,
-            "prompt_embedding": res.rows.tolist(), "hard_prompt_text": res.text,
+            "prompt_embedding": res.rows.tolist(), "hard_prompt_text": res.text, "chosen_loss": res.chosen_loss,
             "train_seeds": [s[0] for s in res.train_seeds],
             "seconds": res.seconds,
         }
