@@ -25,6 +25,7 @@ EVIL = "<script>alert(1)</script> & co"
 TEMPLATES = ["{}", "a photo of {}"]
 FAILED_ERROR = "RuntimeError: CUDA out of memory <b>& more</b>"
 PROMPT = "a <i>sled</i> & snow"
+CHOSEN_LOSS = 7.25
 RLO = "\u202e"
 NEURON_ERROR = f"RuntimeError: unit <b>out</b> of {RLO}reach"
 LAYER = "resnet.embedder"
@@ -55,8 +56,9 @@ def run_dir(tmp_path_factory, cache_dir):
     tasks = sink.read_table("tasks").to_pylist()
     feature = next(t for t in tasks if t["kind"] == "feature" and t["class_index"] == 1 and t["template"] == "{}")
     feature["hard_prompt_text"] = PROMPT
+    feature["chosen_loss"] = CHOSEN_LOSS  # the words' own loss: what the report shows for a hard prompt
     failed = {"status": "error", "final_loss": None, "loss_curve": None, "prompt_embedding": None,
-              "hard_prompt_text": None, "target_prob": None}
+              "hard_prompt_text": None, "target_prob": None, "chosen_loss": None}
     tasks.append({**feature, **failed, "task_id": "f" * 16, "feature_index": 999, "feature_rank": 3,
                   "error": FAILED_ERROR})
     neuron = next(t for t in tasks if t["kind"] == "neuron" and t["template"] == "{}")
@@ -203,6 +205,7 @@ def test_report_class_and_neuron_pages(run_dir, report):
     sink = open_run(str(run_dir))
     samples = sink.read_table("samples").to_pylist()
     verdicts = sink.read_table("verdicts").to_pylist()
+    tasks_table = sink.read_table("tasks").to_pylist()
     pages = {p: _parse(_page_path(report, p)) for p in PAGES[1:]}
 
     # One class per class page; anchors of every template group.
@@ -236,6 +239,10 @@ def test_report_class_and_neuron_pages(run_dir, report):
     source = _page_path(report, "class-1").read_text(encoding="utf-8")
     assert html.escape(FAILED_ERROR, quote=False) in source and FAILED_ERROR not in source
     assert html.escape(PROMPT, quote=False) in source and PROMPT in "".join(pages["class-1"].text)
+    # A hard prompt's loss is its words' own (chosen_loss), a soft prompt's the last step's (final_loss).
+    assert source.count(f"loss {CHOSEN_LOSS:.3g}") == 1
+    soft = next(t for t in tasks_table if t["class_index"] == 1 and t["kind"] == "class" and t["template"] == "{}")
+    assert f"loss {soft['final_loss']:.3g}" in source
 
     # Verdict badges match the verdicts table, for every (class, feature, template).
     badges = pages["class-0"].badges + pages["class-1"].badges

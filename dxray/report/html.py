@@ -36,7 +36,7 @@ from dxray.verdict import LOW_CONFIDENCE, RESAMPLES
 # Only the columns the report shows: samples also hold masks and boxes, which can be large.
 _COLUMNS = {
     "tasks": ["task_id", "kind", "class_index", "class_name", "feature_index", "feature_rank", "layer", "template",
-              "status", "error", "final_loss", "target_prob", "hard_prompt_text", "baseline_prob"],
+              "status", "error", "final_loss", "target_prob", "hard_prompt_text", "baseline_prob", "chosen_loss"],
     "samples": ["task_id", "seed", "image_uri", "width", "height", "class_prob", "object_fraction"],
     "verdicts": ["class_index", "feature_index", "template", "mean_object_fraction", "std_object_fraction",
                  "n_samples", "delta", "verdict", "mean_object_fraction_low", "mean_object_fraction_high",
@@ -158,8 +158,10 @@ def _task_view(t: dict, verdict: dict | None, concepts: list[dict] | None = None
              # issue 19; a run decided before it has none of these: no interval, no flag
              "low": _float(verdict["mean_object_fraction_low"]), "high": _float(verdict["mean_object_fraction_high"]),
              "confidence": _float(verdict["confidence"]), "unsure": bool(verdict["low_confidence"])}
+    # A hard prompt's final_loss is its last Gumbel draw's; chosen_loss is that of the words shown (older runs: none).
+    loss = "chosen_loss" if t.get("chosen_loss") is not None else "final_loss"
     stats = [f"{label} {fmt % t[key]}" for label, key, fmt in (
-        ("loss", "final_loss", "%.3g"), ("p before", "baseline_prob", "%.2f"), ("p after", "target_prob", "%.2f"))
+        ("loss", loss, "%.3g"), ("p before", "baseline_prob", "%.2f"), ("p after", "target_prob", "%.2f"))
         if t[key] is not None]
     return {
         "task_id": t["task_id"], "stats": stats, "kind": t["kind"] or "class", "status": t["status"] or "error",
