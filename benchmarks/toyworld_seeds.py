@@ -94,6 +94,10 @@ def pooled_concepts(runs: list[dict]) -> dict | None:
             "spurious_features": pool("spurious_features")}
 
 
+def pct(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None else f"{x:.{digits}%}"
+
+
 def pooled(runs: list[dict], split: str) -> dict:
     """Pairs judged and agreeing over every run (ambiguous truth left out), for 'all' / 'biased' / 'unbiased'."""
     cells = [r["feature_agreement"][split] for r in runs if r["feature_agreement"]]
@@ -128,9 +132,9 @@ def main() -> None:
             runs.append(f.result())
             r = runs[-1]
             fa = r["feature_agreement"]
-            feat = "" if not fa else (
-                f", feature verdicts {fa['all']['agreement']:.0%} of {fa['all']['n_pairs']} (biased "
-                f"{fa['biased']['agreement']:.0%}, unbiased {fa['unbiased']['agreement']:.0%})")
+            feat = "" if not fa else (  # a split with no pairs (e.g. targets.classes=[0,1,2]) has no agreement
+                f", feature verdicts {pct(fa['all']['agreement'], 0)} of {fa['all']['n_pairs']} (biased "
+                f"{pct(fa['biased']['agreement'], 0)}, unbiased {pct(fa['unbiased']['agreement'], 0)})")
             k = r["concepts"]
             if k:
                 e, sp = k["class_explanations"], k["spurious_features"]
@@ -162,7 +166,6 @@ def main() -> None:
           f"{result['mean_optimised_fraction']:.1%} over seeds {args.seeds}; misses {misses}")
     if args.top_k:
         fa = result["feature_agreement"]
-        pct = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
         print(f"{args.name}: feature verdicts agree with the truth on {pct(fa['all']['agreement'])} of "
               f"{fa['all']['n_pairs']} pairs (per seed {pct(fa['all']['min_per_seed'])}-{pct(fa['all']['max_per_seed'])}; "
               f"biased {pct(fa['biased']['agreement'])}, unbiased {pct(fa['unbiased']['agreement'])}; "
