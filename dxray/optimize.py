@@ -227,14 +227,11 @@ def optimize(generator: LCMGenerator, classifier, targets: Sequence[Target], set
         if not active:
             break
         seeds = [[training_seed(targets[i].seed, step, j, s) for j in range(s)] for i in active]
-        cond = generator.encode([soft_prompts[i] for i in active],
-                                [param.rows(i, step, seeds[slot][0]) for slot, i in enumerate(active)])
-        images = generator.generate(cond, seeds)
-        acts = classifier(images, layers=layers)
+        parts = _activations(generator, classifier, [soft_prompts[i] for i in active],
+                             [param.rows(i, step, seeds[slot][0]) for slot, i in enumerate(active)], seeds, layers)
         total = 0.0
         still = []
-        for slot, i in enumerate(active):
-            part = {k: v[slot * s:(slot + 1) * s] for k, v in acts.items()}
+        for slot, (i, part) in enumerate(zip(active, parts, strict=True)):
             loss = targets[i].objective(part).mean()
             res = results[i]
             res.train_seeds.append(seeds[slot])
@@ -284,16 +281,20 @@ def _score_chosen(generator: LCMGenerator, classifier, targets: Sequence[Target]
     scored = [i for i, r in enumerate(results) if r.error is None and r.train_seeds]
     if not scored:
         return
-    seeds = [results[i].train_seeds[-1] for i in scored]
     with torch.no_grad():
-        cond = generator.encode([soft_prompts[i] for i in scored],
-                                [results[i].rows.to(generator.device) for i in scored])
-        acts = classifier(generator.generate(cond, seeds), layers=layers)
-    at = 0
-    for i, s in zip(scored, seeds, strict=True):
-        part = {k: v[at:at + len(s)] for k, v in acts.items()}
-        at += len(s)
+        parts = _activations(generator, classifier, [soft_prompts[i] for i in scored],
+                             [results[i].rows.to(generator.device) for i in scored],
+                             [results[i].train_seeds[-1] for i in scored], layers)
+    for i, part in zip(scored, parts, strict=True):
         results[i].chosen_loss = targets[i].objective(part).mean().item()
+
+
+def _activations(generator: LCMGenerator, classifier, soft_prompts: list, rows: list[torch.Tensor],
+                 seeds: list[list[int]], layers: list[str]) -> list[dict[str, torch.Tensor]]:
+    """Render each prompt's rows with its own seeds in one batch; per prompt, the classifier's outputs on its images."""
+    acts = classifier(generator.generate(generator.encode(soft_prompts, rows), seeds), layers=layers)
+    ends = np.cumsum([len(x) for x in seeds]).tolist()
+    return [{k: v[end - len(x):end] for k, v in acts.items()} for x, end in zip(seeds, ends, strict=True)]
 
 
 def hard_vocabulary(generator: LCMGenerator, hard: HardSettings) -> tuple[list[int], torch.Tensor]:
