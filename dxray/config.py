@@ -6,6 +6,10 @@ one-line :class:`DxrayError` that names the field.
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -37,6 +41,7 @@ MAX_TEMPLATE = 300  # characters; the exact token count is checked against the t
 MAX_VALUES = 100_000  # values in a config once YAML aliases are expanded
 MAX_DEPTH = 64
 MAX_FILE_BYTES = 10 * 2**20
+MAX_TEXT = MAX_FILE_BYTES  # characters once aliases are expanded: no more than a config file may hold
 
 
 def _show(value: Any, limit: int = MAX_MESSAGE) -> str:
@@ -51,17 +56,21 @@ def _clean(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def _not_bool(value: Any) -> Any:
-    # YAML reads true/false/yes/no/on/off as booleans, and pydantic would take them as 1 and 0.
+def _number(value: Any) -> Any:
+    # pydantic would take true/false as 1 and 0, and a string YAML 1.2 does not read as a number ('1:00',
+    # '1_000', "'010'") as whatever it parses: a number field takes only what YAML itself reads as one.
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+    if isinstance(value, str):
+        raise ValueError(f"expected a number, got the string {_show(value)} (YAML 1.2 reads decimal, 0o octal "
+                         "and 0x hex integers and decimal floats)")
     return value
 
 
-Int = Annotated[int, BeforeValidator(_not_bool)]
-Float = Annotated[float, BeforeValidator(_not_bool)]
-OptInt = Annotated[int | None, BeforeValidator(_not_bool)]
-OptFloat = Annotated[float | None, BeforeValidator(_not_bool)]
+Int = Annotated[int, BeforeValidator(_number)]
+Float = Annotated[float, BeforeValidator(_number)]
+OptInt = Annotated[int | None, BeforeValidator(_number)]
+OptFloat = Annotated[float | None, BeforeValidator(_number)]
 Key = Annotated[int, Strict()]  # a class index as a mapping key: YAML gives ints, so '0' or true is a slip
 
 
@@ -503,9 +512,21 @@ def _validation_line(err: ValidationError, model: type[BaseModel]) -> str:
     return _clean(f"config field '{where}': {msg}{more}")
 
 
+_NULL = re.compile(r"~|null|Null|NULL|")
+_INT = re.compile(r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+")
+_FLOAT = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)")
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping: PyYAML silently keeps the last one, so a
-    second ``optimize:`` block would quietly replace the first."""
+    """SafeLoader that reads plain scalars by YAML 1.2's core schema and refuses a key given twice in one
+    mapping: PyYAML silently keeps the last one, so a second ``optimize:`` block would quietly replace the first.
+
+    PyYAML implements YAML 1.1, where ``010`` is 8, ``1:00`` is 60, ``1_000`` is 1000 and ``no`` is false;
+    YAML 1.2 reads them as 10 and the strings '1:00', '1_000' and 'no'. The 1.2 core schema is four
+    regular expressions, so it replaces PyYAML's resolvers here rather than bringing in a second YAML
+    library (ruamel.yaml), which would need the duplicate-key, alias and error handling rewritten."""
+
+    bool_values = {"true": True, "false": False}  # also for an explicit '!!bool': yes/no/on/off are 1.1 only
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -526,13 +547,42 @@ class _Loader(yaml.SafeLoader):
 
     def construct_object(self, node, deep=False):
         # PyYAML's constructors let AttributeError, ValueError or KeyError escape for scalars that match no
-        # form of their type: '!!timestamp x', '2020-02-30', '!!bool x', an integer of 5000 digits.
+        # form of their type: '!!timestamp x', '!!timestamp 2020-02-30', '!!bool x', an integer of 5000 digits.
         try:
             return super().construct_object(node, deep=deep)
         except (ValueError, TypeError, AttributeError, KeyError, OverflowError) as e:
             kind = str(node.tag).rsplit(":", 1)[-1]
             problem = f"{_show(node.value)} is not a valid {kind} ({_clean(str(e), MAX_MESSAGE)})"
             raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+
+    def construct_yaml_int(self, node):
+        value = self.construct_scalar(node)
+        if not _INT.fullmatch(value):  # an explicit '!!int' on a 1.1 spelling
+            raise ValueError("not a YAML 1.2 integer")
+        if value[:2] in ("0o", "0x"):
+            return int(value[2:], 8 if value[1] == "o" else 16)
+        return int(value, 10)  # a leading zero is still decimal
+
+    def construct_yaml_float(self, node):
+        value = self.construct_scalar(node)
+        if not _FLOAT.fullmatch(value):
+            raise ValueError("not a YAML 1.2 float")
+        return float(value.replace(".", "") if value[-1].isalpha() else value)  # '-.inf' is float()'s '-inf'
+
+
+# The YAML 1.2 core schema (https://yaml.org/spec/1.2.2/#1032-tag-resolution), plus '<<' merge keys, which
+# configs use; every other plain scalar is a string.
+_Loader.yaml_implicit_resolvers = {}
+for _tag, _pattern, _first in [
+    ("null", _NULL, ["~", "n", "N", ""]),
+    ("bool", re.compile(r"true|True|TRUE|false|False|FALSE"), list("tTfF")),
+    ("int", _INT, list("-+0123456789")),
+    ("float", _FLOAT, list("-+.0123456789")),
+    ("merge", re.compile(r"<<"), ["<"]),
+]:
+    _Loader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(rf"^(?:{_pattern.pattern})$"), _first)
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
 
 
 class _DuplicateKey(yaml.YAMLError):
@@ -566,21 +616,36 @@ def _load_yaml(text: str) -> Any:
         raise ValueError("is not valid YAML: nested too deeply") from None
 
 
+def _text_size(value: Any) -> int:
+    """Characters ``value`` takes written out (at least; an int's digits from its bit length, not str())."""
+    if isinstance(value, str | bytes):
+        return len(value)
+    return value.bit_length() // 3 + 1 if isinstance(value, int) else 1
+
+
 def _check_shape(data: Any) -> None:
-    """Refuse values nested too deeply or too many once YAML aliases are expanded (an alias can make a
-    structure recursive or exponentially large), and strings holding a NUL character (no path takes one)."""
+    """Refuse values nested too deeply, too many or holding too much text once YAML aliases are expanded (an
+    alias can make a structure recursive or exponentially large, or repeat a long string until the manifest,
+    the dry run and the fingerprint grow to gigabytes), and strings holding a NUL character (no path takes one).
+    Aliases share one object, so the walk counts the expansion without building it."""
     stack = [(data, 0, ())]
-    count = 0
+    count = chars = 0
     while stack:
         value, depth, loc = stack.pop()
         count += 1
+        chars += _text_size(value)
         if count > MAX_VALUES or depth > MAX_DEPTH:
             raise ValueError(f"is nested deeper than {MAX_DEPTH} levels or holds more than {MAX_VALUES:,} values "
                              "(YAML aliases included)")
+        if chars > MAX_TEXT:
+            raise ValueError(f"holds more than {MAX_TEXT:,} characters once YAML aliases are expanded (at "
+                             f"'{_clean(_field_path(loc), MAX_MESSAGE) or 'config'}'; a config file holds at most "
+                             f"{MAX_FILE_BYTES // 2**20} MB)")
         if isinstance(value, str) and "\x00" in value:
             raise ValueError(f"config field '{_clean(_field_path(loc), MAX_MESSAGE) or 'config'}' contains a NUL "
                              "character")
         if isinstance(value, dict):
+            chars += sum(_text_size(k) for k in value)
             stack.extend((v, depth + 1, (*loc, k)) for k, v in value.items())
         elif isinstance(value, list | tuple | set):
             stack.extend((v, depth + 1, (*loc, i)) for i, v in enumerate(value))
@@ -589,7 +654,8 @@ def _check_shape(data: Any) -> None:
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """``a.b=1`` strings → nested dict; values are parsed as YAML (numbers, lists, null...)."""
     out: dict[str, Any] = {}
-    for item in overrides:
+    given: dict[tuple[str, ...], int] = {}  # key parts -> which override (1-based) set them
+    for number, item in enumerate(overrides, 1):
         key, sep, raw = item.partition("=")
         shown = _show(item)
         if not sep or not key.strip():
@@ -597,6 +663,20 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         parts = [p.strip() for p in key.strip().split(".")]
         if not all(parts):
             raise DxrayError(f"override {shown}: the key has an empty part (write a.b=1)")
+        # A key given twice, or a section and a key inside it ('optimize={lr: 1}' and 'optimize.lr=2'): the
+        # later one would silently replace the earlier (or the whole section), so which wins hangs on the order.
+        # Only keys are named: a value may be a secret.
+        for earlier, first in given.items():
+            n = min(len(earlier), len(parts))
+            if earlier[:n] == tuple(parts[:n]):
+                keys = sorted({".".join(earlier), ".".join(parts)}, key=len)
+                shown_keys = " and ".join(f"'{_clean(k, MAX_MESSAGE)}'" for k in keys)
+                if len(keys) == 1:
+                    raise DxrayError(f"override key {shown_keys} is given twice (overrides {first} and {number}): "
+                                     "give each key once")
+                raise DxrayError(f"override keys {shown_keys} overlap (overrides {first} and {number}): set "
+                                 f"'{_clean(keys[0], MAX_MESSAGE)}' whole or keys inside it, not both")
+        given[tuple(parts)] = number
         value = raw
         if raw.strip():
             try:
@@ -614,10 +694,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         else:
             value = ""
         node = out
-        for part in parts[:-1]:
+        for part in parts[:-1]:  # no earlier override set a prefix of this key: every step is a dict
             node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise DxrayError(f"override {shown} conflicts with another override")
         node[parts[-1]] = value
     return out
 
@@ -643,18 +721,36 @@ def build_config(data: dict[str, Any], overrides: list[str] = ()) -> Config:
         raise DxrayError("config is nested too deeply") from None
 
 
+_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFSOCK: "a socket"}
+
+
+def _not_a_file(p: Path) -> str | None:
+    """What stands at ``p`` in words when it is no regular file ('is a character device', 'not found'), else None."""
+    link = os.path.islink(p)
+    try:
+        kind = _KINDS.get(stat.S_IFMT(p.stat().st_mode))
+    except ValueError:  # a NUL in the name
+        return "is not a valid path (it holds a NUL character)"
+    except OSError as e:
+        if link and e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return f"is a symbolic link to {_show(os.readlink(p))}, which does not exist"
+        return "not found" if e.errno in (errno.ENOENT, errno.ENOTDIR) else f"cannot be read: {e.strerror or e}"
+    if kind is None:
+        return None
+    return f"is a symbolic link to {kind} ({_show(str(p.resolve()))})" if link else f"is {kind}, not a file"
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
     data: dict[str, Any] = {}
     if path is not None:
         shown = _clean(str(path), 200)
         p = Path(path).expanduser()
-        if p.is_dir():
-            raise DxrayError(f"config file {shown} is a folder")
-        if not p.exists():
-            raise DxrayError(f"config file not found: {shown}")
-        if not p.is_file():
-            raise DxrayError(f"config file {shown} is not a regular file")
+        problem = _not_a_file(p)
+        if problem:
+            raise DxrayError(_clean(f"config file {shown} {problem}" if problem != "not found" else
+                                    f"config file not found: {shown}"))
         try:
             if p.stat().st_size > MAX_FILE_BYTES:
                 raise DxrayError(f"config file {shown} is larger than {MAX_FILE_BYTES // 2**20} MB")

@@ -266,8 +266,8 @@ def test_recursive_or_huge_yaml_aliases(tmp_path):
     assert "config file" in _one_line_error(load_config, f)
 
 
-@pytest.mark.parametrize("text", ["!!timestamp x", "2020-02-30", "!!int abc", "!!float x", "!!bool x",
-                                  "9" * 5000, "9999-12-31 23:59:60"])
+@pytest.mark.parametrize("text", ["!!timestamp x", "!!timestamp 2020-02-30", "!!int abc", "!!float x", "!!bool x",
+                                  "9" * 5000, "!!timestamp 9999-12-31 23:59:60", "!!int 010_0", "!!bool yes"])
 def test_values_pyyaml_cannot_construct(tmp_path, text):
     # PyYAML raises AttributeError/ValueError/KeyError here, not YAMLError
     f = tmp_path / "c.yaml"
@@ -276,3 +276,56 @@ def test_values_pyyaml_cannot_construct(tmp_path, text):
     assert "not valid YAML" in msg and "line 2, column 9" in msg, msg
     if not text.startswith("!"):
         assert "not valid YAML" in _one_line_error(parse_overrides, [f"run_id={text}"])
+
+
+# Issue 30: a key given twice in overrides is refused, as a key given twice in a file is.
+
+@pytest.mark.parametrize("overrides, words", [
+    (["seed=1", "seed=2"], "override key 'seed' is given twice (overrides 1 and 2)"),
+    (["optimize.lr=0.1", "seed=3", "optimize.lr=0.2"], "override key 'optimize.lr' is given twice (overrides 1 and 3)"),
+    ([" seed =1", "seed=1"], "override key 'seed' is given twice"),
+    (["optimize={lr: 1}", "optimize.lr=2"], "override keys 'optimize' and 'optimize.lr' overlap"),
+    (["optimize.steps=2", "optimize={lr: 1}"], "override keys 'optimize' and 'optimize.steps' overlap"),
+    (["targets.features={0: [1]}", "targets.features={1: [2]}"], "'targets.features' is given twice"),
+    (["output=s3://AKIA:abc/def@b/x", "output=/tmp/x"], "override key 'output' is given twice"),
+])
+def test_a_key_given_twice_in_overrides(overrides, words):
+    msg = _one_line_error(load_config, None, overrides)
+    assert words in msg and ("give each key once" in msg or "not both" in msg) and "abc/def" not in msg, msg
+
+
+def test_distinct_override_keys_in_one_section_still_combine():
+    cfg = load_config(None, ["optimize.lr=0.5", "optimize.steps=3", "targets.features={0: [1]}", "targets.top_k=2"])
+    assert (cfg.optimize.lr, cfg.optimize.steps, cfg.targets.features, cfg.targets.top_k) == (0.5, 3, {0: [1]}, 2)
+
+
+def test_dry_run_refuses_a_key_given_twice(tmp_path):
+    from typer.testing import CliRunner
+
+    from dxray.cli import app
+
+    tiny = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny.yaml"
+    res = CliRunner().invoke(app, ["audit", str(tiny), "--dry-run", "--", f"output={tmp_path / 'out'}",
+                                   f"cache_dir={tmp_path / 'cache'}", "seed=1", "seed=2"])
+    assert res.exit_code == 2, res.stdout + res.stderr
+    assert res.stderr.startswith("error: override key 'seed' is given twice") and res.stderr.count("\n") == 1, res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# Issue 30: a config path that is no file says what it is.
+
+def test_config_path_that_is_a_device_a_pipe_or_a_link(tmp_path):
+    assert "config file /dev/zero is a character device" in _one_line_error(load_config, "/dev/zero", [])
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (tmp_path / "to-folder").symlink_to(folder)
+    msg = _one_line_error(load_config, tmp_path / "to-folder", [])
+    assert f"config file {tmp_path / 'to-folder'} is a symbolic link to a folder ('{folder}')" in msg, msg
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere.yaml")
+    msg = _one_line_error(load_config, tmp_path / "dangling", [])
+    assert f"is a symbolic link to '{tmp_path / 'nowhere.yaml'}', which does not exist" in msg, msg
+    os.mkfifo(tmp_path / "fifo")
+    assert "is a named pipe (FIFO)" in _one_line_error(load_config, tmp_path / "fifo", [])
+    (tmp_path / "c.yaml").write_text("seed: 3\n")
+    (tmp_path / "to-file").symlink_to(tmp_path / "c.yaml")
+    assert load_config(tmp_path / "to-file").seed == 3
