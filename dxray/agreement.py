@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from dxray.errors import DxrayError
+from dxray.errors import DxrayError, what_is
 from dxray.storage.fs import filesystem
 from dxray.storage.schemas import VERDICTS, to_table
 from dxray.storage.sink import RunSink
@@ -71,8 +71,12 @@ def _read_csv(path: str, what: str) -> pa.Table:
 
     try:
         fs, inner = filesystem(path)
-        if fs.get_file_info(inner).type != pafs.FileType.File:
+        kind = fs.get_file_info(inner).type
+        if kind == pafs.FileType.NotFound:
             raise DxrayError(f"{what} file not found: {path}")
+        if kind != pafs.FileType.File:  # a folder, a device, a FIFO: say which
+            shown = what_is(inner) if fs.type_name == "local" else "a folder"
+            raise DxrayError(f"{what} {path} is {shown}, not a file")
         with fs.open_input_stream(inner) as f:
             return pcsv.read_csv(f)
     except (OSError, ValueError) as err:  # pyarrow.ArrowInvalid is a ValueError

@@ -10,18 +10,95 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
+import typer.core
 from rich.console import Console
+from typer._click import core as click_core  # Typer's own copy of click: its errors and contexts
+from typer._click import exceptions as click_errors
 
-from dxray.errors import DxrayError
+from dxray.errors import DxrayError, visible
 from dxray.quiet import quiet_libraries
 
 EXIT_CODES = ("Exit codes: 0 success; 1 the run finished but some tasks failed (error rows in the tasks table); "
               "2 bad input, configuration or storage error (one line on stderr; a run stopped by it keeps every "
               "task committed so far); 3 an internal error (a bug: one line, DXRAY_TRACEBACK=1 shows the "
-              "traceback); 130 interrupted (Ctrl-C; re-running the same command resumes).")
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+              "traceback); 130 interrupted by Ctrl-C, 143 stopped by SIGTERM (kill, Kubernetes, ray job stop), "
+              "each with one line of what was committed; re-running the same command resumes.")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, Kubernetes, KubeRay, ``ray job stop``): an interrupt like Ctrl-C, exit 143."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises :class:`Terminated` while a command runs (only the main thread can take a handler)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _usage_error(e: click_errors.UsageError) -> None:
+    """A click usage error (a bad, missing or repeated option value, an unknown option) as one line, exit 2."""
+    path = e.ctx.command_path.split()[1:] if e.ctx is not None else []  # the command, not the program's name
+    where = f"{' '.join(path)}: " if path else ""
+    _fail(f"{where}{e.format_message()}")
+
+
+class _Group(typer.core.TyperGroup):
+    """The app's command groups: every usage error is one line ``error: ...`` and exit 2 (not click's usage
+    box), and an option given twice is refused (it would silently take the last value)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click_errors.NoArgsIsHelpError:
+            raise
+        except click_errors.UsageError as e:
+            _usage_error(e)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click_errors.NoArgsIsHelpError:
+            raise
+        except click_errors.UsageError as e:
+            _usage_error(e)
+
+    def resolve_command(self, ctx, args):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if cmd is not None and not isinstance(cmd, typer.core.TyperGroup):
+            _refuse_repeated(cmd, ctx, name, rest)
+        return name, cmd, rest
+
+
+def _refuse_repeated(cmd, ctx, name: str | None, args: list[str]) -> None:
+    """A non-repeatable option given twice (``--delta 0.1 --delta 0.2``) is a usage error naming it."""
+    sub = click_core.Context(cmd, info_name=name, parent=ctx, resilient_parsing=True)
+    try:
+        _, _, order = cmd.make_parser(sub).parse_args(args=list(args))
+    except click_errors.UsageError:
+        return  # the real parse says what is wrong
+    seen = Counter(p for p in order if p.param_type_name == "option" and not p.multiple
+                   and not getattr(p, "count", False) and not p.is_eager)
+    for param, n in seen.items():
+        if n > 1:
+            raise click_errors.UsageError(f"option {'/'.join(param.opts)} given {n} times; give it once", sub)
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help=f"Audit what an image classifier has learned (DiffExplainer on Ray).\n\n{EXIT_CODES}")
 err = Console(stderr=True)
 _progress = {"committed": 0, "skipped": None}  # fed by _task_bar: what an interrupt line reports
@@ -58,19 +135,21 @@ def _guarded(command: Callable) -> Callable:
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
-        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            with _sigterm_interrupts():
+                return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click_errors.ClickException):
             raise
         except DxrayError as e:
             _fail(str(e))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             done, before = _progress["committed"], _progress["skipped"]
+            by = " by SIGTERM" if isinstance(e, Terminated) else ""
             if before is None:
-                _say("interrupted before any task ran; nothing was written beyond what was there")
+                _say(f"interrupted{by} before any task ran; nothing was written beyond what was there")
             else:
-                _say(f"interrupted: {done} task(s) committed in this session ({before} were done before); "
+                _say(f"interrupted{by}: {done} task(s) committed in this session ({before} were done before); "
                      f"re-running the same command resumes from there")
-            raise typer.Exit(130) from None
+            raise typer.Exit(143 if by else 130) from None
         except OSError as e:
             if os.environ.get("DXRAY_TRACEBACK"):
                 raise
@@ -88,7 +167,14 @@ def _guarded(command: Callable) -> Callable:
 def _say(line: str) -> None:
     from dxray.storage import redact_text
 
-    err.print(redact_text(line), highlight=False, soft_wrap=True, markup=False)
+    err.print(visible(redact_text(line)), highlight=False, soft_wrap=True, markup=False)
+
+
+def _text(value):
+    """A table cell of text that came from data (a class name): control characters shown, no rich markup."""
+    from rich.text import Text
+
+    return Text(visible("" if value is None else str(value)))
 
 
 @contextmanager
@@ -111,9 +197,15 @@ def _task_bar(quiet: bool, first: str, infos: dict[str, Callable[[dict], str]]):
     tasks_bar = bar.add_task("tasks", total=None, info=first)
     failed = 0
 
+    # Off a terminal rich draws the bar once, when it stops: it starts only then, at a normal end (a stopped
+    # transient bar would leave a blank line above the error's one line).
+    live = err.is_terminal
+    seen = False
+
     def progress(event: str, data: dict) -> None:
-        nonlocal failed
-        if not bar.live.is_started:
+        nonlocal failed, seen
+        seen = True
+        if live and not bar.live.is_started:
             bar.start()
         if event == "plan":
             bar.update(tasks_bar, total=data["todo"])
@@ -130,6 +222,9 @@ def _task_bar(quiet: bool, first: str, infos: dict[str, Callable[[dict], str]]):
     except BaseException:  # the error's one line is what is left on stderr, not a half bar above it
         bar.live.transient = True
         raise
+    else:
+        if seen and not bar.live.is_started:
+            bar.start()
     finally:
         if bar.live.is_started:
             bar.stop()
@@ -140,7 +235,7 @@ def _fail(message: str) -> None:
 
     from dxray.storage import redact_text
 
-    message = " ".join(redact_text(message).split())  # one line, whatever the message held
+    message = visible(" ".join(redact_text(message).split()))  # one line, whatever the message held
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
@@ -226,7 +321,7 @@ def _report(summary) -> None:
                   f"(the segmenter did not find the object in the generator's plain pictures of it)",
                   highlight=False, soft_wrap=True)
     for line in summary.errors[:10]:
-        err.print(f"  failed {line}", highlight=False, soft_wrap=True)
+        err.print(_text(f"  failed {line}"), highlight=False, soft_wrap=True)
     print(summary.root)
     if summary.failed:
         raise typer.Exit(1)
@@ -256,7 +351,7 @@ def redecide(
     table = Table("class", "name", "spurious", "features", "low confidence", "class r", title=f"delta = {delta}")
     for c in classes:
         r = c["class_object_fraction"]
-        table.add_row(str(c["class_index"]), c["class_name"] or "", str(c["n_spurious"]), str(c["n_features"]),
+        table.add_row(str(c["class_index"]), _text(c["class_name"]), str(c["n_spurious"]), str(c["n_features"]),
                       str(c["n_low_confidence"]), "-" if r is None else f"{r:.3f}")
     Console().print(table)
     unsure = sum(v["low_confidence"] for v in verdicts)
@@ -292,12 +387,12 @@ def compare_cmd(
     table = Table("class", "name", "r A", "r B", "change in r", "bias", "spurious A→B", "new spurious", "new core",
                   title=f"{len(changed)} of {len(classes)} classes changed" + (" (first 30)" if len(changed) > 30 else ""))
     for r in changed[:30]:
-        table.add_row(str(r["class_index"]), r["class_name"] or "", num(r["r_a"]), num(r["r_b"]),
+        table.add_row(str(r["class_index"]), _text(r["class_name"]), num(r["r_a"]), num(r["r_b"]),
                       num(r["r_change"], "{:+.3f}"), "" if r["change"] == "same" else r["change"],
                       f"{num(r['n_spurious_a'], '{}')}→{num(r['n_spurious_b'], '{}')}",
                       num(r["n_new_spurious"], "{}"), num(r["n_new_core"], "{}"))
     Console().print(table)
-    say = lambda line: err.print(line, highlight=False, soft_wrap=True)  # noqa: E731
+    say = lambda line: err.print(_text(line), highlight=False, soft_wrap=True)  # noqa: E731
     if c.features_comparable:
         flips = Counter(f["change"] for f in c.feature_rows())
         say(f"same classifier: {len(c.feature_rows())} features compared, {flips['new spurious']} core → spurious, "
@@ -398,7 +493,7 @@ def report_cmd(
     from dxray.report import build_report
 
     try:
-        path = build_report(run, out)
+        path = build_report(run, out, warn=lambda line: _say(f"warning: {line}"))
     except DxrayError as e:
         _fail(str(e))
     print(path)
@@ -525,7 +620,7 @@ def agreement_cmd(
               soft_wrap=True)
 
 
-toyworld = typer.Typer(no_args_is_help=True, help="The planted-bias toy world: a known-answer benchmark.")
+toyworld = typer.Typer(cls=_Group, no_args_is_help=True, help="The planted-bias toy world: a known-answer benchmark.")
 app.add_typer(toyworld, name="toyworld")
 
 
@@ -571,7 +666,7 @@ def toyworld_check(
     table = Table("class", "name", "r", "called", "planted", "p before", "p after")
     for r in report["classes"]:
         f = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-        table.add_row(str(r["class_index"]), r["class_name"], f(r["object_fraction"]),
+        table.add_row(str(r["class_index"]), _text(r["class_name"]), f(r["object_fraction"]),
                       "biased" if r["called_biased"] else "unbiased", "biased" if r["planted_biased"] else "unbiased",
                       f(r["prob_before"]), f(r["prob_after"]))
     Console(stderr=True).print(table)
@@ -579,17 +674,17 @@ def toyworld_check(
         ft = Table("class", "name", "rank", "feature", "r", "dxray", "truth", "object resp.", "background resp.",
                    title="feature verdicts vs the feature truth (exact renders through the classifier)")
         for p in report["features"]["pairs"]:
-            ft.add_row(str(p["class_index"]), p["class_name"], str(p["feature_rank"]), str(p["feature_index"]),
-                       f(p["mean_object_fraction"]), p["verdict"],
-                       p["truth"] + ("" if p["correct"] in (None, True) else "  ✗"),
+            ft.add_row(str(p["class_index"]), _text(p["class_name"]), str(p["feature_rank"]), str(p["feature_index"]),
+                       f(p["mean_object_fraction"]), _text(p["verdict"]),
+                       _text(p["truth"] + ("" if p["correct"] in (None, True) else "  ✗")),
                        f(p["object_response"]), f(p["background_response"]))
         Console(stderr=True).print(ft)
-    print(summary_line(report))
+    print(visible(summary_line(report)))
 
 
 def main() -> None:  # pragma: no cover - console entry point
     try:
         app()
     except DxrayError as e:
-        err.print(f"error: {e}")
+        err.print(_text(f"error: {' '.join(str(e).split())}"))
         sys.exit(2)

@@ -1,5 +1,9 @@
 """User-facing errors: one line, no traceback, raised before expensive work."""
 
+import os
+import re
+import stat
+
 
 class DxrayError(Exception):
     """An error the user can fix (bad config, bad input, missing file).
@@ -20,3 +24,33 @@ def one_line(err: BaseException, limit: int | None = None, *, typed: bool = True
     else:
         line = " ".join(text.split()) or type(err).__name__
     return line if limit is None or len(line) <= limit else line[:limit] + "..."
+
+
+# Characters that act on a terminal or a reader instead of showing: C0 controls but tab and newline (ESC starts
+# terminal escapes, BEL ends OSC titles, CR overwrites a line), DEL, C1 controls (CSI as one byte) and the
+# text-direction controls (a class name holding U+202E shows its tail reversed).
+_HIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(value):
+    """``value`` with each control character shown as ``[U+001B]``, for text that came from data (class names,
+    errors recorded in a run) printed to a terminal or rendered in HTML; anything not a string as it is."""
+    if isinstance(value, str) and _HIDDEN.search(value):
+        return _HIDDEN.sub(lambda m: f"[U+{ord(m.group()):04X}]", value)
+    return value
+
+
+def what_is(path: str | os.PathLike) -> str:
+    """What stands at a local path, for a message: 'a folder', 'a symlink to a folder', 'a character device',
+    'a FIFO', 'a socket', 'a file', 'nothing' (a dangling symlink: 'a broken symlink')."""
+    p = os.fspath(path)
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        return "a broken symlink" if os.path.islink(p) else "nothing"
+    except OSError as e:
+        return f"something that cannot be read ({e.strerror or type(e).__name__})"
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a file"))
+    kind = next((name for test, name in kinds if test(mode)), "something other than a file or folder")
+    return f"a symlink to {kind}" if os.path.islink(p) else kind

@@ -4,10 +4,11 @@ in a run is :meth:`RunSink.committed_task_ids` (task rows of status ok), its one
 from __future__ import annotations
 
 import logging
+import os
 from datetime import UTC, datetime
 
 from dxray.config import Config, StorageConfig
-from dxray.errors import DxrayError, one_line
+from dxray.errors import DxrayError, one_line, what_is
 from dxray.storage.fs import check_reachable
 from dxray.storage.sink import RunSink
 from dxray.verdict import SAMPLE_COLUMNS, TASK_COLUMNS, decide
@@ -22,6 +23,8 @@ def open_sink(cfg: Config, run_id: str | None = None) -> RunSink:
 
 def open_run(run: str, storage: StorageConfig | None = None) -> RunSink:
     """The sink of an existing run folder (local path or URI ending in the run id)."""
+    if "://" not in run and not os.path.isdir(run):
+        raise DxrayError(f"no run found at {run} ({what_is(run)} there, not a run folder)")
     parent, _, run_id = run.rstrip("/").rpartition("/")
     sink = RunSink(parent or ".", run_id, storage=storage)
     if sink.fs.type_name == "s3":

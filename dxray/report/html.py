@@ -15,10 +15,12 @@ never leaves a partial page at a final name, and a re-run leaves no page of the 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +30,7 @@ from urllib.parse import quote
 from jinja2 import DictLoader, Environment, StrictUndefined
 from markupsafe import Markup
 
-from dxray.errors import DxrayError
+from dxray.errors import DxrayError, visible, what_is
 from dxray.report import thumbs
 from dxray.report.template import PAGES, SCRIPT, STYLE, csp
 from dxray.verdict import LOW_CONFIDENCE, RESAMPLES
@@ -64,11 +66,31 @@ def _rows(sink, name: str, table) -> list[dict[str, Any]]:
                          f"delete its damaged part and re-run the run's command to write it again") from None
 
 
-def _manifest(sink) -> dict:
+def _manifest(sink) -> tuple[dict, str | None]:
+    """The run's manifest and, when there is none to read, why (an interrupted run has none yet: the report
+    still works without it)."""
     try:
-        return sink.read_manifest() or {}
-    except Exception:  # an interrupted run has no manifest yet: the report still works without it
-        return {}
+        manifest = sink.read_manifest()
+        if manifest is not None:
+            return manifest, None
+        return {}, "its manifest.json is missing" if sink.read_bytes("manifest.json") is None else \
+            "its manifest.json is not a JSON object"
+    except Exception:
+        return {}, "its manifest.json cannot be read"
+
+
+def unfinished(model: _Model) -> str | None:
+    """One line saying that the run a report shows has not finished (None when it has)."""
+    what = f"{model.run['n_ok'] + model.run['n_failed']} task(s) and {model.run['n_samples']} sample(s)"
+    planned = _number(_dict(model.manifest.get("tasks")).get("planned"))
+    if model.manifest_problem:
+        why = model.manifest_problem
+    elif planned is not None and len(model.task_ids) < planned:
+        why = f"it holds {len(model.task_ids)} of its {planned:.0f} planned tasks"
+    else:
+        return None
+    return (f"run {model.run['run_id']} has not finished ({why}): the report shows what is there, {what}; "
+            f"re-running the run's command finishes it")
 
 
 class _Thumbnails:
@@ -183,7 +205,9 @@ class _Model:
         tasks = _read(sink, "tasks")
         samples = _rows(sink, "samples", None if table is None else table.drop_columns(["thumbnail"]))
         verdicts, classes = _read(sink, "verdicts"), _read(sink, "classes")
-        manifest = _manifest(sink)
+        manifest, self.manifest_problem = _manifest(sink)
+        self.manifest = manifest
+        self.task_ids = {t["task_id"] for t in tasks}
         config = _dict(manifest.get("config"))
 
         self.samples = samples
@@ -300,18 +324,10 @@ def _with_images(t: dict, model: _Model, links: _Links, pictures: _Thumbnails, n
     return {**t, "images": images}
 
 
-# Text-direction controls survive HTML escaping and can reorder what a reader sees (a class name holding U+202E
-# shows its tail reversed): every value rendered is passed through _visible, which shows each as "[U+202E]".
-_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def _visible(value):
-    if isinstance(value, str) and _BIDI.search(value):
-        return _BIDI.sub(lambda m: f"[U+{ord(m.group()):04X}]", value)
-    return value
-
-
-_ENV = Environment(loader=DictLoader(PAGES), autoescape=True, undefined=StrictUndefined, finalize=_visible)
+# Control characters survive HTML escaping: text-direction controls reorder what a reader sees (a class name
+# holding U+202E shows its tail reversed) and a raw ESC is a terminal escape for whoever cats the page. Every
+# value rendered is passed through visible (the CLI's too), which shows each as "[U+202E]".
+_ENV = Environment(loader=DictLoader(PAGES), autoescape=True, undefined=StrictUndefined, finalize=visible)
 
 
 def render(page: str, **context) -> str:
@@ -328,14 +344,41 @@ def pages_folder(out: Path) -> Path:
 
 
 def _check_out(out: Path, pages: Path) -> None:
-    if out.is_dir():
-        raise DxrayError(f"report path {out} is a folder; give a file name such as {out / 'report.html'}")
+    """``out`` must be a regular file (or a symlink to one) or a new name, and its pages folder a report's
+    folder or a new name, neither inside a run: a device, a FIFO or a folder is never replaced, and HTML files
+    among a run's tables would break its readers (redecide, a resume)."""
+    if out.exists() or out.is_symlink():
+        if out.is_dir():
+            raise DxrayError(f"report path {out} is {what_is(out)}; give a file name such as {out / 'report.html'}")
+        if not out.is_file():
+            raise DxrayError(f"report path {out} is {what_is(out)}, not a regular file: -o must be a regular file "
+                             f"or a new name")
     if pages.exists() or pages.is_symlink():
         if not pages.is_dir() or pages.is_symlink():
-            raise DxrayError(f"the report's pages go in {pages}, which is a file; move it away or choose another -o")
+            raise DxrayError(f"the report's pages go in {pages}, which is {what_is(pages)}; move it away or choose "
+                             f"another -o")
         if not (pages / MARKER).is_file() and any(pages.iterdir()):
             raise DxrayError(f"the report's pages go in {pages}, a folder that holds something other than a dxray "
                              f"report; move it away or choose another -o")
+    here = out.parent.resolve()
+    run = next((d for d in (here, *here.parents) if _is_run(d)), None)
+    if run is not None:
+        raise DxrayError(f"report path {out} is inside the run folder {run}: a report among a run's tables breaks "
+                         f"its readers; write it beside the run, e.g. -o {run.parent / 'report.html'}")
+
+
+def _is_run(folder: Path) -> bool:
+    """A dxray run's folder: it holds a tasks/ table or a run's manifest.json."""
+    try:
+        if (folder / "tasks").is_dir():
+            return True
+        manifest = folder / "manifest.json"
+        if not manifest.is_file():
+            return False
+        data = json.loads(manifest.read_bytes()[:1_000_000] or b"null")
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "run_id" in data
 
 
 def _alive(pid: int) -> bool:
@@ -365,10 +408,12 @@ def _write(folder: Path, name: str, text: str) -> None:
     (folder / name).write_text(text, encoding="utf-8")
 
 
-def build_report(run: str, out: str | Path, *, storage=None, image_format: str | None = None) -> Path:
+def build_report(run: str, out: str | Path, *, storage=None, image_format: str | None = None,
+                 warn: Callable[[str], None] | None = None) -> Path:
     """Write the HTML report of the run folder ``run`` (local or ``s3://``): the index at ``out`` and the
     class and neuron pages in :func:`pages_folder` ``(out)``. ``image_format``: ``webp`` or ``jpeg``
-    thumbnails (default :func:`dxray.report.thumbs.default_format`). Returns ``out``.
+    thumbnails (default :func:`dxray.report.thumbs.default_format`). ``warn`` gets one line when the run has
+    not finished (the report shows what is there). Returns ``out``.
 
     Raises a one-line :class:`DxrayError` when ``run`` is not a run folder or ``out`` cannot take a report."""
     from dxray.runs import open_run
@@ -378,12 +423,14 @@ def build_report(run: str, out: str | Path, *, storage=None, image_format: str |
     if fmt not in thumbs.FORMATS:
         raise DxrayError(f"image format {fmt!r} is not one of {', '.join(thumbs.FORMATS)}")
     if "://" not in run and not Path(run).is_dir():
-        raise DxrayError(f"no run found at {run} (not a folder)")
+        raise DxrayError(f"no run found at {run} ({what_is(run)} there, not a run folder)")
     sink = open_run(run, storage=storage)
     out = Path(out)
     pages = pages_folder(out)
     _check_out(out, pages)
     model = _Model(sink)
+    if warn is not None and (line := unfinished(model)):
+        warn(line)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _sweep(pages)
