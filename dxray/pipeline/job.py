@@ -13,12 +13,15 @@ batches of ``job.todo`` get run: in this process, or on Ray actors.
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from dxray import features
 from dxray.classifiers import ClassifierInfo
 from dxray.config import Config
+from dxray.errors import DxrayError
 from dxray.features import RankedFeature
 from dxray.pipeline.preflight import preflight
 from dxray.pipeline.ranking import ImageRanker, rank_features
@@ -30,6 +33,8 @@ from dxray.storage.compact import compact_run, finish_pending
 from dxray.storage.schemas import TABLES
 from dxray.storage.sink import RunSink
 from dxray.verdict import SAMPLE_COLUMNS, TASK_COLUMNS, decide
+
+log = logging.getLogger("dxray")
 
 
 @dataclass
@@ -79,8 +84,14 @@ class AuditJob:
         sink.write_table("feature_ranking", features.ranking_rows(sink.run_id, self.ranking, info.class_names),
                          part="all")
         self.specs = plan(self.cfg, info, self.ranking)
-        done = sink.committed_task_ids()
+        # Committed: a task row of status ok AND its k samples. A task whose samples are gone (a damaged part
+        # deleted, as the read error advises) is done again: its part names are its id, so the redo overwrites.
+        k = len(self.cfg.sample.seed_list())
+        done = sink.committed_task_ids(samples_per_task=k)
         self.todo = [s for s in self.specs if s.task_id not in done]
+        if lost := len({s.task_id for s in self.todo} & sink.committed_task_ids()):
+            log.warning("%d task(s) marked done have fewer than sample.k=%d samples in %s: doing them again",
+                        lost, k, sink.uri("samples"))
         self.summary = RunSummary(sink.run_id, sink.uri(""), len(self.specs), len(self.specs) - len(self.todo))
         return self.todo
 
@@ -125,6 +136,7 @@ class AuditJob:
         tables = {"tasks": sink.read_table("tasks", columns=TASK_COLUMNS),
                   "samples": sink.read_table("samples", columns=SAMPLE_COLUMNS)}
         summary.samples = tables["samples"].num_rows if tables["samples"] is not None else 0
+        self._check_whole(tables["tasks"], tables["samples"])
         if cfg.segment.enabled and tables["tasks"] is not None and tables["samples"] is not None:
             verdicts, classes = decide(tables["tasks"], tables["samples"], decision["delta"], sink.run_id)
             sink.write_table("verdicts", verdicts, part="all")
@@ -150,3 +162,16 @@ class AuditJob:
             **(extra or {}),
         })
         return summary
+
+    def _check_whole(self, tasks, samples) -> None:
+        """Refuse to decide a run whose committed tasks of this plan lack samples (lost while it ran): verdicts and
+        classes decided from them would be short or empty, and the manifest would call the run finished."""
+        k = len(self.cfg.sample.seed_list())
+        planned = {s.task_id for s in self.specs}
+        counts = Counter(samples["task_id"].to_pylist()) if samples is not None else Counter()
+        ok = zip(tasks["task_id"].to_pylist(), tasks["status"].to_pylist(), strict=True) if tasks is not None else []
+        short = sorted(t for t, status in ok if status == "ok" and t in planned and counts[t] < k)
+        if short:
+            raise DxrayError(f"run {self.sink.uri('')}: {len(short)} committed task(s) have fewer than sample.k={k} "
+                             f"samples (task {short[0]} has {counts[short[0]]}); verdicts, classes and the manifest "
+                             f"were not written: re-run the run's command to do those tasks again")

@@ -20,6 +20,7 @@ import os
 import uuid
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -239,14 +240,29 @@ class RunSink:
                 return f"{info.path[len(self.root) + 1:]} is not a readable Parquet file"
         return f"table {name} cannot be read"
 
-    def committed_task_ids(self) -> set[str]:
-        """The run's committed tasks: those with a task row of status ok. This is the one meaning of
-        "committed": a resumed run skips exactly these, and tries a failed task (status error) again."""
+    def committed_task_ids(self, samples_per_task: int | None = None) -> set[str]:
+        """The run's committed tasks: those with a task row of status ok and, given ``samples_per_task`` (the
+        run's sample.k: a task id fixes its held-out seeds), at least that many sample rows. This is the one
+        meaning of "committed": a resumed run skips exactly these (``AuditJob.prepare`` passes sample.k), and
+        does again a failed task (status error) and one whose samples are gone (a damaged part deleted).
+        Without ``samples_per_task``: the task rows alone."""
         table = self.read_table("tasks", columns=["task_id", "status"])
         if table is None:
             return set()
-        return {t for t, status in zip(table["task_id"].to_pylist(), table["status"].to_pylist(), strict=True)
-                if status == "ok"}
+        ok = {t for t, status in zip(table["task_id"].to_pylist(), table["status"].to_pylist(), strict=True)
+              if status == "ok"}
+        if samples_per_task is None:
+            return ok
+        counts = self.sample_counts()
+        return {t for t in ok if counts.get(t, 0) >= samples_per_task}
+
+    def sample_counts(self) -> dict[str, int]:
+        """Sample rows per task id ({} when the run has no samples table)."""
+        table = self.read_table("samples", columns=["task_id"])
+        if table is None or table.num_rows == 0:
+            return {}
+        counts = pc.value_counts(table["task_id"])
+        return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True))
 
     def write_manifest(self, manifest: dict) -> str:
         """The manifest, with every secret-looking value masked (model references may be URLs)."""

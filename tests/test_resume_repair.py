@@ -1,0 +1,149 @@
+"""The repairs dxray advises work when followed to the letter (issue 30): a read error names a damaged part and
+says "delete it and re-run the run's command"; doing exactly that leaves the run whole again (every task, k
+samples each, the same verdicts and classes). A task whose samples are gone is not committed: the resume does it
+again. And a run is never finished with fewer samples than its committed tasks hold."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import TINY_YAML
+from typer.testing import CliRunner
+
+from dxray.errors import DxrayError
+from dxray.storage.sink import RunSink
+
+K = 2  # sample.k of the runs below
+
+
+def _overrides(out, cache_dir) -> list[str]:
+    return [f"output={out}", f"cache_dir={cache_dir}", "optimize.steps=1", f"sample.k={K}", "device=cpu"]
+
+
+def _cli(*args):
+    from dxray.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _run_command(out, cache_dir):
+    """The run's command, as its user typed it (the same config and overrides each time)."""
+    return _cli("explain", TINY_YAML, *_overrides(out, cache_dir), "-q")
+
+
+def _state(root: Path) -> dict:
+    """What a whole run holds, read the way dxray reads it: its tasks, samples per task, verdicts and classes."""
+    sink = RunSink(str(root.parent), root.name)
+    tasks = sink.read_table("tasks").to_pylist()
+    samples = sink.read_table("samples", columns=["task_id", "seed", "class_prob", "object_fraction"]).to_pylist()
+    return {
+        "tasks": sorted((t["task_id"], t["status"], t["kind"], t["class_index"], t["feature_index"]) for t in tasks),
+        "samples": sorted((s["task_id"], s["seed"], s["class_prob"], s["object_fraction"]) for s in samples),
+        "verdicts": sink.read_table("verdicts").to_pylist(),
+        "classes": sink.read_table("classes").to_pylist(),
+    }
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("repair") / "out"
+    res = _run_command(out, cache_dir)
+    assert res.exit_code == 0, res.stderr
+    [root] = [p for p in out.iterdir() if p.is_dir()]
+    state = _state(root)
+    assert len(state["tasks"]) == 4 and {t[1] for t in state["tasks"]} == {"ok"}
+    assert len(state["samples"]) == 4 * K and state["verdicts"] and state["classes"]
+    return root, state
+
+
+def _copy(base_run, tmp_path) -> Path:
+    root = tmp_path / "out" / base_run[0].name
+    shutil.copytree(base_run[0], root)
+    return root
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: ")
+    return line
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("table", ["samples", "tasks", "verdicts", "classes"])
+def test_the_advised_repair_of_a_truncated_part_makes_the_run_whole(table, base_run, tmp_path, cache_dir):
+    root = _copy(base_run, tmp_path)
+    [part] = (root / table).glob("*.parquet")  # compacted at finish: one file per table
+    _truncate(part)
+    line = _one_error_line(_cli("report", root, "-o", tmp_path / "r.html"))
+    # The advice, followed literally: delete the part the line names, re-run the run's command.
+    named = re.search(r"run \S+: (\S+) is not a readable Parquet file", line)
+    assert named and "delete it and re-run the run's command" in line, line
+    (root / named[1]).unlink()
+    res = _run_command(tmp_path / "out", cache_dir)
+    assert res.exit_code == 0, res.stderr
+    assert _state(root) == base_run[1]  # every task, K samples each, the same verdicts and classes
+    assert json.loads((root / "manifest.json").read_text())["rows"]["samples"] == 4 * K
+    assert _cli("report", root, "-o", tmp_path / "r.html").exit_code == 0
+
+
+def test_a_task_whose_samples_are_gone_is_done_again(base_run, tmp_path, cache_dir, caplog):
+    """The samples of every task deleted (the folder, not one part): the resume does all of them again and says so,
+    rather than skipping them as done and deciding from no samples."""
+    root = _copy(base_run, tmp_path)
+    shutil.rmtree(root / "samples")
+    res = _run_command(tmp_path / "out", cache_dir)
+    assert res.exit_code == 0, res.stderr
+    assert "4 task(s) marked done have fewer than sample.k=2 samples" in caplog.text
+    assert "4 ok, 0 failed, 0 skipped" in res.stderr and f"{4 * K} samples" in res.stderr
+    assert _state(root) == base_run[1]
+    again = _run_command(tmp_path / "out", cache_dir)  # whole now: nothing left to do
+    assert again.exit_code == 0 and "0 ok, 0 failed, 4 skipped" in again.stderr, again.stderr
+
+
+def test_a_run_is_not_finished_with_fewer_samples_than_its_committed_tasks(base_run, tmp_path, cache_dir):
+    """Samples lost while a run works (after its plan, before its finish): the finish refuses in one line and
+    writes no verdicts, classes or manifest from them; re-running the command, as the line says, repairs it."""
+    from dxray import models
+    from dxray.config import load_config
+    from dxray.pipeline.job import AuditJob
+
+    root = _copy(base_run, tmp_path)
+    cfg = load_config(TINY_YAML, _overrides(tmp_path / "out", cache_dir))
+    decided = {rel: (root / rel).read_bytes() for rel in ("verdicts/part-all.parquet", "classes/part-all.parquet",
+                                                          "manifest.json")}
+    job = AuditJob(cfg, "explain")
+    job.preflight()
+    assert job.prepare(models.load_classifier(cfg.classifier, device="cpu", cache_dir=cfg.cache_dir)) == []
+    [lost] = (root / "samples").glob("*.parquet")
+    lost.unlink()
+    with pytest.raises(DxrayError) as err:
+        job.finish("cpu")
+    line = str(err.value)
+    assert "\n" not in line and "4 committed task(s) have fewer than sample.k=2 samples" in line
+    assert "re-run the run's command" in line
+    assert {rel: (root / rel).read_bytes() for rel in decided} == decided  # left as they were
+    res = _run_command(tmp_path / "out", cache_dir)
+    assert res.exit_code == 0, res.stderr
+    assert _state(root) == base_run[1]
+
+
+def test_an_unfinished_run_is_finished_by_its_command_as_advised(base_run, tmp_path, cache_dir):
+    """`redecide` on a run with no readable manifest says "re-run its command to finish it": that works."""
+    root = _copy(base_run, tmp_path)
+    (root / "manifest.json").write_text("{not json")
+    line = _one_error_line(_cli("redecide", root, "--delta", "0.5"))
+    assert "re-run its command to finish it" in line, line
+    res = _run_command(tmp_path / "out", cache_dir)
+    assert res.exit_code == 0, res.stderr
+    assert _state(root) == base_run[1]
+    assert json.loads((root / "manifest.json").read_text())["rows"]["samples"] == 4 * K
+    assert _cli("redecide", root, "--delta", "0.5").exit_code == 0
