@@ -31,7 +31,7 @@ test: install browser
 test-slow: install
 	$(BIN)/pytest -m slow -s tests/test_real_size.py
 
-# The planted-bias toy world, end to end: trains the world on first use (one thread; 3-6 min on a 2-core box),
+# The planted-bias toy world, end to end: copies the shipped world into the cache (pinned weights, trains nothing),
 # audits it on a local Ray (the embedded default), and scores the audit against the planted truth.
 demo: install
 	@run=$$($(BIN)/dxray audit jobs/configs/toyworld.yaml output=$(OUT)) && \

@@ -195,7 +195,7 @@ def _held_out_ce(gen, clf, rows, c):
     return sum(-math.log(max(s.class_prob, 1e-12)) for s in got) / len(got)
 
 
-@pytest.mark.timeout(1800)  # the world trains on first use
+@pytest.mark.timeout(1800)  # minutes of optimisation on a busy 2-core box
 def test_hard_prompt_optimisation_lowers_the_held_out_loss_on_the_toy_world(world):  # noqa: F811
     """Class CE on held-out seeds: the initial argmax words vs the final ones. Hard prompts are
     unstable (the paper says so too): each class takes the best of RESTARTS initialisations by final

@@ -237,7 +237,7 @@ def test_generator_and_held_out_datasets_are_unbiased():
 
 
 def test_training_logs_go_to_stderr_not_stdout(tmp_path, capsys):
-    """`run=$(dxray audit ...)` captures stdout: a world trained on first use must not print there."""
+    """`run=$(dxray audit ...)` captures stdout: a world trained (dxray toyworld train) must not print there."""
     import inspect
 
     from dxray.toyworld import train

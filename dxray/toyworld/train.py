@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -264,11 +265,15 @@ def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 40
 
 def ensure_toyworld(cache_dir=None, log: Log = log_to_stderr, force: bool = False,
                     seed: int | None = None) -> Path:
-    """The trained world (generator/ and classifier/), trained on first use (3-6 min on one CPU thread).
+    """The world (generator/ and classifier/) in the cache folder: the shipped world of seed 0 is copied there
+    (verified against its pinned sha256, and checked again on every later call), any other seed, or
+    ``force``, is trained (3-6 min on one CPU thread) and a retrained seed 0 is compared with the shipped one.
 
     ``seed`` is the world seed: it seeds both the classifier's and the generator's training (None: 0, the world
-    ``make demo`` and CI build). A cache folder holds one world, which the presets load whatever its seed;
+    ``make demo`` and CI use). A cache folder holds one world, which the presets load whatever its seed;
     another world seed needs another cache dir, and naming a seed the cache does not hold is an error."""
+    from dxray.toyworld import shipped
+
     root = folder(cache_dir)
     if seed is not None and root.exists() and not force:
         held = json.loads((root / "classifier" / "toyworld.json").read_text()).get("world_seed", 0)
@@ -280,37 +285,63 @@ def ensure_toyworld(cache_dir=None, log: Log = log_to_stderr, force: bool = Fals
         import shutil
 
         shutil.rmtree(root)
+    copy = not force and shipped.available(seed)
 
     def build(tmp: Path) -> None:
-        log(f"training the toy world into {root} (first use only)")
-        # One thread: the float sums, and so the trained world, do not depend on the core count.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        if copy:
+            shipped.install(tmp, ("generator", "classifier"))
+            return
+        log(f"training the toy world into {root}")
+        with _one_thread():
             train_classifier(tmp / "classifier", seed=seed or 0, log=log)
             train_generator(tmp / "generator", seed=seed or 0, log=log)
-        finally:
-            torch.set_num_threads(threads)
+        if shipped.available(seed):
+            diff = shipped.differences(tmp)
+            log("the rebuilt world equals the shipped one bit for bit" if not diff else
+                "the rebuilt world differs from the shipped one (this CPU's float kernels; the shipped world is "
+                "what tests and figures use): largest weight difference " +
+                ", ".join(f"{name.split('/')[0]} {d:.2g}" for name, d in sorted(diff.items())))
 
-    return build_once(root, build)
+    world = build_once(root, build)
+    shipped.check_cached(world)
+    return world
+
+
+@contextmanager
+def _one_thread():
+    """Training on one thread: the float sums, and so the trained world, do not depend on the core count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def ensure_unbiased_classifier(cache_dir=None, log: Log = log_to_stderr) -> Path:
     """The world's classifier trained without the bias (``classifier_data(biased=False)``, same size, steps and
     seed), beside the world: ``classifier.spec=hf:{this folder}`` audits it, and ``dxray compare`` of the biased
-    classifier's audit against its audit shows the planted classes improving (tests/test_toyworld.py)."""
-    seed = truth(cache_dir).get("world_seed", 0) if (folder(cache_dir) / "classifier").exists() else 0
+    classifier's audit against its audit shows the planted classes improving (tests/test_toyworld.py). The
+    shipped world's is copied (verified), unless the cached world was trained rather than copied."""
+    from dxray.toyworld import shipped
+
+    world = folder(cache_dir)
+    seed = truth(cache_dir).get("world_seed", 0) if (world / "classifier").exists() else 0
+    # The shipped one belongs beside the shipped world (or none yet), not beside a world trained here.
+    copy = shipped.available(seed) and (not (world / "classifier").exists() or (world / shipped.SUMS).exists())
 
     def build(tmp: Path) -> None:
-        log(f"training the unbiased toy classifier into {folder(cache_dir) / 'classifier-unbiased'} (first use only)")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        if copy:
+            shipped.install(tmp, ("classifier-unbiased",), flat=True)
+            return
+        log(f"training the unbiased toy classifier into {folder(cache_dir) / 'classifier-unbiased'}")
+        with _one_thread():
             train_classifier(tmp, seed=seed, log=log, biased=False)
-        finally:
-            torch.set_num_threads(threads)
 
-    return build_once(folder(cache_dir) / "classifier-unbiased", build)
+    built = build_once(world / "classifier-unbiased", build)
+    if copy:
+        shipped.check_cached(world, ("classifier-unbiased",))
+    return built
 
 
 def truth(cache_dir=None) -> dict:
