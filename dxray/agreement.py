@@ -97,6 +97,12 @@ def _int_column(table: pa.Table, column: str, path: str, what: str) -> pa.Array:
 def read_annotations(path: str) -> pa.Table:
     """Human label per (class, feature): class_index, feature_index, feature_rank, n_answers,
     n_spurious_answers, n_other_answers, human ('core' or 'spurious'), sorted by class and rank."""
+    return annotation_labels(path)[0]
+
+
+def annotation_labels(path: str) -> tuple[pa.Table, int]:
+    """:func:`read_annotations` and how many rows it left out: a negative class or feature index, or a
+    feature rank outside 1..5 (no such annotation exists; the caller says how many)."""
     raw = _read_csv(path, "annotations")
     missing = [c for c in COLUMNS.values() if c not in raw.column_names]
     if missing:
@@ -110,6 +116,10 @@ def read_annotations(path: str) -> pa.Table:
         "spurious": pc.cast(pc.fill_null(pc.is_in(answer, pa.array(SPURIOUS_ANSWERS)), False), pa.int64()),
         "other": pc.cast(pc.invert(pc.fill_null(pc.is_in(answer, pa.array(KNOWN_ANSWERS)), False)), pa.int64()),
     })
+    valid = pc.and_(pc.and_(pc.greater_equal(table["class_index"], 0), pc.greater_equal(table["feature_index"], 0)),
+                    pc.and_(pc.greater_equal(table["feature_rank"], 1), pc.less_equal(table["feature_rank"], TOP)))
+    dropped = table.num_rows - pc.sum(pc.cast(valid, pa.int64())).as_py()
+    table = table.filter(valid)
     pairs = table.group_by(["class_index", "feature_index"], use_threads=False).aggregate([
         ("feature_rank", "min"), ("feature_rank", "max"), ("spurious", "count"), ("spurious", "sum"), ("other", "sum")])
     rows = []
@@ -122,7 +132,15 @@ def read_annotations(path: str) -> pa.Table:
                      "n_spurious_answers": p["spurious_sum"], "n_other_answers": p["other_sum"],
                      "human": "spurious" if p["spurious_sum"] >= SPURIOUS_VOTES else "core"})
     rows.sort(key=lambda r: (r["class_index"], r["feature_rank"], r["feature_index"]))
-    return pa.Table.from_pylist(rows)
+    if not rows:
+        raise DxrayError(f"annotations {path}: none of its {raw.num_rows} rows has class and feature indices >= 0 "
+                         f"and a feature rank in 1..{TOP}")
+    return pa.Table.from_pylist(rows), dropped
+
+
+def dropped_line(n: int) -> str:
+    """The warning for ``n`` annotation rows :func:`annotation_labels` left out."""
+    return f"warning: {n} annotation row(s) left out: a negative class or feature index, or a feature rank outside 1..{TOP}"
 
 
 def _truth(value, path: str) -> bool:
@@ -341,6 +359,7 @@ class AgreementResult:
     unlabelled: int = 0  # verdict pairs with no human label
     shortfall: dict[int, int] = field(default_factory=dict)  # salient90 counts with too few classes
     other_answers: int = 0  # annotator answers other than main_object/separate_object/background
+    dropped: int = 0  # annotation rows left out: a negative index or a rank outside 1..5
 
 
 def chart_template(rows: list[dict]) -> str | None:
@@ -355,7 +374,7 @@ def run_agreement(path: str, annotations: str, class_metadata: str | None = None
         raise DxrayError(f"--subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
     for d in deltas or ():
         check_delta(d)
-    labels = read_annotations(annotations)
+    labels, dropped = annotation_labels(annotations)
     groups = class_groups(labels, read_class_metadata(class_metadata) if class_metadata else None, class_metadata or "")
     source = open_source(path)
     if deltas and source.samples is None:
@@ -384,7 +403,7 @@ def run_agreement(path: str, annotations: str, class_metadata: str | None = None
     chart = sink.write_bytes(f"{name}.png", render_chart(rows, title=f"{name}: {path.rstrip('/').rsplit('/', 1)[-1]}"))
     return AgreementResult(rows, sink.uri("agreement"), chart, subset or "all", compared,
                            sorted(set(chosen or ()) - {c for c, _ in judged}), len(in_scope - human), short,
-                           sum(labels["n_other_answers"].to_pylist()))
+                           sum(labels["n_other_answers"].to_pylist()), dropped)
 
 
 _COLOURS = {"all": (120, 120, 120), "animate": (214, 96, 77), "inanimate": (67, 147, 195)}

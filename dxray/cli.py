@@ -566,7 +566,10 @@ def agreement_cmd(
                 raise DxrayError("--print-classes needs --subset salient90")
             if subset not in ag.SUBSETS:
                 raise DxrayError(f"--subset must be one of {', '.join(ag.SUBSETS)}, got {subset!r}")
-            groups = ag.class_groups(ag.read_annotations(annotations))
+            labels, dropped = ag.annotation_labels(annotations)
+            if dropped:
+                _say(ag.dropped_line(dropped))
+            groups = ag.class_groups(labels)
             classes, short = ag.salient90(groups)
             for k, n in short.items():
                 err.print(f"warning: only {n} classes with {k} spurious top-5 features (wanted {ag.SALIENT90_PER_COUNT})")
@@ -582,6 +585,8 @@ def agreement_cmd(
         err.print(f"warning: salient90 has only {n} classes with {k} spurious top-5 features (wanted {ag.SALIENT90_PER_COUNT})")
     if result.missing:
         err.print(f"warning: {len(result.missing)} subset classes have no verdicts in the run, e.g. {result.missing[:5]}")
+    if result.dropped:
+        _say(ag.dropped_line(result.dropped))
     if result.other_answers:
         err.print(f"note: {result.other_answers} annotator answers other than main_object/separate_object/background "
                   f"counted as not spurious")

@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from dxray.errors import DxrayError
-from dxray.runs import open_run
+from dxray.runs import check_decided, open_run
 from dxray.storage import redact_text
 from dxray.storage.sink import RunSink
 
@@ -53,6 +53,8 @@ def read_side(run: str, label: str) -> Side:
     manifest = sink.read_manifest()
     if manifest is None:
         raise DxrayError(f"{label} {run} has not finished (no readable manifest.json): re-run its command to finish it")
+    for name in ("classes", "verdicts"):
+        check_decided(sink, run, name, label)
     classes = sink.read_table("classes", columns=_CLASS_COLUMNS)
     if classes is None or classes.num_rows == 0:
         raise DxrayError(f"{label} {run} has no classes table (run with segmentation on: segment.enabled=true)")

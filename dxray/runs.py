@@ -93,3 +93,35 @@ def _restore(sink: RunSink, before: dict[str, bytes | None], written: list[str])
         except (OSError, DxrayError) as err:
             raise DxrayError(f"run {sink.uri('')}: redecide failed and {rel} could not be put back "
                              f"({one_line(err, typed=False)}); run dxray redecide again to make the run consistent") from None
+
+
+# The columns a reader of the decided tables cannot do without (newer ones, such as the confidence interval,
+# may be absent from a run decided before them).
+DECIDED_COLUMNS = {"classes": ("class_index", "template", "class_object_fraction", "n_spurious", "n_features", "delta"),
+                   "verdicts": ("class_index", "feature_index", "template", "mean_object_fraction", "delta", "verdict")}
+
+
+def check_decided(sink: RunSink, run: str, name: str, label: str = "run") -> None:
+    """A ``classes`` or ``verdicts`` table of another schema (another tool's, a hand-made one) is one line naming
+    the table, the part and the missing column, not null-filled rows that compare as nothing; a column of
+    another type is the sink's error on reading."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
+
+    folder = f"{sink.root}/{name}"
+    try:
+        if sink.fs.get_file_info(folder).type != pafs.FileType.Directory:
+            return
+        parts = list(ds.dataset(folder, filesystem=sink.fs, format="parquet").get_fragments())
+        schemas = [(p.path[len(folder) + 1:], p.physical_schema.names) for p in parts]
+    except (pa.ArrowException, OSError):
+        return  # unreadable: reading the table says which part and why
+    for part, names in schemas:
+        missing = [c for c in DECIDED_COLUMNS[name] if c not in names]
+        if missing:
+            # redecide rewrites part-all; another part must go first or it would still be read
+            fix = "" if part == "part-all.parquet" else f"move {name}/{part} away, then "
+            raise DxrayError(f"{label} {run}: table {name} is not of dxray's schema: {name}/{part} lacks column "
+                             f"{missing[0]!r}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+                             f"{fix}dxray redecide {run} --delta D writes it again from the run's samples")

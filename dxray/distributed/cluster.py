@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 from dxray.config import ClusterConfig
 from dxray.errors import DxrayError
@@ -26,6 +28,9 @@ def connect(cluster: ClusterConfig, address: str | None = None) -> str:
         return "existing"
     address = address or cluster.address or os.environ.get("RAY_ADDRESS") or None
     kwargs = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    # ray.init makes SIGTERM a bare sys.exit; a handler the caller set (the CLI's: SIGTERM is an interrupt
+    # like Ctrl-C, with its line of what was committed) is put back after it.
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
         if address:
             ray.init(address=address, **kwargs)
@@ -38,6 +43,9 @@ def connect(cluster: ClusterConfig, address: str | None = None) -> str:
     except (ConnectionError, RuntimeError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DxrayError(f"cannot connect to Ray at {address or 'a new local cluster'}: {first}") from None
+    finally:
+        if callable(previous):
+            signal.signal(signal.SIGTERM, previous)
     # A local Ray never grows: an actor wanting more CPUs than it has would wait forever, silently.
     cpus = float(ray.cluster_resources().get("CPU", 0))
     for field in ("cpus_per_explainer", "cpus_per_segmenter"):

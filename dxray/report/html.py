@@ -198,7 +198,11 @@ def _task_view(t: dict, verdict: dict | None, concepts: list[dict] | None = None
 class _Model:
     """Everything the pages show, read once from the run's tables."""
 
-    def __init__(self, sink):
+    def __init__(self, sink, run: str):
+        from dxray.runs import check_decided
+
+        for name in ("classes", "verdicts"):
+            check_decided(sink, run, name)
         # One read of the samples: its rows, and the thumbnails of the same rows as an Arrow column.
         table = sink.read_table("samples", columns=[*_COLUMNS["samples"], "thumbnail"])
         self.thumbnails = None if table is None else table.column("thumbnail")
@@ -428,7 +432,7 @@ def build_report(run: str, out: str | Path, *, storage=None, image_format: str |
     out = Path(out)
     pages = pages_folder(out)
     _check_out(out, pages)
-    model = _Model(sink)
+    model = _Model(sink, run)
     if warn is not None and (line := unfinished(model)):
         warn(line)
 
