@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from dxray.errors import DxrayError
 from dxray.runs import open_run
+from dxray.toyworld import scores
 
 
 def planted_truth(sink) -> dict:
@@ -86,6 +87,41 @@ def concept_naming(classes: list[dict], verdicts: list[dict], truth: dict) -> di
                                         and v["verdict"] == "spurious"], "top_concepts")}
 
 
+def _control_call(row: dict) -> bool | None:
+    """The segmenter control alone: the object is missing from the class's plain-prompt images (r < δ)."""
+    r = row.get("control_object_fraction")
+    return None if r is None else r < row["delta"]
+
+
+def class_scores(classes: list[dict], rows: list[dict]) -> dict:
+    """The class-level bias call (biased = positive) with intervals over classes, beside the baselines."""
+    control = {c["class_index"]: _control_call(c) for c in classes}
+    calls = [{"unit": r["class_index"], "truth": r["planted_biased"], "called": r["called_biased"],
+              "score": r["object_fraction"], "class_index": r["class_index"]} for r in rows if r["correct"] is not None]
+    return scores.scored(calls, lambda c: control.get(c["class_index"]))
+
+
+def feature_scores(verdicts: list[dict], pairs: list[dict]) -> dict:
+    """The spurious call of the judged (class, feature) pairs (spurious = positive), with intervals over
+    classes (a class's features share its explanations), beside the baselines."""
+    control = {(v["class_index"], v["feature_index"], v["template"]): _control_call(v) for v in verdicts}
+    calls = [{"unit": p["class_index"], "truth": p["truth"] == "spurious", "called": p["verdict"] == "spurious",
+              "score": p["mean_object_fraction"], "key": (p["class_index"], p["feature_index"], p["template"])}
+             for p in pairs if p["correct"] is not None]
+    return scores.scored(calls, lambda c: control.get(c["key"]))
+
+
+def score_lines(report: dict) -> list[str]:
+    """The figures of ``report["scores"]``, one line per caller: dxray first, then the baselines."""
+    out = []
+    for level, what in (("classes", "class-level bias call"), ("features", "feature-level spurious call")):
+        figures = (report.get("scores") or {}).get(level)
+        if figures:
+            out.append(f"{what} (95% bootstrap intervals over classes):")
+            out += [f"  {scores.describe(name.replace('_', ' '), f)}" for name, f in figures.items()]
+    return out
+
+
 def check(run: str, truth: dict | None = None, well_above_chance: float = 3.0, classifier=None) -> dict:
     """Score a run; ``classifier``: the audited toy-world classifier for the feature truth (default: loaded
     from the world cache the run's manifest names)."""
@@ -104,7 +140,8 @@ def check(run: str, truth: dict | None = None, well_above_chance: float = 3.0, c
     biased_truth = {int(k) for k in truth["biased"]}
     chance = 1.0 / len(truth["classes"])
     rows = []
-    for c in classes.to_pylist():
+    classes = classes.to_pylist()
+    for c in classes:
         task = next((t for t in class_tasks if t["class_index"] == c["class_index"] and t["template"] == c["template"]),
                     None)
         r = c["class_object_fraction"]
@@ -130,11 +167,13 @@ def check(run: str, truth: dict | None = None, well_above_chance: float = 3.0, c
 
             classifier = load_classifier(f"hf:{folder(_manifest_cache_dir(sink)) / 'classifier'}", device="cpu")
         wanted = sorted({v["feature_index"] for v in verdicts})
-        classes = sorted({v["class_index"] for v in verdicts})
-        features = feature_agreement(verdicts, ft.feature_truth(classifier, classes, wanted)) | {
+        judged_classes = sorted({v["class_index"] for v in verdicts})
+        features = feature_agreement(verdicts, ft.feature_truth(classifier, judged_classes, wanted)) | {
             "margins": ft.margins()}
     report = {
-        "concepts": concept_naming(sink.read_table("classes").to_pylist(), verdicts, truth),
+        "scores": {"classes": class_scores(classes, rows),
+                   "features": feature_scores(verdicts, features["pairs"]) if features else None},
+        "concepts": concept_naming(classes, verdicts, truth),
         "run": sink.uri(""), "chance": chance, "well_above_chance": well_above_chance * chance,
         "bias_call_accuracy": sum(r["correct"] for r in judged) / len(judged) if judged else None,
         "optimised_fraction": sum(r["optimised"] for r in rows) / len(rows) if rows else None,
