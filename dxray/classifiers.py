@@ -143,6 +143,24 @@ def read_state_dict(path: str, allow_pickle: bool = False, pickle_hint: str = _P
     return state
 
 
+def pickle_refusal(what: str, folder: str, err: pickle.UnpicklingError, hint: str) -> str:
+    """One line for a model folder whose checkpoint weights-only loading refused: which file holds which
+    pickled objects, and ``hint`` (never "weights_only=False")."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    name, objects = "", found.group(1) if found else ""
+    root = Path(folder).expanduser()
+    if root.is_dir():  # name the file: the first .bin whose pickle imports something weights-only refuses
+        for f in sorted([*root.glob("*.bin"), *root.glob("*/*.bin")]):
+            try:
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+            except Exception:  # noqa: BLE001 - an old-format or unreadable file: the error's own name stays
+                continue
+            if unsafe:
+                name, objects = f" ({f.relative_to(root)})", ", ".join(unsafe[:3])
+                break
+    return f"{what} holds a pickled checkpoint{name} that dxray does not unpickle{f' ({objects})' if objects else ''}; {hint}"
+
+
 def _fit(model: nn.Module, state: dict[str, Tensor], path: str) -> None:
     """Load ``state`` into ``model``; every key must match."""
     try:
@@ -220,8 +238,14 @@ def _build_hf(ref: str, weights: str | None, kwargs: dict, meta: bool, allow_pic
             config = AutoConfig.from_pretrained(path, **kwargs)
             with _meta_or_not(meta):
                 model = AutoModelForImageClassification.from_config(config)
-        else:
+        else:  # transformers reads a pytorch_model.bin weights-only, whatever it is told
             model = AutoModelForImageClassification.from_pretrained(path, **kwargs)
+    except pickle.UnpicklingError as err:
+        if not allow_pickle:
+            raise DxrayError(pickle_refusal(f"classifier 'hf:{ref}'", path, err, "set classifier.allow_pickle=true "
+                                            "only if you trust it, or re-save it as safetensors once (save_pretrained "
+                                            "writes model.safetensors)")) from None
+        model = _hf_unpickled(path, kwargs)
     except (OSError, ValueError, KeyError) as err:
         from dxray.generator import hub_reason
 
@@ -234,6 +258,23 @@ def _build_hf(ref: str, weights: str | None, kwargs: dict, meta: bool, allow_pic
     if not meta:
         _processor_geometry(built, path, kwargs)
     return built
+
+
+def _hf_unpickled(path: str, kwargs: dict) -> nn.Module:
+    """The folder's architecture with its pickled ``pytorch_model*.bin`` weights (classifier.allow_pickle),
+    tensors only; a ``.bin`` transformers refused to unpickle."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(path, **kwargs))
+    state: dict[str, Tensor] = {}
+    for f in sorted(Path(path).glob("pytorch_model*.bin")):
+        try:
+            loaded = torch.load(f, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - whatever the unpickling raised, in one line
+            raise DxrayError(f"cannot read checkpoint {f}: {one_line(err, 150, typed=False)}") from None
+        state |= {k: v for k, v in loaded.items() if isinstance(v, Tensor)} if isinstance(loaded, dict) else {}
+    _fit(model, state, path)
+    return model
 
 
 def _build_timm(name: str, weights: str | None, kwargs: dict, meta: bool, allow_pickle: bool) -> _Built:
@@ -411,19 +452,37 @@ BUILDERS: dict[str, Callable[..., _Built]] = {
 }
 
 
-def _build(spec: str, weights: str | None, kwargs: dict | None, meta: bool, allow_pickle: bool = False) -> _Built:
+def _builder(spec: str) -> tuple[Callable[..., _Built], str]:
+    """The builder of ``spec`` and the reference it is given."""
     scheme, sep, ref = spec.partition(":")
     if sep and ref and scheme in BUILDERS:
-        builder = BUILDERS[scheme]
-    elif sep and _IDENT.fullmatch(scheme) and _IDENT.fullmatch(ref):
-        builder, ref = _build_callable, spec
-    else:
-        raise DxrayError(f"unknown classifier spec {spec!r}; expected torchvision:NAME, hf:ID_OR_PATH, "
-                         f"timm:NAME, robust-resnet50:PATH or module.path:callable")
+        return BUILDERS[scheme], ref
+    if sep and _IDENT.fullmatch(scheme) and _IDENT.fullmatch(ref):
+        return _build_callable, spec
+    raise DxrayError(f"unknown classifier spec {spec!r}; expected torchvision:NAME, hf:ID_OR_PATH, "
+                     f"timm:NAME, robust-resnet50:PATH or module.path:callable")
+
+
+def imported_callable(spec: str) -> str | None:
+    """``module:callable`` when ``spec`` makes dxray import a module and call something in it (a config is
+    trusted like code, as Hydra's ``_target_``); None for the built-in builders."""
+    try:
+        return spec if _builder(spec)[0] is _build_callable else None
+    except DxrayError:
+        return None
+
+
+def _build(spec: str, weights: str | None, kwargs: dict | None, meta: bool, allow_pickle: bool = False) -> _Built:
+    builder, ref = _builder(spec)
     try:
         return builder(ref, weights, dict(kwargs or {}), meta, allow_pickle)
     except TypeError as err:  # almost always a bad keyword in `kwargs`
-        raise DxrayError(f"cannot build classifier {spec!r} with kwargs {kwargs}: {one_line(err, 150, typed=False)}") from None
+        from dxray.storage import redact_text
+
+        # The keys only: a value may be a token, a password or a header (values are never printed).
+        keys = ", ".join(map(str, kwargs or {})) or "none"
+        raise DxrayError(f"cannot build classifier {spec!r} with kwargs ({keys}; values not shown): "
+                         f"{redact_text(one_line(err, 150, typed=False))}") from None
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -452,7 +511,12 @@ def _class_names(given: list[str] | str | None, default: list[str] | None, n: in
         p = Path(given).expanduser()
         if not p.is_file():
             raise DxrayError(f"class_names file not found: {given}")
-        given = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:  # as segment.concepts and prompt.hard.vocabulary say it
+            reason = "is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else f"cannot be read ({e.strerror})"
+            raise DxrayError(f"classifier.class_names: file {given!r} {reason}") from None
+        given = [line.strip() for line in text.splitlines() if line.strip()]
     names = list(given) if given is not None else default or [f"class_{i}" for i in range(n)]
     if len(names) != n:
         raise DxrayError(f"class_names has {len(names)} names but the classifier has {n} classes")

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from dxray.errors import DxrayError
+from dxray.storage.masking import remember_secrets
 
 # Training-noise seeds live in [2**31, 2**32); held-out sampling seeds must stay below, so the
 # images that judge a prompt were never seen while optimising it.
@@ -713,6 +714,7 @@ def build_config(data: dict[str, Any], overrides: list[str] = ()) -> Config:
         _check_shape(merged)
     except ValueError as e:
         raise DxrayError(_clean(str(e) if str(e).startswith("config field") else f"config {e}")) from None
+    remember_secrets(merged)  # its secret values are masked wherever they turn up later (dxray.storage.masking)
     try:
         return Config.model_validate(merged)
     except ValidationError as err:

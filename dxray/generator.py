@@ -9,6 +9,7 @@ through every step and the decoder.
 from __future__ import annotations
 
 import copy
+import pickle
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -50,6 +51,12 @@ def check_model_ref(ref: str, what: str) -> None:
         raise DxrayError(f"{what} {redact_text(ref)!r} is a URL; give a hub id (org/name) or a local folder")
     if ref.startswith(("/", "./", "../", "~")) and not Path(ref).expanduser().exists():
         raise DxrayError(f"{what} folder not found: {ref}")
+
+
+def _holds_bin(ref: str) -> bool:
+    """True for a local folder with a ``.bin`` checkpoint in it or one level down (a pipeline's parts)."""
+    root = Path(ref).expanduser()
+    return root.is_dir() and any([*root.glob("*.bin"), *root.glob("*/*.bin")])
 
 
 # Advice that only makes sense beside a traceback, which the CLI's one-line errors never show (diffusers:
@@ -140,6 +147,13 @@ class LCMGenerator:
                 pipe.fuse_lora()
                 pipe.unload_lora_weights()
             decoder = AutoencoderTiny.from_pretrained(tiny_vae, dtype=torch_dtype) if tiny_vae else pipe.vae
+        except pickle.UnpicklingError as err:  # a part saved as a pickled .bin, refused weights-only
+            from dxray.classifiers import pickle_refusal
+
+            where = next((r for r in (model, lora, tiny_vae) if r and _holds_bin(r)), model)
+            raise DxrayError(pickle_refusal(f"generator {where!r}", where, err, "re-save that part as safetensors "
+                                            "once, where you trust it (save_pretrained(folder, "
+                                            "safe_serialization=True))")) from None
         except (OSError, ValueError) as err:
             raise DxrayError(f"cannot load generator {model!r}: {hub_reason(err)}") from None
         for part in ("tokenizer", "text_encoder", "unet", "scheduler"):

@@ -228,7 +228,9 @@ def estimate(cfg: Config, info: classifiers.ClassifierInfo, figures: list[dict] 
 
 # -- the dry run -------------------------------------------------------------------------------------
 def _warn(message: str) -> None:
-    sys.stderr.write(f"warning: {message}\n")
+    from dxray.storage import redact_text
+
+    sys.stderr.write(f"warning: {redact_text(message)}\n")
     sys.stderr.flush()
 
 
@@ -237,8 +239,12 @@ def dry_run(cfg: Config, figures: list[dict] | None = None, warn: Callable[[str]
     model weights and starts no Ray. What a real run needs but is not on this machine is listed in
     ``Plan.missing`` and in one ``warn`` line (default: ``warning: ...`` on stderr) instead of stopping it."""
     from dxray.features import read_ranking_table
+    from dxray.models import is_preset
     from dxray.pipeline.preflight import preflight
 
+    target = None if is_preset(cfg.classifier.spec) else classifiers.imported_callable(cfg.classifier.spec)
+    if target:  # said before preflight runs it: describing the model calls it
+        (warn or _warn)(f"classifier.spec imports and calls {target} (a config is trusted like code)")
     missing: list[str] = []
     info = preflight(cfg, missing, build=False)  # a preset not built yet: described from its architecture
     t = cfg.targets
@@ -247,6 +253,8 @@ def dry_run(cfg: Config, figures: list[dict] | None = None, warn: Callable[[str]
         ranking = read_ranking_table(t.feature_table, [c for c in t.classes if c not in t.features], t.top_k)
     plan = estimate(cfg, info, load_figures(cfg.estimate.figures) if figures is None else figures, ranking)
     plan.missing = missing
+    if target:
+        plan.notes.append(f"classifier.spec imports and calls {target} (a config is trusted like code)")
     if missing:
         (warn or _warn)(f"missing: {'; '.join(missing)} (not found here; the plan is the config's, and a real run "
                         f"stops at the first of them)")
@@ -266,10 +274,14 @@ def render(plan: Plan):
     from rich.table import Table
     from rich.text import Text
 
+    from dxray.storage import redact_text
+
     table = Table("", "count", "how", title=Text(f"dxray audit --dry-run: {plan.run_id}"), title_justify="left")
-    # Cells as plain Text: templates, paths and model names are the user's strings, not rich markup ('[/]').
+    # Cells as plain Text: templates, paths and model names are the user's strings, not rich markup ('[/]'),
+    # and may hold a credential (a URI's userinfo or query), masked as everywhere else.
     add_row = table.add_row
-    table.add_row = lambda *cells, **kw: add_row(*(Text(c) if isinstance(c, str) else c for c in cells), **kw)
+    table.add_row = lambda *cells, **kw: add_row(*(Text(redact_text(c)) if isinstance(c, str) else c
+                                                   for c in cells), **kw)
     templates = ", ".join(repr(x) for x in plan.templates)
     table.add_row("classes", _n(plan.classes), "targets.classes")
     table.add_row("templates", _n(len(plan.templates)), templates)

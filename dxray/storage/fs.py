@@ -162,11 +162,19 @@ def filesystem(output: str, storage: StorageConfig | None = None) -> tuple[pafs.
     if "?" in rest or "#" in rest:
         raise DxrayError(f"{where}: query parameters are not supported in s3:// URIs; credentials come from "
                          f"{CREDENTIAL_VARS} or the instance role, the endpoint and region from storage.* or AWS_*")
-    bucket = rest.split("/", 1)[0]
-    if "@" in bucket:
-        raise DxrayError(f"{where}: credentials in the URI are not supported; set {CREDENTIAL_VARS} instead")
+    if "@" in rest:  # KEY:SECRET@bucket, the secret perhaps holding '/': no bucket name or usual key has an '@'
+        raise DxrayError(f"{where}: credentials in the URI (KEY:SECRET@bucket) are not supported and an s3:// URI "
+                         f"may not hold '@'; set {CREDENTIAL_VARS} instead")
+    bucket, *parts = rest.rstrip("/").split("/")
     if not bucket:
         raise DxrayError(f"{where} names no bucket (expected s3://bucket/prefix)")
+    # S3 keys are names, not folder paths: 'a//b' and 'a/../b' would name other objects than 'a/b' and 'b'.
+    if "" in parts:
+        raise DxrayError(f"{where} has an empty path part ('//'); write s3://{bucket}/{'/'.join(p for p in parts if p)}")
+    odd = next((p for p in parts if p in (".", "..")), None)
+    if odd is not None:
+        raise DxrayError(f"{where}: the path part '{odd}' is not allowed in an s3:// URI (S3 keys are plain names: "
+                         f"'{odd}' moves to no other folder); write the prefix in full")
     return s3_filesystem(storage), rest.rstrip("/")
 
 
