@@ -11,6 +11,7 @@ import io
 import logging
 import math
 import posixpath
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -109,11 +110,19 @@ class ImageFolder:
         return paths[:limit]
 
     def load(self, path: str) -> np.ndarray:
-        """H×W×3 uint8 RGB."""
+        """H×W×3 uint8 RGB. A decompression bomb (a few KB on disk: more pixels than Pillow's
+        ``Image.MAX_IMAGE_PIXELS``, or a text chunk past ``PngImagePlugin.MAX_TEXT_CHUNK``) is an OSError, as a
+        corrupt image is, and is never decoded."""
         from PIL import Image
 
         with self._fs[0].open_input_file(path) as f:
-            return np.asarray(Image.open(io.BytesIO(f.read())).convert("RGB"))
+            data = f.read()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # past the limit but under 2x: refuse too
+            try:
+                return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning, ValueError, SyntaxError) as err:
+                raise OSError(f"not decoded: {err}") from None  # ValueError: PNG's text-chunk bomb, SyntaxError: a bad chunk
 
 
 def _expected_names(folder: ImageFolder, c: int) -> str:
@@ -137,16 +146,26 @@ def check_image_folder(folder: ImageFolder, classes: list[int], select: str) -> 
                          f"(expected a sub-folder named {_expected_names(folder, empty[0])})")
 
 
+def warn_skipped(path: str, reason: str) -> None:
+    """The warning for a feature image that is not read (corrupt, truncated, a decompression bomb)."""
+    log.warning("skipping unreadable image %s: %s", path, reason)
+
+
 def _activations(classifier, folder: ImageFolder, paths: list[str], batch_size: int,
-                 size: tuple[int, int]):
-    """Yield (predicted classes, penultimate activations) per batch; unreadable images are skipped."""
+                 size: tuple[int, int], skipped: list[tuple[str, str]] | None = None):
+    """Yield (predicted classes, penultimate activations) per batch; unreadable images are skipped with a
+    warning, or, given ``skipped``, added to it as (path, reason) for the caller to report (a Ray worker's
+    log may not reach the driver before it exits)."""
     for start in range(0, len(paths), batch_size):
         batch = []
         for path in paths[start:start + batch_size]:
             try:
                 x = torch.from_numpy(folder.load(path).copy()).permute(2, 0, 1)[None].float() / 255
-            except OSError as err:  # PIL.UnidentifiedImageError is an OSError
-                log.warning("skipping unreadable image %s: %s", path, err)
+            except OSError as err:  # PIL.UnidentifiedImageError is an OSError; load() makes a bomb one
+                if skipped is None:
+                    warn_skipped(path, str(err))
+                else:
+                    skipped.append((path, str(err)))
                 continue
             if tuple(x.shape[-2:]) != size:
                 x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from torch import nn
 
 from dxray.classifiers import Classifier
@@ -268,3 +272,83 @@ def test_ranking_rows():
         {"run_id": "run1", "class_index": 0, "class_name": "a", "feature_index": 2, "rank": 1, "importance": None,
          "source": "config", "n_images": None},
     ]
+
+
+def _pixel_bomb(factor: float):
+    """A PNG of one colour, 1 bit a pixel: KBs on disk, ``factor`` times Pillow's pixel limit once decoded."""
+    side = math.ceil(math.sqrt(factor * Image.MAX_IMAGE_PIXELS))
+    return lambda path: Image.new("1", (side, side)).save(path, optimize=True)
+
+
+def _text_chunk_bomb(path):
+    """A small PNG whose compressed text chunk inflates past ``PngImagePlugin.MAX_TEXT_CHUNK``."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "a" * (2 * PngImagePlugin.MAX_TEXT_CHUNK), zip=True)
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(path, pnginfo=info)
+
+
+BOMBS = {"pixels past twice the limit": _pixel_bomb(2.2),  # Pillow raises DecompressionBombError
+         "pixels just past the limit": _pixel_bomb(1.1),  # Pillow only warns (DecompressionBombWarning)
+         "a text chunk": _text_chunk_bomb}
+
+
+@pytest.mark.parametrize("bomb", sorted(BOMBS))
+def test_a_decompression_bomb_is_skipped_with_a_warning(bomb, clf, folder, tmp_path, caplog):
+    """A bomb among the feature images is skipped like a corrupt image: a warning naming it, and the ranking of
+    the other images, never decoded (a 2.2x bomb alone would be gigabytes as float tensors)."""
+    path = tmp_path / "imgs" / "1" / "img9-bomb.png"
+    BOMBS[bomb](path)
+    assert path.stat().st_size < 100_000
+    clean = ImageFolder(str(write_folders(tmp_path / "clean", FOLDERS)), None)
+    for select in ("labelled", "predicted"):
+        caplog.clear()
+        ranked = rank_from_images(clf, folder, [0, 1, 2], 4, select, None)
+        expected = rank_from_images(clf, clean, [0, 1, 2], 4, select, None)
+        assert [(r.class_index, r.feature_index, r.n_images) for r in ranked] == \
+               [(r.class_index, r.feature_index, r.n_images) for r in expected]
+        assert [r.importance for r in ranked] == pytest.approx([r.importance for r in expected], abs=1e-6)
+        [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert warning.startswith(f"skipping unreadable image {path}: ")
+
+
+def test_the_ray_ranking_actor_hands_skipped_images_to_the_driver(tiny_config, tmp_path):
+    """On Ray the images are read in actors, whose log may never reach the driver: the batch's result names the
+    images it skipped, for the driver to warn of them."""
+    from dxray.distributed.rank import ClassActivationSums
+
+    root = write_folders(tmp_path / "imgs", {0: FOLDERS[0], 1: FOLDERS[1]})
+    bomb = root / "0" / "img9-bomb.png"
+    BOMBS["pixels past twice the limit"](bomb)
+    folder = ImageFolder(str(root), None)
+    paths = folder.images(0) + folder.images(1)
+    rows = {"path": np.array(paths), "folder_class": np.array([0] * len(folder.images(0)) + [1] * 3)}
+    actor = ClassActivationSums(tiny_config, folder, [0, 1], "labelled")
+    out = actor(rows)
+    assert [(p, why.startswith("not decoded: Image size")) for p, why in json.loads(out["skipped"][0])] == \
+           [(str(bomb), True)]
+    keep = np.array([p != str(bomb) for p in paths])
+    clean = actor({k: v[keep] for k, v in rows.items()})
+    assert out["count"].tolist() == clean["count"].tolist() == [2, 3] and json.loads(clean["skipped"][0]) == []
+    np.testing.assert_allclose(out["sum"], clean["sum"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("command", ["explain", "rank-features"])  # ranked in this process / on Ray Data
+def test_a_run_over_a_decompression_bomb_warns_and_ranks_the_other_images(command, tmp_path, cache_dir):
+    from conftest import ROOT, TINY_YAML
+
+    root = write_folders(tmp_path / "imgs", {0: FOLDERS[0], 1: FOLDERS[1]})
+    bomb = root / "1" / "img9-bomb.png"
+    BOMBS["pixels past twice the limit"](bomb)
+    out = tmp_path / "out"
+    args = [str(TINY_YAML), f"output={out}", f"cache_dir={cache_dir}", "device=cpu", "targets.feature_source=images",
+            f"targets.feature_images.path={root}", "targets.feature_images.select=labelled"]
+    if command == "explain":
+        args += ["targets.class_task=false", "optimize.steps=1", "sample.k=1", "segment.enabled=false"]
+    res = subprocess.run([sys.executable, "-m", "dxray", command, *args], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT, env=dict(os.environ, DXRAY_CACHE=str(cache_dir)))
+    assert res.returncode == 0, res.stderr
+    assert f"skipping unreadable image {bomb}: not decoded: Image size" in res.stderr
+    [run] = [p for p in out.iterdir() if p.is_dir()]
+    ranking = pq.read_table(run / "feature_ranking").to_pylist()
+    assert {(r["class_index"], r["n_images"], r["source"]) for r in ranking} == \
+           {(0, 2, "images-labelled"), (1, 3, "images-labelled")}

@@ -11,6 +11,7 @@ table, which a later audit reads with ``targets.feature_source=table``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import sys
@@ -88,7 +89,8 @@ def quiet_logs() -> None:
 
 class ClassActivationSums:
     """Ray Data stateful UDF: a batch of (path, folder_class) rows -> one row per audited class met in it
-    (class_index, count, sum of penultimate activations in float64, seen = images in the batch)."""
+    (class_index, count, sum of penultimate activations in float64, seen = images in the batch, skipped = the
+    images not read, as a JSON list of [path, reason], on the first row: the driver warns of them)."""
 
     def __init__(self, cfg: Config, folder: ImageFolder, classes: list[int], select: str):
         quiet_libraries()  # every actor's load-time bars would reach the driver's log
@@ -104,6 +106,7 @@ class ClassActivationSums:
         labels = [int(c) for c in batch["folder_class"]]
         sums: dict[int, torch.Tensor] = {}
         counts: dict[int, int] = {}
+        skipped: list[tuple[str, str]] = []
 
         def add(c: int, acts: torch.Tensor) -> None:
             if len(acts):
@@ -116,7 +119,8 @@ class ClassActivationSums:
         else:
             groups = {NO_CLASS: paths}
         for label, group in groups.items():
-            for pred, acts in features._activations(self.classifier, self.folder, group, len(group), self.size):
+            for pred, acts in features._activations(self.classifier, self.folder, group, len(group), self.size,
+                                                    skipped):
                 if label != NO_CLASS:
                     add(label, acts)
                 else:
@@ -128,6 +132,7 @@ class ClassActivationSums:
             "count": np.array([counts.get(c, 0) for c in order], dtype=np.int64),
             "sum": np.stack([sums[c].numpy() if c in sums else np.zeros(self.dim) for c in order]).astype(np.float64),
             "seen": np.array([len(paths)] + [0] * (len(order) - 1), dtype=np.int64),
+            "skipped": np.array([json.dumps(skipped)] + [""] * (len(order) - 1)),
         }
 
 
@@ -227,7 +232,10 @@ def _run(cfg: Config, folder: ImageFolder, rows: list[dict], pool: int, gpus: fl
             fn_constructor_kwargs={"cfg": cfg, "folder": folder, "classes": list(t.classes), "select": fi.select},
             **_resources(cl.gpus_per_explainer if gpus else 0, cl.cpus_per_explainer))
         for batch in partial.iter_batches(batch_size=None, batch_format="numpy"):
-            for c, n, s, seen in zip(batch["class_index"], batch["count"], batch["sum"], batch["seen"], strict=True):
+            for c, n, s, seen, skipped in zip(batch["class_index"], batch["count"], batch["sum"], batch["seen"],
+                                              batch["skipped"], strict=True):
+                for path, reason in json.loads(skipped or "[]"):
+                    features.warn_skipped(path, reason)
                 if c != NO_CLASS:
                     sums[int(c)] = sums[int(c)] + s if int(c) in sums else np.array(s, dtype=np.float64)
                     counts[int(c)] = counts.get(int(c), 0) + int(n)
