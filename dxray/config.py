@@ -635,7 +635,8 @@ def _check_shape(data: Any) -> None:
         value, depth, loc = stack.pop()
         count += 1
         chars += _text_size(value)
-        if count > MAX_VALUES or depth > MAX_DEPTH:
+        size = len(value) if isinstance(value, dict | list | tuple | set) else 0
+        if count + len(stack) + size > MAX_VALUES or depth > MAX_DEPTH:  # each value on the stack is counted next
             raise ValueError(f"is nested deeper than {MAX_DEPTH} levels or holds more than {MAX_VALUES:,} values "
                              "(YAML aliases included)")
         if chars > MAX_TEXT:

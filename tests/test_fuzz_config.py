@@ -63,6 +63,9 @@ FRAGMENTS = [
     "'", '"', "'unclosed", '"\\x00"', '"\\u202e"', "|", ">", "%YAML 1.1", "---", "...", "#comment", "[[[[[[[[",
     "{a: 1, a: 2}", "{0: [1, 1]}", "{0: ''}", "{true: [1]}", "['{}', '{}']", "[]", "{}", "''", "' '",
     "a\nb", "a\tb", "\u202eevil", "x" * 400, "{} " * 120, "[" * 200 + "]" * 200, *MARKUP,
+    # Numbers and booleans YAML 1.1 reads and 1.2 does not, or reads otherwise (issue 30)
+    "010", "0777", "-010", "09", "1:00", "-1:30:00", "190:20:30.15", "1_0.5", "0b101", "+0x1F", "-0o17",
+    "yes", "Off", "Y", "2001-12-14t21:59:43.10-05:00",
 ]
 
 huge_ints = st.sampled_from([2**31 - 1, 2**31, 2**63 - 1, 2**63, 10**12, 10**30, -1, -(2**63)])
@@ -154,23 +157,24 @@ def _pair_value(text: str):
 
 @st.composite
 def config_files(draw) -> bytes:
+    # st.characters() draws lone surrogates too: written as UTF-8 would write them, they are bytes a file can hold
     kind = draw(st.sampled_from(["tiny-merged"] * 6 + ["tiny+", "yaml", "bytes", "tiny-bytes", "text"]))
     if kind == "tiny-merged":  # tiny.yaml with a few keys set (a mapping, so no key is given twice)
         data = yaml.safe_load(TINY_YAML)
         for k, v in draw(st.lists(typed_pair, max_size=3)):
             data = _deep_merge(data, _nest(k, _pair_value(v)))
-        return _dump(data).encode()
+        return _dump(data).encode("utf-8", "surrogatepass")
     if kind == "tiny+":
-        return (TINY_YAML + "\n" + "".join(draw(st.lists(yaml_snippet, max_size=3)))).encode()
+        return (TINY_YAML + "\n" + "".join(draw(st.lists(yaml_snippet, max_size=3)))).encode("utf-8", "surrogatepass")
     if kind == "yaml":
-        return "".join(draw(st.lists(yaml_snippet, max_size=4))).encode()
+        return "".join(draw(st.lists(yaml_snippet, max_size=4))).encode("utf-8", "surrogatepass")
     if kind == "bytes":
         return draw(st.binary(max_size=200))
     if kind == "tiny-bytes":
         raw = TINY_YAML.encode()
         at = draw(st.integers(0, len(raw)))
         return raw[:at] + draw(st.binary(min_size=1, max_size=8)) + raw[at:]
-    return draw(odd_text).encode()
+    return draw(odd_text).encode("utf-8", "surrogatepass")
 
 
 # Where the output goes (always under the example's own folder, given last so the fuzz cannot move it).
@@ -257,3 +261,61 @@ def test_dry_run_exits_0_or_2_with_one_line(shared_cache, content, extra, path_k
             lines = err.rstrip("\n").split("\n")
             assert len(lines) == 1 and lines[0].startswith("error:") and lines[0] != "error:", err[-2000:]
         ex.assert_nothing_written()
+
+
+@st.composite
+def yaml_1_1_numbers(draw) -> tuple[str, int | str]:
+    """A number spelled as only YAML 1.1 reads it (leading-zero octal, sexagesimal, '_', 0b, signed 0x/0o), or
+    as only 1.2 does (0o), with the value YAML 1.2 gives it: the int, or the text itself as a string."""
+    n = draw(st.integers(0, 10**6))
+    sign = draw(st.sampled_from(["", "-", "+"]))
+    kind = draw(st.sampled_from(["leading zero", "sexagesimal", "underscore", "binary", "hex", "octal", "float"]))
+    if kind == "leading zero":
+        return f"{sign}{'0' * draw(st.integers(1, 3))}{n}", int(f"{sign}{n}")
+    if kind == "sexagesimal":
+        text = sign + ":".join([str(draw(st.integers(1, 999))), *(f"{draw(st.integers(0, 59)):02d}"
+                                                                  for _ in range(draw(st.integers(1, 2))))])
+    elif kind == "underscore":
+        digits = str(n + 10)
+        at = draw(st.integers(1, len(digits) - 1))
+        text = f"{sign}{digits[:at]}_{digits[at:]}"
+    elif kind == "binary":
+        text = f"{sign}0b{n:b}"
+    elif kind in ("hex", "octal"):
+        letter = {"hex": "x", "octal": "o"}[kind]
+        text = f"{sign}0{letter}{n:{letter}}"
+        if not sign:  # YAML 1.2's 0x and 0o are unsigned
+            return text, n
+    else:  # a sexagesimal or '_' float
+        text = f"{sign}{draw(st.integers(1, 99))}{draw(st.sampled_from([':', '_']))}{draw(st.integers(10, 59))}.5"
+    return text, text
+
+
+NUMBER_KEYS = {"seed": ("seed: {}\n", "seed={}", lambda c: c.seed),
+               "targets.classes": ("targets:\n  classes: [{}]\n", "targets.classes=[{}]", lambda c: c.targets.classes[0]),
+               "classifier.kwargs": ("classifier:\n  kwargs:\n    v: {}\n", "classifier.kwargs.v={}",
+                                     lambda c: c.classifier.kwargs["v"])}
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(number=yaml_1_1_numbers(), key=st.sampled_from(sorted(NUMBER_KEYS)), where=st.sampled_from(["file", "override"]))
+@example(number=("010", 10), key="seed", where="file")
+@example(number=("010", 10), key="targets.classes", where="override")
+@example(number=("1:00", "1:00"), key="seed", where="override")
+@example(number=("1:00", "1:00"), key="targets.classes", where="file")
+def test_yaml_1_1_numbers_load_as_yaml_1_2_reads_them_or_are_refused(number, key, where):
+    """Issue 30: 010 is never 8 and 1:00 never 60; a number field refuses what YAML 1.2 reads as a string."""
+    text, value = number
+    in_file, override, read = NUMBER_KEYS[key]
+    with tempfile.TemporaryDirectory(prefix="dxray-fuzz-") as d:
+        path = Path(d) / "c.yaml"
+        path.write_text(in_file.format(text) if where == "file" else "")
+        try:
+            got = read(load_config(path, [override.format(text)] if where == "override" else []))
+        except DxrayError as e:
+            msg = str(e)
+            assert "\n" not in msg and key in msg, msg
+            # refused only where the field cannot hold the 1.2 value: kwargs take anything, the others ints >= 0
+            assert key != "classifier.kwargs" and not (isinstance(value, int) and value >= 0), msg
+        else:
+            assert got == value and type(got) is type(value), (text, got, value)
