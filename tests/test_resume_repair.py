@@ -10,6 +10,9 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import TINY_YAML
 from typer.testing import CliRunner
@@ -78,15 +81,37 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-@pytest.mark.parametrize("table", ["samples", "tasks", "verdicts", "classes"])
-def test_the_advised_repair_of_a_truncated_part_makes_the_run_whole(table, base_run, tmp_path, cache_dir):
+def _not_utf8(path: Path) -> None:
+    """A flipped byte in the first task id: a readable Parquet file whose text is not UTF-8."""
+    table = pq.read_table(path)
+    values = [v.encode() for v in table["task_id"].to_pylist()]
+    values[0] = b"\xff" + values[0][1:]
+    offsets = np.cumsum([0, *map(len, values)], dtype=np.int32)
+    column = pa.Array.from_buffers(pa.string(), len(values), [None, pa.py_buffer(offsets.tobytes()),
+                                                                pa.py_buffer(b"".join(values))])
+    i = table.schema.get_field_index("task_id")
+    pq.write_table(table.set_column(i, table.schema.field(i), column), path)
+
+
+DAMAGE = {"truncated": (_truncate, "is not a readable Parquet file"),
+          "not UTF-8": (_not_utf8, "holds text that is not UTF-8")}
+
+
+@pytest.mark.parametrize("table, damage", [("samples", "truncated"), ("tasks", "truncated"), ("verdicts", "truncated"),
+                                           ("classes", "truncated"), ("samples", "not UTF-8"), ("tasks", "not UTF-8")])
+def test_the_advised_repair_of_a_damaged_part_makes_the_run_whole(table, damage, base_run, tmp_path, cache_dir):
     root = _copy(base_run, tmp_path)
     [part] = (root / table).glob("*.parquet")  # compacted at finish: one file per table
-    _truncate(part)
-    line = _one_error_line(_cli("report", root, "-o", tmp_path / "r.html"))
-    # The advice, followed literally: delete the part the line names, re-run the run's command.
-    named = re.search(r"run \S+: (\S+) is not a readable Parquet file", line)
-    assert named and "delete it and re-run the run's command" in line, line
+    spoil, says = DAMAGE[damage]
+    spoil(part)
+    readers = [["report", root, "-o", tmp_path / "r.html"]]
+    if table in ("tasks", "samples"):  # what a resume reads (it writes verdicts and classes anew)
+        readers.append(["explain", TINY_YAML, *_overrides(tmp_path / "out", cache_dir), "-q"])
+    for command in readers:
+        line = _one_error_line(_cli(*command))
+        # The advice, followed literally: delete the part the line names, re-run the run's command.
+        named = re.search(rf"run \S+: (\S+) {says} .*; delete it and re-run the run's command", line)
+        assert named and named[1] == f"{table}/{part.name}", line
     (root / named[1]).unlink()
     res = _run_command(tmp_path / "out", cache_dir)
     assert res.exit_code == 0, res.stderr

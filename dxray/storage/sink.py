@@ -191,8 +191,8 @@ class RunSink:
 
     def read_table(self, name: str, columns: list[str] | None = None) -> pa.Table | None:
         """The whole table (or ``columns`` of it), None when the run has none. A part that is not a
-        readable Parquet file of the table's schema (corrupt, truncated, empty, other columns) is a
-        one-line DxrayError that names it, not a pyarrow traceback. Parts a compacted file replaces
+        readable Parquet file of the table's schema (corrupt, truncated, empty, other columns, text that
+        is not UTF-8) is a one-line DxrayError that names it, not a pyarrow traceback. Parts a compacted file replaces
         are skipped (the journal, see above); a listing that a compaction running at the same time
         changed, or a file it deleted before it was read, means listing again."""
         folder = f"{self.root}/{name}"
@@ -205,7 +205,9 @@ class RunSink:
                 if not settled and attempt < 2:
                     continue
                 try:
-                    return dataset.to_table(columns=columns)
+                    table = dataset.to_table(columns=columns)
+                    table.validate(full=True)  # text that is not UTF-8 (a flipped byte): this part's error, not a bug's
+                    return table
                 except FileNotFoundError:
                     if attempt == 2:
                         raise
@@ -229,15 +231,21 @@ class RunSink:
             base = info.base_name
             if info.type != pafs.FileType.File or base.startswith((".", "_")):
                 continue
+            rel = info.path[len(self.root) + 1:]
             try:
                 with self.fs.open_input_file(info.path) as f:
                     found = pq.read_schema(f)
                 for field in found:
                     if field.name in schema.names and not _castable(field.type, schema.field(field.name).type):
-                        return f"{info.path[len(self.root) + 1:]} has column {field.name!r} of type {field.type}, " \
-                               f"not {schema.field(field.name).type}"
+                        return f"{rel} has column {field.name!r} of type {field.type}, not {schema.field(field.name).type}"
+                with self.fs.open_input_file(info.path) as f:
+                    table = pq.read_table(f)
             except (pa.ArrowException, OSError):
-                return f"{info.path[len(self.root) + 1:]} is not a readable Parquet file"
+                return f"{rel} is not a readable Parquet file"
+            try:
+                table.validate(full=True)
+            except pa.ArrowException:
+                return f"{rel} holds text that is not UTF-8"
         return f"table {name} cannot be read"
 
     def committed_task_ids(self, samples_per_task: int | None = None) -> set[str]:
