@@ -63,8 +63,8 @@ def _number(value: Any) -> Any:
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
     if isinstance(value, str):
-        raise ValueError(f"expected a number, got the string {_show(value)} (YAML 1.2 reads decimal, 0o octal "
-                         "and 0x hex integers and decimal floats)")
+        raise ValueError(f"expected a number, got the string {_show(value)} (write it unquoted as YAML 1.2 reads "
+                         "numbers: decimal, 0o octal or 0x hex integers, decimal floats)")
     return value
 
 
