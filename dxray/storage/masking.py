@@ -102,12 +102,16 @@ def _by_name(m: re.Match) -> str:
     return m[0][:start] + MASK + m[0][end:]
 
 
+def _masked_uris(text: str) -> str:
+    return _URI.sub(lambda m: m["scheme"] + _uri_secrets(m["rest"])[0], text)
+
+
 def redact_text(text: str) -> str:
     """``text`` with every secret masked: URI userinfo and query values, values named as credentials
     (``token=``, ``'password': '...'``, ``Authorization: Bearer ...``), the secret environment variables'
     values and the secret values the config held. Every message, log line, error row and manifest goes
     through here (the CLI's error line, the log handler, the sink's commit and manifest)."""
-    text = _URI.sub(lambda m: m["scheme"] + _uri_secrets(m["rest"])[0], text)
+    text = _masked_uris(text)
     for pattern in (_QUOTED, _HEADER, _BEARER, _PAIR):
         text = pattern.sub(_by_name, text)
     values = {os.environ.get(var) for var in SECRET_VARS} | _REMEMBERED
@@ -164,6 +168,7 @@ def secret_values(obj: Any) -> set[str]:
         elif isinstance(value, str):
             for m in _URI.finditer(value):
                 found.update(_uri_secrets(m["rest"])[1])
+            value = _masked_uris(value)  # a secret key inside a URI ('...KEY=@bucket') is no 'name=value'
             for pattern in (_QUOTED, _HEADER, _BEARER, _PAIR):
                 found.update(m["value"] for m in pattern.finditer(value) if secret_name(m["key"]))
     for v in list(found):
