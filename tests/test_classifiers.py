@@ -247,3 +247,56 @@ def test_class_name_and_final_layer_errors(hf_dir, tmp_path):
 def test_timm_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # import fails whether or not timm is installed
     raises(r"timm is not installed; pip install 'dxray\[timm\]'", describe, "timm:resnet18")
+
+
+# Issue 30: a pickled .bin in a model folder, a class_names file that is not UTF-8 and kwargs errors are one
+# line; the refusal points at classifier.allow_pickle or safetensors, never at weights_only=False.
+
+def _pickled_bin(model, folder) -> None:
+    """``folder`` as transformers' .bin layout (pytorch_model.bin, no safetensors), its pickle holding an object
+    weights-only loading refuses (a training script's argparse.Namespace beside the tensors)."""
+    model.save_pretrained(folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    torch.save({**model.state_dict(), "args": argparse.Namespace(lr=0.1)}, folder / "pytorch_model.bin")
+
+
+def test_hf_folder_with_a_pickled_bin_points_at_allow_pickle(hf_model, tmp_path):
+    folder = tmp_path / "pickled"
+    _pickled_bin(hf_model, folder)
+    msg = raises("classifier.allow_pickle=true", load_classifier, f"hf:{folder}")
+    assert "pytorch_model.bin" in msg and "argparse.Namespace" in msg and "safetensors" in msg
+    assert "weights_only" not in msg
+    clf = load_classifier(f"hf:{folder}", allow_pickle=True)  # the advice works: the same weights
+    x = images()
+    assert torch.equal(clf(x)["logits"], hf_model(pixel_values=clf.preprocess(x)).logits)
+
+
+def test_lcm_part_with_a_pickled_bin_points_at_safetensors(cache_dir, tmp_path):
+    import shutil
+
+    from transformers import CLIPTextModel
+
+    from dxray.models.tiny import ensure_tiny_lcm
+
+    folder = tmp_path / "lcm"
+    shutil.copytree(ensure_tiny_lcm(cache_dir), folder)
+    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    shutil.rmtree(folder / "text_encoder")
+    _pickled_bin(encoder, folder / "text_encoder")
+    msg = raises("safe_serialization=True", LCMGenerator.from_pretrained, str(folder), device="cpu")
+    assert "text_encoder/pytorch_model.bin" in msg and "argparse.Namespace" in msg and "weights_only" not in msg
+
+
+def test_class_names_file_that_is_not_utf8(hf_dir, tmp_path):
+    path = tmp_path / "names.txt"
+    path.write_bytes("chat\nchien\npoisson\n".encode("utf-16"))
+    msg = raises("is not UTF-8 text", describe, f"hf:{hf_dir}", class_names=str(path))
+    assert msg.startswith("classifier.class_names: file") and str(path) in msg
+
+
+def test_kwargs_errors_name_the_keys_never_the_values():
+    secret = "abc/def+ghi=%2F"
+    msg = raises("with kwargs", describe, "torchvision:resnet18", weights="none",
+                 kwargs={"token": secret, "headers": {"Authorization": f"Bearer {secret}"}, "pwd": [secret]})
+    assert "token, headers, pwd" in msg and secret not in msg and "Bearer" not in msg

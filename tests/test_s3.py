@@ -247,3 +247,34 @@ def test_preflight_checks_the_output_before_any_model_loads(s3, tiny_config):
         preflight(tiny_config)
     tiny_config.output = f"s3://{s3.bucket}/runs"
     preflight(tiny_config)
+
+
+# Issue 30: S3 keys are names, not folder paths: an empty, '.' or '..' part is refused as such in one line (it
+# was ArrowInvalid, exit 3, or a credential mismatch from the server), before anything is written.
+
+@pytest.mark.parametrize("path, says", [
+    ("/a//b", "has an empty path part ('//'); write s3://{b}/p/a/b"),
+    ("//a", "has an empty path part"),
+    ("/../other/x", "the path part '..' is not allowed"),
+    ("/./x", "the path part '.' is not allowed"),
+    ("/a/..", "the path part '..' is not allowed"),
+])
+def test_empty_dot_and_dotdot_path_parts_are_refused_as_such(s3, path, says):
+    prefix = _prefix()
+    uri = f"s3://{s3.bucket}/{prefix}{path}"
+    with pytest.raises(DxrayError) as err:
+        check_output(uri, StorageConfig())
+    msg = _one_line(err, s3.secret_key)
+    assert says.format(b=s3.bucket).replace("/p/", f"/{prefix}/") in msg and "access denied" not in msg
+    assert _keys(s3, prefix) == []
+    check_output(f"s3://{s3.bucket}/{prefix}/a/", StorageConfig())  # a trailing '/' is no empty part
+
+
+@pytest.mark.parametrize("path", ["//a//b", "/../other/x"])
+def test_the_command_line_refuses_them_in_one_line(s3, path, tmp_path, cache_dir):
+    from conftest import TINY_YAML
+    from test_cli import run_cli
+
+    res = run_cli("explain", str(TINY_YAML), f"output=s3://{s3.bucket}{path}", cache=cache_dir)
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+    assert "ArrowInvalid" not in res.stderr and "credential" not in res.stderr
