@@ -572,7 +572,8 @@ class _Loader(yaml.SafeLoader):
 
 
 # The YAML 1.2 core schema (https://yaml.org/spec/1.2.2/#1032-tag-resolution), plus '<<' merge keys, which
-# configs use; every other plain scalar is a string.
+# configs use; every other plain scalar is a string. Why not ruamel.yaml: it is no dependency yet, and this keeps
+# the loader's duplicate-key, alias and error-line handling as it is.
 _Loader.yaml_implicit_resolvers = {}
 for _tag, _pattern, _first in [
     ("null", _NULL, ["~", "n", "N", ""]),
