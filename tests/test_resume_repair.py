@@ -172,3 +172,38 @@ def test_an_unfinished_run_is_finished_by_its_command_as_advised(base_run, tmp_p
     assert _state(root) == base_run[1]
     assert json.loads((root / "manifest.json").read_text())["rows"]["samples"] == 4 * K
     assert _cli("redecide", root, "--delta", "0.5").exit_code == 0
+
+
+def test_the_ray_audit_makes_the_same_decision(base_run, tmp_path, cache_dir):
+    """`dxray audit` (Ray actors) resumes through the same plan as `explain`: the tasks whose samples are gone are
+    done again, the others skipped."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    root = _copy(base_run, tmp_path)
+    sink = RunSink(str(root.parent), root.name)
+    [part] = (root / "samples").glob("*.parquet")
+    samples = sink.read_table("samples")
+    lost = sorted(set(samples["task_id"].to_pylist()))[:2]
+    part.unlink()  # two tasks' samples gone, two kept: written back as their own parts
+    kept = samples.filter(pa.compute.invert(pa.compute.is_in(samples["task_id"], pa.array(lost))))
+    for task_id in sorted(set(kept["task_id"].to_pylist())):
+        pq.write_table(kept.filter(pa.compute.equal(kept["task_id"], task_id)), root / "samples" / f"part-{task_id}.parquet")
+    res = subprocess.run([sys.executable, "-m", "dxray", "audit", TINY_YAML, *_overrides(tmp_path / "out", cache_dir),
+                          "-q"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env=dict(os.environ, DXRAY_CACHE=str(cache_dir)))
+    assert res.returncode == 0, res.stderr
+    assert "2 task(s) marked done have fewer than sample.k=2 samples" in res.stderr
+    assert "2 ok, 0 failed, 2 skipped" in res.stderr and f"{4 * K} samples" in res.stderr, res.stderr
+    now, before = _state(root), base_run[1]
+    assert now["tasks"] == before["tasks"]
+    # Ray actors run torch with other thread counts: the redone images' scores agree to float precision
+    assert [s[:2] for s in now["samples"]] == [s[:2] for s in before["samples"]]
+    assert [x for s in now["samples"] for x in s[2:]] == pytest.approx([x for s in before["samples"] for x in s[2:]], abs=1e-4)
+    key = ("class_index", "feature_index", "template", "n_samples", "verdict")
+    assert [[v[k] for k in key] for v in now["verdicts"]] == [[v[k] for k in key] for v in before["verdicts"]]
+    assert [v["mean_object_fraction"] for v in now["verdicts"]] == \
+           pytest.approx([v["mean_object_fraction"] for v in before["verdicts"]], abs=1e-4)
