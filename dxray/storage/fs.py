@@ -163,8 +163,8 @@ def filesystem(output: str, storage: StorageConfig | None = None) -> tuple[pafs.
         raise DxrayError(f"{where}: query parameters are not supported in s3:// URIs; credentials come from "
                          f"{CREDENTIAL_VARS} or the instance role, the endpoint and region from storage.* or AWS_*")
     if "@" in rest:  # KEY:SECRET@bucket, the secret perhaps holding '/': no bucket name or usual key has an '@'
-        raise DxrayError(f"{where}: credentials in the URI (KEY:SECRET@bucket) are not supported and an s3:// URI "
-                         f"may not hold '@'; set {CREDENTIAL_VARS} instead")
+        raise DxrayError(f"{where}: credentials in the URI are not supported (KEY:SECRET@bucket; an s3:// URI may "
+                         f"not hold '@'); set {CREDENTIAL_VARS} instead")
     bucket, *parts = rest.rstrip("/").split("/")
     if not bucket:
         raise DxrayError(f"{where} names no bucket (expected s3://bucket/prefix)")
