@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dxray.errors import DxrayError, one_line
+from dxray.errors import DxrayError, one_line, what_is
 
 IMAGENET_SIZE = (224, 224)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -510,7 +510,8 @@ def _class_names(given: list[str] | str | None, default: list[str] | None, n: in
     if isinstance(given, str):
         p = Path(given).expanduser()
         if not p.is_file():
-            raise DxrayError(f"class_names file not found: {given}")
+            raise DxrayError(f"class_names {given} is {what_is(p)}, not a file" if p.exists() else
+                             f"class_names file not found: {given}")
         try:
             text = p.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:  # as segment.concepts and prompt.hard.vocabulary say it

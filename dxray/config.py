@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from dxray.errors import DxrayError
+from dxray.errors import DxrayError, what_is
 from dxray.storage.masking import remember_secrets
 
 # Training-noise seeds live in [2**31, 2**32); held-out sampling seeds must stay below, so the
@@ -148,7 +148,8 @@ class HardPromptConfig(_Section):
         if isinstance(vocabulary, str):
             path = Path(vocabulary).expanduser()
             if not path.is_file():
-                raise ValueError(f"file not found: {_show(vocabulary)}")
+                raise ValueError(f"{_show(vocabulary)} is {what_is(path)}, not a file" if path.exists() else
+                                 f"file not found: {_show(vocabulary)}")
             try:
                 vocabulary = path.read_text(encoding="utf-8").splitlines()
             except (OSError, UnicodeDecodeError) as e:
@@ -308,7 +309,8 @@ class SegmentConfig(_Section):
         if isinstance(concepts, str):
             path = Path(concepts).expanduser()
             if not path.is_file():
-                raise ValueError(f"file not found: {_show(concepts)} (give a list, a text file or 'default')")
+                raise ValueError(f"{_show(concepts)} is {what_is(path)}, not a file" if path.exists() else
+                                 f"file not found: {_show(concepts)} (give a list, a text file or 'default')")
             try:
                 concepts = path.read_text(encoding="utf-8").splitlines()
             except (OSError, UnicodeDecodeError) as e:

@@ -273,6 +273,22 @@ def test_messages_say_what_stands_at_a_path(runs, tmp_path):
     assert not (tmp_path / "r.html").exists()
 
 
+@pytest.mark.parametrize("field", ["classifier.class_names", "segment.concepts"])
+def test_config_files_that_are_not_files_say_what_they_are(tmp_path, cache_dir, field):
+    from dxray.config import load_config
+    from dxray.errors import DxrayError
+    from dxray.pipeline.job import AuditJob
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "folder")
+    os.mkfifo(tmp_path / "fifo")
+    for path, says in ((tmp_path / "link", "is a symlink to a folder, not a file"), (tmp_path / "fifo", "is a FIFO")):
+        with pytest.raises(DxrayError) as e:
+            cfg = load_config(TINY_YAML, [f"output={tmp_path / 'out'}", f"cache_dir={cache_dir}", f"{field}={path}"])
+            AuditJob(cfg, "explain").preflight()
+        assert says in str(e.value) and "not found" not in str(e.value), e.value
+
+
 # Item 10: an unfinished run, annotation rows out of range
 
 
