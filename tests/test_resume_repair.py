@@ -51,6 +51,23 @@ def _state(root: Path) -> dict:
     }
 
 
+def _assert_whole(root: Path, before: dict) -> None:
+    """The run holds what the original did: the same tasks, K samples each with the same scores, the same verdicts.
+    Scores to float precision: a task redone alone (or on a Ray actor, with other torch thread counts) is batched
+    otherwise than the first time, which moves a probability in its 8th digit."""
+    now = _state(root)
+    assert now["tasks"] == before["tasks"]
+    assert [s[:2] for s in now["samples"]] == [s[:2] for s in before["samples"]]
+    assert [x for s in now["samples"] for x in s[2:]] == pytest.approx([x for s in before["samples"] for x in s[2:]],
+                                                                       abs=1e-4)
+    key = ("class_index", "feature_index", "template", "n_samples", "verdict")
+    assert [[v[k] for k in key] for v in now["verdicts"]] == [[v[k] for k in key] for v in before["verdicts"]]
+    assert [v["mean_object_fraction"] for v in now["verdicts"]] == \
+           pytest.approx([v["mean_object_fraction"] for v in before["verdicts"]], abs=1e-4)
+    assert [[v[k] for k in ("class_index", "n_features", "n_spurious")] for v in now["classes"]] == \
+           [[v[k] for k in ("class_index", "n_features", "n_spurious")] for v in before["classes"]]
+
+
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("repair") / "out"
@@ -115,7 +132,7 @@ def test_the_advised_repair_of_a_damaged_part_makes_the_run_whole(table, damage,
     (root / named[1]).unlink()
     res = _run_command(tmp_path / "out", cache_dir)
     assert res.exit_code == 0, res.stderr
-    assert _state(root) == base_run[1]  # every task, K samples each, the same verdicts and classes
+    _assert_whole(root, base_run[1])  # every task, K samples each, the same verdicts and classes
     assert json.loads((root / "manifest.json").read_text())["rows"]["samples"] == 4 * K
     assert _cli("report", root, "-o", tmp_path / "r.html").exit_code == 0
 
@@ -129,7 +146,7 @@ def test_a_task_whose_samples_are_gone_is_done_again(base_run, tmp_path, cache_d
     assert res.exit_code == 0, res.stderr
     assert "4 task(s) marked done have fewer than sample.k=2 samples" in caplog.text
     assert "4 ok, 0 failed, 0 skipped" in res.stderr and f"{4 * K} samples" in res.stderr
-    assert _state(root) == base_run[1]
+    _assert_whole(root, base_run[1])
     again = _run_command(tmp_path / "out", cache_dir)  # whole now: nothing left to do
     assert again.exit_code == 0 and "0 ok, 0 failed, 4 skipped" in again.stderr, again.stderr
 
@@ -158,7 +175,7 @@ def test_a_run_is_not_finished_with_fewer_samples_than_its_committed_tasks(base_
     assert {rel: (root / rel).read_bytes() for rel in decided} == decided  # left as they were
     res = _run_command(tmp_path / "out", cache_dir)
     assert res.exit_code == 0, res.stderr
-    assert _state(root) == base_run[1]
+    _assert_whole(root, base_run[1])
 
 
 def test_an_unfinished_run_is_finished_by_its_command_as_advised(base_run, tmp_path, cache_dir):
@@ -169,7 +186,7 @@ def test_an_unfinished_run_is_finished_by_its_command_as_advised(base_run, tmp_p
     assert "re-run its command to finish it" in line, line
     res = _run_command(tmp_path / "out", cache_dir)
     assert res.exit_code == 0, res.stderr
-    assert _state(root) == base_run[1]
+    _assert_whole(root, base_run[1])
     assert json.loads((root / "manifest.json").read_text())["rows"]["samples"] == 4 * K
     assert _cli("redecide", root, "--delta", "0.5").exit_code == 0
 
@@ -198,12 +215,33 @@ def test_the_ray_audit_makes_the_same_decision(base_run, tmp_path, cache_dir):
     assert res.returncode == 0, res.stderr
     assert "2 task(s) marked done have fewer than sample.k=2 samples" in res.stderr
     assert "2 ok, 0 failed, 2 skipped" in res.stderr and f"{4 * K} samples" in res.stderr, res.stderr
-    now, before = _state(root), base_run[1]
-    assert now["tasks"] == before["tasks"]
-    # Ray actors run torch with other thread counts: the redone images' scores agree to float precision
-    assert [s[:2] for s in now["samples"]] == [s[:2] for s in before["samples"]]
-    assert [x for s in now["samples"] for x in s[2:]] == pytest.approx([x for s in before["samples"] for x in s[2:]], abs=1e-4)
-    key = ("class_index", "feature_index", "template", "n_samples", "verdict")
-    assert [[v[k] for k in key] for v in now["verdicts"]] == [[v[k] for k in key] for v in before["verdicts"]]
-    assert [v["mean_object_fraction"] for v in now["verdicts"]] == \
-           pytest.approx([v["mean_object_fraction"] for v in before["verdicts"]], abs=1e-4)
+    _assert_whole(root, base_run[1])
+
+
+def _unfinished(root: Path) -> None:
+    """The run as an interrupted one leaves it: one part per committed task in tasks and samples, no compaction
+    journal, no verdicts, classes or manifest yet."""
+    for table in ("tasks", "samples"):
+        [compacted] = (root / table).glob("*.parquet")
+        rows = pq.read_table(compacted)
+        compacted.unlink()
+        for task_id in sorted(set(rows["task_id"].to_pylist())):
+            pq.write_table(rows.filter(pa.compute.equal(rows["task_id"], task_id)),
+                           root / table / f"part-{task_id}.parquet")
+    for rel in ("_compaction", "verdicts", "classes", "manifest.json"):
+        (shutil.rmtree if (root / rel).is_dir() else Path.unlink)(root / rel)
+
+
+def test_one_truncated_samples_part_of_an_unfinished_run_is_repaired_as_advised(base_run, tmp_path, cache_dir):
+    root = _copy(base_run, tmp_path)
+    _unfinished(root)
+    part = sorted((root / "samples").glob("part-*.parquet"))[1]
+    _truncate(part)
+    line = _one_error_line(_run_command(tmp_path / "out", cache_dir))
+    named = re.search(r"run \S+: (\S+) is not a readable Parquet file .*; delete it and re-run the run's command", line)
+    assert named and named[1] == f"samples/{part.name}", line
+    (root / named[1]).unlink()
+    res = _run_command(tmp_path / "out", cache_dir)
+    assert res.exit_code == 0, res.stderr
+    assert "1 ok, 0 failed, 3 skipped" in res.stderr, res.stderr
+    _assert_whole(root, base_run[1])
