@@ -122,7 +122,9 @@ def test_the_alias_bound_is_on_the_total_text(tmp_path):
     f.write_text(_amplified(10_000, 11, 100))  # 11 million characters once expanded, in 1,212 values
     with pytest.raises(DxrayError, match="characters once YAML aliases are expanded"):
         load_config(f)
-    f.write_text(_amplified(1_000, 10, 10))  # 0.1 MB once expanded: a config file may hold that much
+    # 1 MB once expanded (a 10,000-character string reached 100 times): a config file may hold that much, and the
+    # secret scan of every expanded string must not make it slow (it took 198 s while _PAIR was quadratic).
+    f.write_text(_amplified(10_000, 10, 10))
     assert len(load_config(f).classifier.kwargs["rows"]) == 10
     with pytest.raises(DxrayError, match="override 'classifier.kwargs=.*characters once YAML aliases"):
         load_config(None, ["classifier.kwargs=" + "{s: &s " + "x" * 100_000 + ", r: [" + "*s, " * 200 + "]}"])
