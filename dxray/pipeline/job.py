@@ -85,7 +85,8 @@ class AuditJob:
                          part="all")
         self.specs = plan(self.cfg, info, self.ranking)
         # Committed: a task row of status ok AND its k samples. A task whose samples are gone (a damaged part
-        # deleted, as the read error advises) is done again: its part names are its id, so the redo overwrites.
+        # deleted, as the read error advises) is done again: its parts are named by its id, so the redo writes each
+        # row once (a compacted file that still holds its other table's row keeps it; the redo's copy is dropped).
         k = len(self.cfg.sample.seed_list())
         done = sink.committed_task_ids(samples_per_task=k)
         self.todo = [s for s in self.specs if s.task_id not in done]
