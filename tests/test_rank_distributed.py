@@ -61,10 +61,12 @@ def world(tmp_path_factory):
 
 
 def config(tmp, images, *more):
-    return load_config(TINY_YAML, [
+    """The test's overrides, ``more`` replacing a default of the same key (a key given twice is refused)."""
+    overrides = dict(o.split("=", 1) for o in [
         f"output={tmp / 'out'}", "device=cpu", f"classifier.spec=hf:{tmp / 'model'}",
         "targets.classes=[0, 1, 2]", "targets.top_k=4", "targets.feature_source=images",
         f"targets.feature_images.path={images}", "targets.feature_images.batch_size=3", *more])
+    return load_config(TINY_YAML, [f"{k}={v}" for k, v in overrides.items()])
 
 
 def assert_same_ranking(mine, ref):
