@@ -662,7 +662,7 @@ def toyworld_check(
     """
     from rich.table import Table
 
-    from dxray.toyworld.check import check, summary_line
+    from dxray.toyworld.check import check, score_lines, summary_line
 
     try:
         report = check(run)
@@ -685,6 +685,8 @@ def toyworld_check(
                        f(p["object_response"]), f(p["background_response"]))
         Console(stderr=True).print(ft)
     print(visible(summary_line(report)))
+    for line in score_lines(report):  # precision / recall / F1 / FPR with intervals, beside the baselines
+        print(line)
 
 
 def main() -> None:  # pragma: no cover - console entry point

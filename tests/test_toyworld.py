@@ -124,6 +124,15 @@ def test_audit_of_the_world_finds_a_planted_bias(class_audit, cache_dir):
     named = report["concepts"]["class_explanations"]
     assert named["n"] == len(render.BIASED) and named["n_correct"] >= len(render.BIASED) - 1, named
     assert torch.tensor([r["prob_after"] for r in report["classes"]]).isfinite().all()
+    # Issue 31: the bias call's precision / recall / F1 / FPR with intervals over classes, beside baselines scored
+    # the same way; "everything core" (nothing biased) recalls nothing, however accurate it looks.
+    scores = report["scores"]["classes"]
+    planted_called = sum(bool(calls[c]) for c in render.BIASED)
+    assert scores["dxray"]["n"] == len(render.CLASSES) and scores["dxray"]["tp"] == planted_called
+    assert scores["dxray"]["recall"] == planted_called / len(render.BIASED)
+    assert scores["everything_core"]["recall"] == 0 and scores["everything_core"]["f1"] == 0
+    assert "class-level bias call (95% bootstrap intervals over classes):" in check.stdout
+    assert "  dxray: precision " in check.stdout and "  everything core: precision n/a, recall 0.00" in check.stdout
 
 
 def test_compare_shows_the_planted_classes_improving_under_an_unbiased_classifier(class_audit, tmp_path, cache_dir):
@@ -246,6 +255,10 @@ def test_check_scores_feature_verdicts_against_the_feature_truth(world, tmp_path
     assert [pairs[c]["correct"] for c in (0, 3)] == [pairs[0]["verdict"] == "spurious", pairs[3]["verdict"] == "core"]
     assert features["all"]["agreement"] == sum(p["correct"] for p in pairs.values()) / 2
     assert features["biased"]["n_pairs"] == features["unbiased"]["n_pairs"] == 1
+    spurious = json.loads((root / "toyworld_check.json").read_text())["scores"]["features"]["dxray"]
+    assert spurious["n"] == 2 and spurious["tp"] == (pairs[0]["verdict"] == "spurious")
+    assert spurious["fp"] == (pairs[3]["verdict"] == "spurious") and spurious["n_units"] == 2
+    assert "feature-level spurious call (95% bootstrap intervals over classes):" in check.stdout
     # The concept figure counts exactly the planted class's spurious features (what it names: see the class audit).
     named = json.loads((root / "toyworld_check.json").read_text())["concepts"]["spurious_features"]
     assert named["n"] == (pairs[0]["verdict"] == "spurious") and "top concept of" in check.stdout
