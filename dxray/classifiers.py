@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dxray.errors import DxrayError, one_line, what_is
+from dxray.errors import DxrayError, load_errors, one_line, what_is
 
 IMAGENET_SIZE = (224, 224)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -246,7 +246,7 @@ def _build_hf(ref: str, weights: str | None, kwargs: dict, meta: bool, allow_pic
                                             "only if you trust it, or re-save it as safetensors once (save_pretrained "
                                             "writes model.safetensors)")) from None
         model = _hf_unpickled(path, kwargs)
-    except (OSError, ValueError, KeyError) as err:
+    except load_errors() as err:
         from dxray.generator import hub_reason
 
         raise DxrayError(f"cannot load classifier 'hf:{ref}': {hub_reason(err, 200)}") from None

@@ -54,3 +54,12 @@ def what_is(path: str | os.PathLike) -> str:
              (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a file"))
     kind = next((name for test, name in kinds if test(mode)), "something other than a file or folder")
     return f"a symlink to {kind}" if os.path.islink(p) else kind
+
+
+def load_errors() -> tuple[type[BaseException], ...]:
+    """What from_pretrained raises on a broken or missing model, not a bug in dxray: a missing file or hub id
+    (OSError), a bad config (ValueError; KeyError: a model_index.json without '_class_name'), a damaged or
+    truncated weights file (SafetensorError, last)."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, KeyError, SafetensorError

@@ -18,7 +18,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dxray import prompts
-from dxray.errors import DxrayError
+from dxray.errors import DxrayError, load_errors
 from dxray.prompts import SoftPrompt
 
 StepHook = Callable[[int, torch.Tensor], torch.Tensor]
@@ -33,6 +33,10 @@ def resolve_device(device: str) -> torch.device:
         raise DxrayError(f"device {device!r} is not a torch device (auto, cpu, cuda, cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DxrayError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DxrayError(f"device {device!r} requested but this PyTorch has no MPS (Apple GPU) support")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise DxrayError(f"device {device!r} is not supported (auto, cpu, cuda, cuda:N, mps)")
     return dev
 
 
@@ -68,6 +72,10 @@ _TRACEBACK_ADVICE = re.compile(r"[\s.;,]*\b(please\s+)?(check\s+out|see|look\s+a
 def hub_reason(err: BaseException, limit: int = 300) -> str:
     """One line from a hub / from_pretrained error: its first line without advice pointing at a traceback
     above; the root cause (``__cause__``) is named instead when the tail was cut."""
+    if isinstance(err, KeyError):
+        return f"a config file lacks the key {err.args[0]!r}" if err.args else "a config file lacks a key"
+    if isinstance(err, load_errors()[-1]):
+        return f"a weights file is damaged or not safetensors ({' '.join(str(err).split())[:limit]})"
     lines = [x.strip() for x in str(err).splitlines() if x.strip()]
     text = lines[0] if lines else type(err).__name__
     cut = _TRACEBACK_ADVICE.sub("", text).rstrip(" .;,")
@@ -154,7 +162,7 @@ class LCMGenerator:
             raise DxrayError(pickle_refusal(f"generator {where!r}", where, err, "re-save that part as safetensors "
                                             "once, where you trust it (save_pretrained(folder, "
                                             "safe_serialization=True))")) from None
-        except (OSError, ValueError) as err:
+        except load_errors() as err:
             raise DxrayError(f"cannot load generator {model!r}: {hub_reason(err)}") from None
         for part in ("tokenizer", "text_encoder", "unet", "scheduler"):
             if getattr(pipe, part, None) is None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dxray.errors import DxrayError
+from dxray.errors import DxrayError, load_errors
 
 
 @dataclass
@@ -93,7 +93,7 @@ def _load(ref: str, what: str, *classes):
         ref = str(Path(ref).expanduser())
     try:
         return [cls.from_pretrained(ref, local_files_only=_offline()) for cls in classes]
-    except (OSError, ValueError) as e:
+    except load_errors() as e:
         from dxray.generator import hub_reason
 
         reason = hub_reason(e, 200)

@@ -260,6 +260,47 @@ def test_a_refusal_while_models_load_is_exactly_one_line(tmp_path, cache_dir, br
     assert "cannot load generator" in _one_error_line(res)
 
 
+def _truncate_weights(folder: Path) -> None:
+    for f in folder.rglob("*.safetensors"):
+        f.write_bytes(f.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("broken, says", [
+    ("generator: model_index.json without _class_name", "cannot load generator .*: a config file lacks the key '_class_name'"),
+    ("hf: classifier with truncated safetensors", "cannot load classifier 'hf:.*': a weights file is damaged or not safetensors"),
+    ("SAM with truncated safetensors", "cannot load SAM .*: a weights file is damaged or not safetensors"),
+    ("device=mps without MPS", "device 'mps' requested but this PyTorch has no MPS"),
+    ("device=xpu", "device 'xpu' is not supported"),
+    ("output=/dev/null", "output /dev/null: /dev/null is a character device, not a folder"),
+])
+def test_broken_models_and_devices_are_one_line_not_a_bug(tmp_path, cache_dir, broken, says):
+    """Found beside issue 30's list: each was exit 3 ('a bug in dxray'), or called /dev/null a file."""
+    import re
+
+    from dxray.models.tiny import ensure_tiny_classifier, ensure_tiny_lcm
+    from dxray.models.tiny_segment import ensure_tiny_sam
+
+    args = [f"output={tmp_path / 'out'}", f"cache_dir={cache_dir}", "device=cpu"]
+    if broken.startswith("generator"):
+        shutil.copytree(ensure_tiny_lcm(cache_dir), tmp_path / "g")
+        (tmp_path / "g" / "model_index.json").write_text("{}")
+        args.append(f"generator.model={tmp_path / 'g'}")
+    elif broken.startswith("hf:"):
+        shutil.copytree(ensure_tiny_classifier(cache_dir), tmp_path / "c")
+        _truncate_weights(tmp_path / "c")
+        args.append(f"classifier.spec=hf:{tmp_path / 'c'}")
+    elif broken.startswith("SAM"):
+        shutil.copytree(ensure_tiny_sam(cache_dir), tmp_path / "s")
+        _truncate_weights(tmp_path / "s")
+        args.append(f"segment.sam={tmp_path / 's'}")
+    elif broken.startswith("device"):
+        args[2] = broken.split()[0]
+    else:
+        args[0] = broken
+    line = _one_error_line(_cli("explain", TINY_YAML, *args))
+    assert re.search(says, line), line
+
+
 def test_messages_say_what_stands_at_a_path(runs, tmp_path):
     (tmp_path / "folder").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "folder")

@@ -133,7 +133,9 @@ def check_cache_dir(cfg: Config) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise DxrayError(f"{name}: {existing} is a file, not a folder")
+        from dxray.errors import what_is
+
+        raise DxrayError(f"{name}: {existing} is {what_is(existing)}, not a folder")
     import tempfile
 
     try:  # os.access says yes to root even where nothing can be made (/proc)

@@ -249,6 +249,8 @@ def _check_local(output: str) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise DxrayError(f"output {output}: {existing} is a file, not a folder")
+        from dxray.errors import what_is
+
+        raise DxrayError(f"output {output}: {existing} is {what_is(existing)}, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise DxrayError(f"output {output} is not writable: permission denied on {existing}")
