@@ -8,11 +8,13 @@
 One audit per seed (``dxray explain jobs/configs/toyworld.yaml targets.top_k=K seed=S``, one torch thread
 each, ``--jobs`` at a time; K = ``--top-k``, 0 = class tasks only), each scored by ``dxray toyworld check``:
 the class-level bias calls and, with feature tasks, the feature verdicts' agreement with the feature truth
-(``dxray/toyworld/feature_truth.py``, Fig. 6), overall and for biased / unbiased classes, and, with the background
+(``dxray/toyworld/feature_truth.py``, Fig. 6), overall and for biased / unbiased classes, their precision, recall,
+F1, false-positive rate and AUROC of r with bootstrap intervals over (world, seed) units beside the baselines
+(``dxray/toyworld/scores.py``), and, with the background
 colours as ``segment.concepts``, how often the planted background is the top concept (issue 20). One run's figure means
 little (a class flips with the seed, and with the CPU's rounding): this reports the mean over seeds, the
-per-seed figures, and which classes missed how often. The world is the one cached under ``--cache-dir``
-(trained there on first use). Extra ``key=value`` arguments override the preset, as on the CLI.
+per-seed figures, and which classes missed how often. The world is the one cached under ``--cache-dir`` (the
+shipped world for seed 0, copied there; another ``--world-seed`` is trained there). Extra ``key=value`` arguments override the preset, as on the CLI.
 Writes ``benchmarks/results/toyworld-NAME.json``.
 """
 
@@ -74,7 +76,21 @@ def audit(seed: int, cache_dir: str, out: Path, overrides: list[str], top_k: int
             "classes": [{k: r[k] for k in ("class_name", "planted_biased", "called_biased", "object_fraction",
                                            "prob_before", "prob_after")} for r in report["classes"]],
             "feature_agreement": None if not features else {k: features[k] for k in ("all", "biased", "unbiased")},
-            "feature_pairs": None if not features else features["pairs"], "concepts": report.get("concepts")}
+            "feature_pairs": None if not features else features["pairs"], "concepts": report.get("concepts"),
+            "calls": report.get("calls")}
+
+
+def pooled_scores(runs: list[dict], world_seed: int) -> dict:
+    """Issue 31's figures over every run: precision, recall, F1, FPR and AUROC of the bias and spurious calls with
+    bootstrap 95% intervals over independent (world, audit seed) units, beside the baselines scored the same way."""
+    from dxray.toyworld import scores
+
+    out = {}
+    for level in ("classes", "features"):
+        calls = [c | {"unit": f"world {world_seed} seed {r['seed']}"} for r in runs
+                 for c in (r.get("calls") or {}).get(level) or []]
+        out[level] = scores.scored(calls, lambda c: c["control"]) if calls else None
+    return out
 
 
 def pooled_concepts(runs: list[dict]) -> dict | None:
@@ -111,7 +127,7 @@ def pooled(runs: list[dict], split: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache-dir", required=True, help="world cache (trained there on first use)")
+    ap.add_argument("--cache-dir", required=True, help="world cache (the shipped world, or one trained there)")
     ap.add_argument("--seeds", default="3-10", help="audit seeds: 3-10 or 3,5,8 (0-2 chose the preset)")
     ap.add_argument("--jobs", type=int, default=2, help="audits at a time (one thread each)")
     ap.add_argument("--name", required=True, help="results/toyworld-NAME.json")
@@ -160,6 +176,7 @@ def main() -> None:
     concepts = pooled_concepts(runs)
     if concepts:
         result["concepts"] = concepts
+    result["scores"] = pooled_scores(runs, result["world_seed"])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"toyworld-{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{args.name}: mean bias calls {result['mean_bias_call_accuracy']:.1%}, optimised "
@@ -170,6 +187,13 @@ def main() -> None:
               f"{fa['all']['n_pairs']} pairs (per seed {pct(fa['all']['min_per_seed'])}-{pct(fa['all']['max_per_seed'])}; "
               f"biased {pct(fa['biased']['agreement'])}, unbiased {pct(fa['unbiased']['agreement'])}; "
               f"{fa['all']['n_ambiguous']} ambiguous left out); misses {result['feature_misses_by_class']}")
+    from dxray.toyworld import scores
+
+    for level, what in (("classes", "class-level bias call"), ("features", "feature-level spurious call")):
+        if result["scores"][level]:
+            print(f"{args.name}: {what}, 95% intervals over (world, seed) units:")
+            for caller, figures in result["scores"][level].items():
+                print(f"  {scores.describe(caller.replace('_', ' '), figures)}")
     if concepts:
         e, sp = concepts["class_explanations"], concepts["spurious_features"]
         print(f"{args.name}: the planted background is the top concept of {e['n_correct']}/{e['n']} planted class "

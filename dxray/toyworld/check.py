@@ -93,22 +93,29 @@ def _control_call(row: dict) -> bool | None:
     return None if r is None else r < row["delta"]
 
 
-def class_scores(classes: list[dict], rows: list[dict]) -> dict:
-    """The class-level bias call (biased = positive) with intervals over classes, beside the baselines."""
+def class_calls(classes: list[dict], rows: list[dict]) -> list[dict]:
+    """The class-level bias calls (biased = positive) of the judged classes, one unit per class, with the
+    segmenter control's own call (``control``: None without a control)."""
     control = {c["class_index"]: _control_call(c) for c in classes}
-    calls = [{"unit": r["class_index"], "truth": r["planted_biased"], "called": r["called_biased"],
-              "score": r["object_fraction"], "class_index": r["class_index"]} for r in rows if r["correct"] is not None]
-    return scores.scored(calls, lambda c: control.get(c["class_index"]))
+    return [{"unit": r["class_index"], "class_index": r["class_index"], "truth": r["planted_biased"],
+             "called": r["called_biased"], "score": r["object_fraction"], "control": control.get(r["class_index"])}
+            for r in rows if r["correct"] is not None]
 
 
-def feature_scores(verdicts: list[dict], pairs: list[dict]) -> dict:
-    """The spurious call of the judged (class, feature) pairs (spurious = positive), with intervals over
-    classes (a class's features share its explanations), beside the baselines."""
+def feature_calls(verdicts: list[dict], pairs: list[dict]) -> list[dict]:
+    """The spurious calls (spurious = positive) of the judged (class, feature) pairs, one unit per class (a class's
+    features share its explanations), with the segmenter control's call for the pair's class."""
     control = {(v["class_index"], v["feature_index"], v["template"]): _control_call(v) for v in verdicts}
-    calls = [{"unit": p["class_index"], "truth": p["truth"] == "spurious", "called": p["verdict"] == "spurious",
-              "score": p["mean_object_fraction"], "key": (p["class_index"], p["feature_index"], p["template"])}
-             for p in pairs if p["correct"] is not None]
-    return scores.scored(calls, lambda c: control.get(c["key"]))
+    return [{"unit": p["class_index"], "class_index": p["class_index"], "feature_index": p["feature_index"],
+             "truth": p["truth"] == "spurious", "called": p["verdict"] == "spurious",
+             "score": p["mean_object_fraction"],
+             "control": control.get((p["class_index"], p["feature_index"], p["template"]))}
+            for p in pairs if p["correct"] is not None]
+
+
+def scored(calls: list[dict]) -> dict:
+    """dxray's calls and the baselines (everything core, shuffled, the control alone), each with intervals."""
+    return scores.scored(calls, lambda c: c["control"])
 
 
 def score_lines(report: dict) -> list[str]:
@@ -170,9 +177,11 @@ def check(run: str, truth: dict | None = None, well_above_chance: float = 3.0, c
         judged_classes = sorted({v["class_index"] for v in verdicts})
         features = feature_agreement(verdicts, ft.feature_truth(classifier, judged_classes, wanted)) | {
             "margins": ft.margins()}
+    calls = {"classes": class_calls(classes, rows),
+             "features": feature_calls(verdicts, features["pairs"]) if features else []}
     report = {
-        "scores": {"classes": class_scores(classes, rows),
-                   "features": feature_scores(verdicts, features["pairs"]) if features else None},
+        "scores": {level: scored(c) if c else None for level, c in calls.items()},
+        "calls": calls,
         "concepts": concept_naming(classes, verdicts, truth),
         "run": sink.uri(""), "chance": chance, "well_above_chance": well_above_chance * chance,
         "bias_call_accuracy": sum(r["correct"] for r in judged) / len(judged) if judged else None,
