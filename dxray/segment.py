@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,11 @@ def _load(ref: str, what: str, *classes):
         ref = str(Path(ref).expanduser())
     try:
         return [cls.from_pretrained(ref, local_files_only=_offline()) for cls in classes]
+    except pickle.UnpicklingError as e:  # a pytorch_model.bin holding pickled objects, refused weights-only
+        from dxray.classifiers import pickle_refusal
+
+        raise DxrayError(pickle_refusal(f"{what} {ref!r}", ref, e, "re-save it as safetensors once, where you trust "
+                                        "it (save_pretrained(folder, safe_serialization=True))")) from None
     except load_errors() as e:
         from dxray.generator import hub_reason
 

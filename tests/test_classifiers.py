@@ -288,6 +288,31 @@ def test_lcm_part_with_a_pickled_bin_points_at_safetensors(cache_dir, tmp_path):
     assert "text_encoder/pytorch_model.bin" in msg and "argparse.Namespace" in msg and "weights_only" not in msg
 
 
+@pytest.mark.parametrize("what", ["detector", "SAM"])
+def test_segmenter_folder_with_a_pickled_bin_points_at_safetensors(cache_dir, tmp_path, what):
+    """As the classifier's and the LCM's: Grounding DINO or SAM saved as a pickled .bin was exit 3."""
+    import shutil
+
+    from transformers import AutoModelForZeroShotObjectDetection, SamModel
+
+    from dxray.models.tiny_segment import ensure_tiny_grounding_dino, ensure_tiny_sam
+    from dxray.segment import Segmenter
+
+    build, cls = {"detector": (ensure_tiny_grounding_dino, AutoModelForZeroShotObjectDetection),
+                  "SAM": (ensure_tiny_sam, SamModel)}[what]
+    src = build(cache_dir)
+    folder = tmp_path / what
+    _pickled_bin(cls.from_pretrained(src), folder)
+    for f in src.iterdir():  # the processor's files beside the weights
+        if f.is_file() and not (folder / f.name).exists() and f.suffix != ".safetensors":
+            shutil.copy(f, folder)
+    other = {"detector": str(ensure_tiny_grounding_dino(cache_dir)), "sam": str(ensure_tiny_sam(cache_dir))}
+    other["detector" if what == "detector" else "sam"] = str(folder)
+    msg = raises("safe_serialization=True", Segmenter, device="cpu", **other)
+    assert msg.startswith(f"{what} ") and "pytorch_model.bin" in msg and "argparse.Namespace" in msg
+    assert "weights_only" not in msg
+
+
 def test_class_names_file_that_is_not_utf8(hf_dir, tmp_path):
     path = tmp_path / "names.txt"
     path.write_bytes("chat\nchien\npoisson\n".encode("utf-16"))
