@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import TINY_YAML
+from test_run_readers import _one_error_line
 from typer.testing import CliRunner
 
 from dxray.errors import DxrayError
@@ -84,14 +85,6 @@ def _copy(base_run, tmp_path) -> Path:
     root = tmp_path / "out" / base_run[0].name
     shutil.copytree(base_run[0], root)
     return root
-
-
-def _one_error_line(result) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    assert "Traceback" not in result.stdout + result.stderr
-    [line] = result.stderr.strip().splitlines()
-    assert line.startswith("error: ")
-    return line
 
 
 def _truncate(path: Path) -> None:
