@@ -53,6 +53,14 @@ class Audit:
     def log(self) -> str:
         return self.stderr.read_text(errors="replace")
 
+    def wait_for_a_commit(self, root: Path, timeout: float = 400) -> None:
+        """Until the run's first task row is committed, with the driver still running."""
+        start = time.monotonic()
+        while not list((root / "tasks").glob("part-*.parquet")) and self.proc.poll() is None:
+            assert time.monotonic() - start < timeout, f"no task committed in {timeout:.0f} s"
+            time.sleep(0.05)
+        assert self.proc.poll() is None, self.log()[-3000:]
+
     def wait(self, timeout: float) -> int:
         try:
             return self.proc.wait(timeout=timeout)
@@ -168,11 +176,7 @@ def test_kill_9_of_the_driver_mid_commit_then_the_same_command_completes_exactly
     root = out / run_id
     first = Audit(out, cache_dir, tmp_path / "first", *extra)
     try:
-        start = time.monotonic()
-        while not list((root / "tasks").glob("part-*.parquet")) and first.proc.poll() is None:
-            assert time.monotonic() - start < 400, "no task committed in 400 s"
-            time.sleep(0.05)
-        assert first.proc.poll() is None, first.log()[-3000:]
+        first.wait_for_a_commit(root)
         caught = _kill_mid_commit(first, root, deadline=time.monotonic() + 60)
         assert first.wait(timeout=30) == -signal.SIGKILL
     finally:
