@@ -1,5 +1,6 @@
 """Runs on storage: open one, and re-decide a finished one's verdicts for another δ. What is committed
-in a run is :meth:`RunSink.committed_task_ids` (task rows of status ok), its one definition."""
+in a run is :meth:`RunSink.committed_task_ids` (task rows of status ok with their sample.k samples), its one
+definition."""
 
 from __future__ import annotations
 
