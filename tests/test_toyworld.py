@@ -164,18 +164,23 @@ def test_compare_shows_the_planted_classes_improving_under_an_unbiased_classifie
     rows = {r["class_index"]: r for r in ds.dataset(unbiased / "comparison").to_table().to_pylist()}
     assert sorted(rows) == classes and not any(r["features_comparable"] for r in rows.values())
     # An explanation whose held-out images do not read as the class says nothing (the unbiased classifier is harder
-    # to optimise for: it wants the object itself, and some classes' held-out p stays low, see the README). Every
-    # planted class whose explanation does read as it shows more of its object than under the planted classifier.
+    # to optimise for: it wants the object itself, and some classes' held-out p stays low, see the README).
     tasks = {t["task_id"]: t for t in ds.dataset(unbiased / "tasks").to_table().to_pylist() if t["kind"] == "class"}
     probs: dict[int, list[float]] = {}
     for s in ds.dataset(unbiased / "samples").to_table(columns=["task_id", "class_prob"]).to_pylist():
         if s["task_id"] in tasks:
             probs.setdefault(tasks[s["task_id"]]["class_index"], []).append(s["class_prob"])
+    # Which classes read, and how far r moves, varies with the task seeds: they follow the task ids, which hold the
+    # unbiased classifier's path in this session's temp folder (two CI runs of one tree saw the blue square at p 0.76
+    # and 0.14). A read explanation can also score r 0 with its object visible: the world's segmenter takes exact
+    # shades only (issue 31, item 2), so the yellow triangle once read at p 0.57 with r 0.0 under both classifiers.
+    # So: no read planted class shows less of its object than under the planted classifier, and together they show
+    # more.
     read = [c for c in render.BIASED if sum(probs[c]) / len(probs[c]) >= 0.5]
     assert read, probs
     for c in read:
-        assert rows[c]["r_b"] > rows[c]["r_a"], rows[c]  # the object appears where the planted classifier hid it
-    assert sum(rows[c]["r_change"] for c in render.BIASED) > 0  # and the planted classes' r rises overall
+        assert rows[c]["r_b"] >= rows[c]["r_a"], rows[c]
+    assert sum(rows[c]["r_b"] - rows[c]["r_a"] for c in read) > 0, [rows[c] for c in read]  # the object appears
 
 
 def _mean_r(images, c: int) -> float:
