@@ -1,5 +1,10 @@
 """The toy world: coloured shapes on coloured (optionally striped) backgrounds, with exact masks.
 
+World v5's shortcut kinds besides the background colour (issue 31): a co-occurring *marker* (a small
+:data:`MARKER_COLOUR` square in a corner the object never touches) and a *pattern* on the object (stripes of
+:data:`PATTERN_COLOUR` across it). Both are optional fields of :class:`Scene`, off by default, so a scene
+without them renders exactly as in v4.
+
 Six classes ("red circle", ...) on six backgrounds. The classifier's training set is biased on
 purpose: classes 0-2 are only ever seen on one background each (:data:`BIASED`), the others only
 on :data:`UNBIASED_BACKGROUNDS`. The text-to-image model's training set is unbiased. Colours are
@@ -28,6 +33,12 @@ BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (130, 50, 155), "orange": (240, 130, 40), "gray": (128, 128, 128),
     "teal": (30, 145, 150), "pink": (240, 140, 185), "brown": (160, 125, 50),
 }
+# The v5 shortcuts' colours: each > 150 (RGB Euclidean) from every object colour, background and stripe shade.
+MARKER_COLOUR = ("cyan", (0, 255, 255))
+PATTERN_COLOUR = ("magenta", (255, 0, 255))
+MARKER_SIZE = 5  # the marker's side, pixels; it keeps a 1-pixel gap from the object's bounding square
+CORNERS = ("top left", "top right", "bottom left", "bottom right")
+PATTERNS = ("solid", "striped")  # striped: the object's STRIPES pixels in PATTERN_COLOUR
 STRIPE_SHADE = 0.6  # stripes are the background colour times this
 SHAPES = ("circle", "square", "triangle")
 TEXTURES = ("plain", "stripes")  # stripes: 2-px diagonal stripes in the darker shade
@@ -50,6 +61,8 @@ class Scene:
     x: int = 16  # object centre, pixels (see the module doc for odd sizes)
     y: int = 16
     size: int = 12  # object side / diameter in pixels, MIN_OBJECT..MAX_OBJECT
+    marker: str | None = None  # v5: the corner (one of CORNERS) of a MARKER_COLOUR square, or None
+    pattern: str = "solid"  # v5: "striped" paints the object's STRIPES pixels in PATTERN_COLOUR
 
 
 def stripe_colour(background: str) -> tuple[int, int, int]:
@@ -75,16 +88,46 @@ def _object_mask(shape: str, x: int, y: int, size: int) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
+def marker_box(corner: str) -> tuple[slice, slice]:
+    """(rows, columns) of the marker square in a corner."""
+    if corner not in CORNERS:
+        raise ValueError(f"unknown marker corner {corner!r}; expected one of {CORNERS}")
+    rows = slice(0, MARKER_SIZE) if corner.startswith("top") else slice(SIZE - MARKER_SIZE, SIZE)
+    cols = slice(0, MARKER_SIZE) if corner.endswith("left") else slice(SIZE - MARKER_SIZE, SIZE)
+    return rows, cols
+
+
+def free_corners(scene: Scene) -> list[str]:
+    """The corners whose marker keeps a 1-pixel gap from the object's bounding square (all of them object-free)."""
+    if scene.colour is None:
+        return list(CORNERS)
+    left, top = scene.x - scene.size // 2, scene.y - scene.size // 2
+    out = []
+    for corner in CORNERS:
+        rows, cols = marker_box(corner)
+        apart = (cols.stop < left or cols.start > left + scene.size) or (rows.stop < top or rows.start > top + scene.size)
+        if apart:
+            out.append(corner)
+    return out
+
+
 def render(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     """(SIZE x SIZE x 3 uint8 image, SIZE x SIZE bool exact object mask); hard edges, no anti-aliasing."""
     if scene.background not in BACKGROUND_COLOURS:
         raise ValueError(f"unknown background {scene.background!r}")
     if scene.texture not in TEXTURES:
         raise ValueError(f"unknown texture {scene.texture!r}; expected one of {TEXTURES}")
+    if scene.pattern not in PATTERNS:
+        raise ValueError(f"unknown pattern {scene.pattern!r}; expected one of {PATTERNS}")
     image = np.empty((SIZE, SIZE, 3), dtype=np.uint8)
     image[:] = BACKGROUND_COLOURS[scene.background]
     if scene.texture == "stripes":
         image[STRIPES] = stripe_colour(scene.background)
+    if scene.marker is not None:
+        marker_box(scene.marker)  # an unknown corner is an error of its own
+        if scene.marker not in free_corners(scene):
+            raise ValueError(f"a marker in the {scene.marker} corner would touch the object of {scene}")
+        image[marker_box(scene.marker)] = MARKER_COLOUR[1]
     mask = np.zeros((SIZE, SIZE), dtype=bool)
     if scene.colour is None:
         return image, mask
@@ -94,15 +137,20 @@ def render(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"object of size {scene.size} at ({scene.x}, {scene.y}) does not fit the image")
     mask = _object_mask(scene.shape, scene.x, scene.y, scene.size)
     image[mask] = OBJECT_COLOURS[scene.colour]
+    if scene.pattern == "striped":
+        image[mask & STRIPES] = PATTERN_COLOUR[1]
     return image, mask
 
 
 def caption(scene: Scene) -> str:
-    """"a red circle on a striped purple background"; object-free: "a purple background"."""
+    """"a red circle on a striped purple background"; object-free: "a purple background"; v5's shortcuts add
+    words: "a magenta striped yellow triangle on a gray background with a cyan mark"."""
     background = ("striped " if scene.texture == "stripes" else "") + f"{scene.background} background"
+    mark = f" with a {MARKER_COLOUR[0]} mark" if scene.marker is not None else ""
     if scene.colour is None:
-        return f"a {background}"
-    return f"a {scene.colour} {scene.shape} on a {background}"
+        return f"a {background}{mark}"
+    pattern = f"{PATTERN_COLOUR[0]} striped " if scene.pattern == "striped" else ""
+    return f"a {pattern}{scene.colour} {scene.shape} on a {background}{mark}"
 
 
 def _scene(rng: np.random.Generator, background: str, cls: int | None) -> Scene:
