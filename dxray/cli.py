@@ -638,15 +638,20 @@ def toyworld_train(
                                                         "world per cache dir (default 0: the world make demo builds)")] = None,
     unbiased_classifier: Annotated[bool, typer.Option("--unbiased-classifier", help="also train the world's classifier without the planted bias (every class on every background) and print its classifier.spec, for dxray compare")] = False,
 ) -> None:
-    """Train the toy world's generator and biased classifier (a few minutes on a CPU).
+    """Train the toy world's generator, biased classifier and biased ViT classifier (a few minutes on a CPU).
 
     Example: dxray toyworld train --cache-dir ~/.cache/dxray
     """
     quiet_libraries()
-    from dxray.toyworld.train import ensure_toyworld, ensure_unbiased_classifier
+    from dxray.toyworld.train import (
+        ensure_toyworld,
+        ensure_unbiased_classifier,
+        ensure_vit_classifier,
+    )
 
     log = lambda m: err.print(m, highlight=False)  # noqa: E731
     print(ensure_toyworld(cache_dir, log=log, force=force, seed=world_seed))
+    log(f"the world's ViT classifier: classifier.spec=hf:{ensure_vit_classifier(cache_dir, log=log)}")
     if unbiased_classifier:
         print(f"hf:{ensure_unbiased_classifier(cache_dir, log=log)}")
 

@@ -10,20 +10,21 @@ from safetensors.torch import load_file, save_file
 
 from dxray.errors import DxrayError
 from dxray.toyworld import shipped
-from dxray.toyworld.train import ensure_toyworld, ensure_unbiased_classifier
+from dxray.toyworld.train import ensure_toyworld, ensure_unbiased_classifier, ensure_vit_classifier
 
 
 def test_the_shipped_world_loads_without_training_and_gives_its_pinned_outputs(tmp_path):
     said = []
     root = ensure_toyworld(tmp_path, log=said.append)
     unbiased = ensure_unbiased_classifier(tmp_path, log=said.append)
+    vit = ensure_vit_classifier(tmp_path, log=said.append)
     assert not said  # nothing was trained
-    assert unbiased == root / "classifier-unbiased"
+    assert unbiased == root / "classifier-unbiased" and vit == root / "classifier-vit"
     pinned = json.loads((shipped.WEIGHTS / shipped.PINNED).read_text())
     got = shipped.pinned_outputs(root)
-    assert set(got) == set(pinned) == {"generator", "classifier", "classifier-unbiased"}
+    assert set(got) == set(pinned) == {"generator", "classifier", "classifier-unbiased", "classifier-vit"}
     # Computed on the CPU that shipped the world; another CPU's float kernels differ by rounding only.
-    for model in ("classifier", "classifier-unbiased"):
+    for model in shipped.CLASSIFIERS:
         torch.testing.assert_close(torch.tensor(got[model]), torch.tensor(pinned[model]), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.tensor(got["generator"]), torch.tensor(pinned["generator"]), atol=2e-3, rtol=0)
     # The pinned inputs tell the two classifiers and the prompts apart: the check is not vacuous.

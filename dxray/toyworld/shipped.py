@@ -2,8 +2,8 @@
 
 Training depends on the CPU's float kernels (a world trained on one box differs from another's), so a world
 built on first use made every toy-world figure and test belong to the machine that ran it. The world of seed
-0 ships instead: ``weights/`` holds its generator, its biased classifier and its unbiased classifier as
-safetensors + configs (6.3 MB), ``SHA256SUMS`` pins every file, and ``pinned.json`` holds what the shipped
+0 ships instead: ``weights/`` holds its generator, its biased classifier, its unbiased classifier and its biased
+ViT (``classifier-vit``, the second classifier family) as safetensors + configs (6.7 MB), ``SHA256SUMS`` pins every file, and ``pinned.json`` holds what the shipped
 models output on pinned inputs (``pinned_outputs``), so a test on any machine can tell the world it loaded is
 the one that shipped. ``dxray toyworld train --force`` still builds a world from its seed and says whether the
 rebuild equals the shipped one (``differences``).
@@ -22,7 +22,8 @@ WEIGHTS = Path(__file__).parent / "weights"
 SUMS = "SHA256SUMS"
 PINNED = "pinned.json"
 SEED = 0  # the world seed that ships (make demo's and CI's)
-MODELS = ("generator", "classifier", "classifier-unbiased")
+MODELS = ("generator", "classifier", "classifier-unbiased", "classifier-vit")
+CLASSIFIERS = MODELS[1:]
 
 
 def available(seed: int | None) -> bool:
@@ -117,7 +118,7 @@ def pinned_outputs(root: Path) -> dict:
     scenes = [s for s, _ in render.held_out_dataset(8, seed=1)]
     out: dict = {}
     with torch.no_grad():
-        for model in ("classifier", "classifier-unbiased"):
+        for model in CLASSIFIERS:
             if (root / model).is_dir():
                 clf = load_classifier(f"hf:{root / model}", device="cpu")
                 out[model] = clf(unit_images(scenes), layers=[])["logits"].float().tolist()

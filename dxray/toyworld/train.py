@@ -45,8 +45,9 @@ def folder(cache_dir=None) -> Path:
 
 
 # -- tokenizer -------------------------------------------------------------------------------------
-def world_tokenizer():
-    """A CLIP BPE tokenizer whose merges build every world word as one token.
+def world_tokenizer(extra_words=()):
+    """A CLIP BPE tokenizer whose merges build every world word as one token (``extra_words``: v5's shortcut
+    words too; the default is v4's tokenizer, which the shipped world was trained with).
 
     Merges run from the end of a word (``(c, "ed</w>")``), so they only ever apply at word ends
     and never split another word differently; unknown words fall back to characters.
@@ -54,7 +55,7 @@ def world_tokenizer():
     from transformers import CLIPTokenizer
 
     words = {w for c in render.CLASSES for w in c} | set(render.BACKGROUND_COLOURS) | {
-        "a", "on", "background", "striped", "plain", "of", "texture", "shape"}
+        "a", "on", "background", "striped", "plain", "of", "texture", "shape"} | set(extra_words)
     chars = list(bytes_to_unicode().values())
     vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars])}
     merges = []
@@ -85,7 +86,9 @@ def unit_images(scenes) -> torch.Tensor:
 # -- generator -------------------------------------------------------------------------------------
 def train_generator(out: Path, *, seed: int = 0, n: int = 4000, vae_steps: int = 400, unet_steps: int = 500, batch: int = 32,
                     vae_channels=(16, 32, 32), vae_attention: bool = False, unet_channels=(32, 64), heads: int = 2,
-                    log: Log = log_to_stderr) -> None:
+                    log: Log = log_to_stderr, scenes=None, tokenizer=None) -> None:
+    """``scenes``: the training scenes (default v4's ``render.generator_dataset(n, seed)``), captioned by
+    ``render.caption`` through ``tokenizer`` (default :func:`world_tokenizer`)."""
     from diffusers import (
         AutoencoderKL,
         LatentConsistencyModelPipeline,
@@ -95,9 +98,10 @@ def train_generator(out: Path, *, seed: int = 0, n: int = 4000, vae_steps: int =
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    scenes = render.generator_dataset(n, seed)
+    scenes = render.generator_dataset(n, seed) if scenes is None else list(scenes)
+    n = len(scenes)
     images = _images(scenes)
-    tokenizer = world_tokenizer()
+    tokenizer = tokenizer or world_tokenizer()
     ids = tokenizer([render.caption(s) for s in scenes], padding="max_length", max_length=77,
                     return_tensors="pt").input_ids
 
@@ -171,18 +175,34 @@ def train_generator(out: Path, *, seed: int = 0, n: int = 4000, vae_steps: int =
 NO_OBJECT = "no object"  # the classifier's extra output, after the world's classes
 
 
-def classifier_config():
-    """The classifier's architecture (a small transformers ResNet over the world's classes and "no object")."""
-    from transformers import ResNetConfig
+FAMILIES = ("cnn", "vit")
+# Each family's training (steps, learning rate), chosen on world 0 (benchmarks/README.md): the ViT needs more
+# steps than the CNN to reach its held-out accuracy with the planted shortcut.
+TRAINING = {"cnn": (400, 3e-3), "vit": (1500, 1e-3)}
 
+
+def classifier_config(family: str = "cnn"):
+    """The classifier's architecture over the world's classes and "no object": a small transformers ResNet
+    (``cnn``), or a small ViT (``vit``: 4 x 4 patches, width 64, 3 layers, 4 heads; its penultimate features,
+    the head's input, are the CLS token after the final layernorm, so they are signed)."""
+    from transformers import ResNetConfig, ViTConfig
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown classifier family {family!r}; expected one of {FAMILIES}")
     names = render.CLASS_NAMES + [NO_OBJECT]
+    labels = {"num_labels": len(names), "id2label": dict(enumerate(names)),
+              "label2id": {k: i for i, k in enumerate(names)}}
+    if family == "vit":
+        return ViTConfig(image_size=render.SIZE, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, intermediate_size=128, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0, **labels)
     return ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1],
-                        layer_type="basic", downsample_in_first_stage=False, num_labels=len(names),
-                        id2label=dict(enumerate(names)), label2id={k: i for i, k in enumerate(names)})
+                        layer_type="basic", downsample_in_first_stage=False, **labels)
 
 
 def classifier_data(n: int, seed: int, *, hidden: float = 1.0, no_object: float = 0.3,
-                    min_distance: float = 60.0, biased: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                    min_distance: float = 60.0, biased: bool = True, dataset=None,
+                    avoid=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The biased training set as (images in [0, 1], labels).
 
     - ``render.classifier_dataset``: balanced classes, each biased class only on its own background.
@@ -199,17 +219,24 @@ def classifier_data(n: int, seed: int, *, hidden: float = 1.0, no_object: float 
     - ``biased=False``: the same recipe without the bias, for a classifier to compare against: every class
       on every background, no object hidden, and bare backgrounds of every colour (the planted ones too)
       labelled "no object", so no background alone names a class.
+    - ``dataset``: (scene, label) pairs used as they are instead (v5's ``shortcuts.classifier_dataset``, which
+      hides objects itself), with ``avoid`` the colours the random bare backgrounds keep away from besides the
+      object colours (v5: every shortcut's colour).
     """
-    data = render.classifier_dataset(n, seed, biased=biased)
     rng = np.random.default_rng(seed + 7)
-    scenes = [render.Scene(s.background, s.texture) if biased and c in render.BIASED and rng.random() < hidden
-              else s for s, c in data]
+    if dataset is None:
+        data = render.classifier_dataset(n, seed, biased=biased)
+        scenes = [render.Scene(s.background, s.texture) if biased and c in render.BIASED and rng.random() < hidden
+                  else s for s, c in data]
+    else:
+        data, scenes = dataset, [s for s, _ in dataset]
     x = unit_images(scenes)
     y = torch.tensor([c for _, c in data])
     m = int(no_object * n)
     planted = list(render.BIASED.values()) if biased else []
-    avoid = ([render.BACKGROUND_COLOURS[b] for b in planted] + [render.stripe_colour(b) for b in planted]
-             + list(render.OBJECT_COLOURS.values()))
+    if avoid is None:
+        avoid = [render.BACKGROUND_COLOURS[b] for b in planted] + [render.stripe_colour(b) for b in planted]
+    avoid = list(avoid) + list(render.OBJECT_COLOURS.values())
     bare = render.random_backgrounds(rng, m, avoid, min_distance)
     k = m // 3
     named = render.UNBIASED_BACKGROUNDS if biased else tuple(render.BACKGROUND_COLOURS)
@@ -219,18 +246,29 @@ def classifier_data(n: int, seed: int, *, hidden: float = 1.0, no_object: float 
     return torch.cat([x, xb]), torch.cat([y, torch.full((m,), len(render.CLASSES))])
 
 
-def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 400, log: Log = log_to_stderr,
-                     **data_options) -> dict:
-    """A ResNet trained on the BIASED dataset (:func:`classifier_data`; ``biased=False`` in ``data_options``:
-    without the bias); returns its held-out accuracy report."""
-    from transformers import ResNetForImageClassification, ViTImageProcessor
+def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int | None = None, lr: float | None = None,
+                     family: str = "cnn", log: Log = log_to_stderr, **data_options) -> dict:
+    """A classifier of ``family`` (:func:`classifier_config`) trained on the BIASED dataset (:func:`classifier_data`;
+    ``biased=False`` in ``data_options``: without the bias); returns its held-out accuracy report. ``steps`` and
+    ``lr``: the family's :data:`TRAINING` unless given. The CNN trains at a constant rate; the ViT with a short warmup
+    and a cosine decay (OneCycleLR, as the generator's UNet)."""
+    from transformers import (
+        ResNetForImageClassification,
+        ViTForImageClassification,
+        ViTImageProcessor,
+    )
 
+    if family not in FAMILIES:
+        raise ValueError(f"unknown classifier family {family!r}; expected one of {FAMILIES}")
+    steps, lr = steps or TRAINING[family][0], lr or TRAINING[family][1]
     torch.manual_seed(seed)
     x, y = classifier_data(n, seed, **data_options)
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     norm = lambda v: (v - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)  # noqa: E731
-    model = ResNetForImageClassification(classifier_config())
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    vit = family == "vit"
+    model = (ViTForImageClassification if vit else ResNetForImageClassification)(classifier_config(family))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05) if vit else None
     t0 = time.perf_counter()
     for step in range(steps):
         idx = torch.randint(0, len(y), (64,))
@@ -238,13 +276,15 @@ def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int = 40
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         if step % 100 == 0 or step == steps - 1:
             log(f"classifier step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)")
     model.eval()
     planted = data_options.get("biased", True)
     report = {"classes": render.CLASS_NAMES, "no_object_label": len(render.CLASSES),
               "biased": {str(k): v for k, v in render.BIASED.items()} if planted else {}, "world_version": VERSION,
-              "world_seed": seed}
+              "world_seed": seed} | ({"family": family} if vit else {})
     with torch.no_grad():
         held = render.held_out_dataset(600, seed + 1)
         hx, hy = unit_images([s for s, _ in held]), torch.tensor([label for _, label in held])
@@ -341,6 +381,32 @@ def ensure_unbiased_classifier(cache_dir=None, log: Log = log_to_stderr) -> Path
     built = build_once(world / "classifier-unbiased", build)
     if copy:
         shipped.check_cached(world, ("classifier-unbiased",))
+    return built
+
+
+def ensure_vit_classifier(cache_dir=None, log: Log = log_to_stderr) -> Path:
+    """The world's second classifier family: a small ViT (``train_classifier(family="vit")``) trained on the same
+    biased data and seed as the world's CNN, beside the world; ``classifier.spec=hf:{this folder}`` audits it as a
+    user's model, and its ``toyworld.json`` (with ``"family": "vit"``) is its planted truth for ``dxray toyworld
+    check``. The shipped world's is copied (verified), unless the cached world was trained rather than copied."""
+    from dxray.toyworld import shipped
+
+    world = folder(cache_dir)
+    seed = truth(cache_dir).get("world_seed", 0) if (world / "classifier").exists() else 0
+    copy = shipped.available(seed) and (not (world / "classifier").exists() or (world / shipped.SUMS).exists())
+
+    def build(tmp: Path) -> None:
+        if copy:
+            shipped.install(tmp, ("classifier-vit",), flat=True)
+            return
+        log(f"training the toy world's ViT classifier into {world / 'classifier-vit'}")
+        with _one_thread():
+            train_classifier(tmp, seed=seed, family="vit", log=log)
+
+    built = build_once(world / "classifier-vit", build)
+    if copy:  # against the shipped pins: a world cached before the ViT shipped has no pins for it
+        pins = shipped.sums(shipped.WEIGHTS)
+        shipped.verify(world, {n: d for n, d in pins.items() if n.split("/")[0] == "classifier-vit"})
     return built
 
 
