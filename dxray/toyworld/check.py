@@ -12,6 +12,7 @@ renders through the audited classifier; pairs whose truth is ambiguous are left 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.compute as pc
 
@@ -20,24 +21,40 @@ from dxray.runs import open_run
 from dxray.toyworld import scores
 
 
-def planted_truth(sink) -> dict:
-    """The truth stored with the classifier the run audited (found through the run's manifest)."""
-    from dxray.toyworld.train import truth
-
+def _manifest(sink) -> dict:
     try:
         with sink.fs.open_input_stream(f"{sink.root}/manifest.json") as f:
-            manifest = json.loads(f.read())
+            return json.loads(f.read())
     except FileNotFoundError:
         raise DxrayError(f"run {sink.uri('')} has no manifest.json (did it finish?)") from None
-    if manifest["config"]["classifier"]["spec"] != "toyworld":
-        raise DxrayError(f"run {sink.uri('')} did not audit the toy world (classifier.spec is "
-                         f"{manifest['config']['classifier']['spec']!r})")
-    return truth(manifest["config"].get("cache_dir"))
 
 
-def _manifest_cache_dir(sink):
-    with sink.fs.open_input_stream(f"{sink.root}/manifest.json") as f:
-        return json.loads(f.read())["config"].get("cache_dir")
+def audited_classifier(sink) -> tuple[dict, str]:
+    """(planted truth, classifier spec) of the toy-world classifier the run audited, found through its manifest:
+    ``classifier.spec`` ``toyworld`` is the world's CNN in the run's cache (its truth stored beside it), and
+    ``hf:PATH`` is any classifier of the world saved with its truth as ``PATH/toyworld.json`` (the world's ViT,
+    its unbiased classifier)."""
+    from dxray.toyworld.train import folder, truth
+
+    manifest = _manifest(sink)
+    spec = manifest["config"]["classifier"]["spec"]
+    if spec == "toyworld":
+        cache_dir = manifest["config"].get("cache_dir")
+        return truth(cache_dir), f"hf:{folder(cache_dir) / 'classifier'}"
+    path = Path(spec[3:]).expanduser() if spec.startswith("hf:") else None
+    if path is None or not (path / "toyworld.json").is_file():
+        raise DxrayError(f"run {sink.uri('')} did not audit a toy-world classifier (classifier.spec is {spec!r}: "
+                         f"expected toyworld, or hf:PATH with a toyworld.json in PATH)")
+    try:
+        return json.loads((path / "toyworld.json").read_text()), spec
+    except (OSError, ValueError) as err:
+        raise DxrayError(f"cannot read the planted truth {path / 'toyworld.json'}: {' '.join(str(err).split())[:200]}"
+                         ) from None
+
+
+def planted_truth(sink) -> dict:
+    """The truth stored with the classifier the run audited (found through the run's manifest)."""
+    return audited_classifier(sink)[0]
 
 
 def feature_agreement(verdicts: list[dict], truth_rows: list[dict]) -> dict:
@@ -130,10 +147,13 @@ def score_lines(report: dict) -> list[str]:
 
 
 def check(run: str, truth: dict | None = None, well_above_chance: float = 3.0, classifier=None) -> dict:
-    """Score a run; ``classifier``: the audited toy-world classifier for the feature truth (default: loaded
-    from the world cache the run's manifest names)."""
+    """Score a run; ``classifier``: the audited toy-world classifier for the feature truth (default: the one the
+    run's manifest names, :func:`audited_classifier`)."""
     sink = open_run(run)
-    truth = truth or planted_truth(sink)
+    spec = None
+    if truth is None or classifier is None:
+        audited, spec = audited_classifier(sink)
+        truth = truth or audited
     classes = sink.read_table("classes")
     if classes is None:
         raise DxrayError(f"run {run} has no classes table (was segment.enabled false?)")
@@ -170,9 +190,8 @@ def check(run: str, truth: dict | None = None, well_above_chance: float = 3.0, c
 
         if classifier is None:
             from dxray.classifiers import load_classifier
-            from dxray.toyworld.train import folder
 
-            classifier = load_classifier(f"hf:{folder(_manifest_cache_dir(sink)) / 'classifier'}", device="cpu")
+            classifier = load_classifier(spec, device="cpu")
         wanted = sorted({v["feature_index"] for v in verdicts})
         judged_classes = sorted({v["class_index"] for v in verdicts})
         features = feature_agreement(verdicts, ft.feature_truth(classifier, judged_classes, wanted)) | {
@@ -183,7 +202,7 @@ def check(run: str, truth: dict | None = None, well_above_chance: float = 3.0, c
         "scores": {level: scored(c) if c else None for level, c in calls.items()},
         "calls": calls,
         "concepts": concept_naming(classes, verdicts, truth),
-        "run": sink.uri(""), "chance": chance, "well_above_chance": well_above_chance * chance,
+        "run": sink.uri(""), "classifier": spec, "family": truth.get("family", "cnn"), "chance": chance, "well_above_chance": well_above_chance * chance,
         "bias_call_accuracy": sum(r["correct"] for r in judged) / len(judged) if judged else None,
         "optimised_fraction": sum(r["optimised"] for r in rows) / len(rows) if rows else None,
         "classes": rows,
