@@ -192,3 +192,69 @@ def test_the_rule_on_signed_numbers(o_level, bare_levels, expected):
     objects = neutral.mean(0) + o_level
     z, [label] = _rule(objects, neutral, all_bare[0], all_bare, objects[None], signed=True)
     assert label == expected, (float(z), label)
+
+
+# -- an audit of the ViT, scored against its own truth -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vit_audit(vit, tmp_path_factory):
+    """The preset's audit with the ViT as a user's classifier (hf:PATH), two classes, top-2 features, a few steps:
+    this tests that the pieces fit, not the audit's quality (benchmarks/toyworld_seeds.py measures that)."""
+    from test_cli import run_cli
+    from test_toyworld import TOY_YAML
+
+    cache, path, _ = vit
+    out = tmp_path_factory.mktemp("vit-audit") / "out"
+    res = run_cli("explain", str(TOY_YAML), f"output={out}", "device=cpu", f"classifier.spec=hf:{path}",
+                  "targets.classes=[0,3]", "targets.top_k=2", "optimize.steps=2", "optimize.restarts=1", "sample.k=2",
+                  f"cache_dir={cache}", cache=cache, timeout=600)
+    assert res.returncode == 0, res.stderr
+    [root] = [p for p in out.iterdir() if p.is_dir()]
+    check = run_cli("toyworld", "check", str(root), cache=cache)
+    assert check.returncode == 0, check.stderr
+    return root, check
+
+
+def test_check_scores_an_audit_of_the_vit_against_the_vits_feature_truth(vit, vit_audit):
+    from dxray.classifiers import load_classifier
+
+    _, path, clf = vit
+    root, check = vit_audit
+    assert "feature verdicts agree with the feature truth on" in check.stdout
+    report = json.loads((root / "toyworld_check.json").read_text())
+    assert report["classifier"] == f"hf:{path}" and report["family"] == "vit"
+    assert {r["class_index"]: r["planted_biased"] for r in report["classes"]} == {0: True, 3: False}
+    pairs = report["features"]["pairs"]
+    # The ranked features are the ViT's: its top 2 by weight per class (a feature task maximises the feature, so
+    # a positive weight raises the class), and each pair's truth is computed on the ViT, not the world's CNN.
+    weight = clf.final_weight.detach()
+    for c in (0, 3):
+        mine = sorted((p["feature_rank"], p["feature_index"]) for p in pairs if p["class_index"] == c)
+        assert [f for _, f in mine] == torch.topk(weight[c], 2).indices.tolist()
+        assert all(weight[c, f] > 0 for _, f in mine)
+    wanted = sorted({p["feature_index"] for p in pairs})
+    truth = {(t["class_index"], t["feature_index"]): t for t in ft.feature_truth(clf, [0, 3], wanted)}
+    cnn = load_classifier(f"hf:{path.parent / 'classifier'}", device="cpu")
+    on_cnn = {(t["class_index"], t["feature_index"]): t for t in ft.feature_truth(cnn, [0, 3], wanted)}
+    for p in pairs:
+        t = truth[(p["class_index"], p["feature_index"])]
+        assert (p["truth"], p["object_response"], p["background_response"]) == (
+            t["truth"], t["object_response"], t["background_response"])
+        assert t["signed"] and p["background_response"] != on_cnn[(p["class_index"], p["feature_index"])][
+            "background_response"]
+    judged = [p for p in pairs if p["correct"] is not None]
+    assert report["features"]["all"]["n_pairs"] == len(judged) and len(pairs) == 4
+    assert report["scores"]["features"]["dxray"]["n"] == len(judged)
+
+
+def test_check_refuses_a_classifier_without_a_toyworld_truth_in_one_line(vit_audit, tmp_path):
+    from dxray.toyworld.check import check
+
+    root, _ = vit_audit
+    run = tmp_path / root.name
+    shutil.copytree(root, run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["config"]["classifier"]["spec"] = f"hf:{tmp_path / 'elsewhere'}"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DxrayError, match=r"did not audit a toy-world classifier .*hf:PATH with a toyworld\.json") as e:
+        check(str(run))
+    assert "\n" not in str(e.value)
