@@ -94,6 +94,31 @@ def test_beside_a_trained_world_the_vit_is_trained_not_copied(monkeypatch, tmp_p
     assert seen["family"] == "vit" and seen["seed"] == 0
 
 
+@pytest.mark.parametrize("nudge", [0.0, 0.5])
+def test_a_rebuilt_vit_is_compared_with_the_shipped_one(monkeypatch, tmp_path, nudge):
+    """A ViT trained beside a trained world of seed 0 is compared with the shipped ViT (the training is stood in
+    for by a copy of the shipped weights, nudged or not)."""
+    from safetensors.torch import load_file, save_file
+
+    from dxray.toyworld import train
+
+    def copy_shipped(out, **kwargs):
+        shutil.copytree(shipped.WEIGHTS / "classifier-vit", out, dirs_exist_ok=True)
+        tensors = load_file(out / "model.safetensors")
+        key = sorted(tensors)[0]
+        tensors[key] = tensors[key] + nudge
+        save_file(tensors, out / "model.safetensors")
+
+    (train.folder(tmp_path) / "classifier").mkdir(parents=True)
+    (train.folder(tmp_path) / "classifier" / "toyworld.json").write_text(json.dumps({"world_seed": 0}))
+    monkeypatch.setattr(train, "train_classifier", copy_shipped)
+    said = []
+    train.ensure_vit_classifier(tmp_path, log=said.append)
+    assert said[-1] == ("the rebuilt ViT equals the shipped one bit for bit" if not nudge else
+                        "the rebuilt ViT differs from the shipped one (this CPU's float kernels): largest weight "
+                        "difference 0.5")
+
+
 def test_the_vit_architecture_is_a_small_vit_over_the_cnns_labels():
     from dxray.toyworld.train import classifier_config
 
