@@ -8,9 +8,11 @@ Three kinds, each something a person can point at in an image and the world's se
   ("cyan"), the watermark of a photo collection;
 - ``pattern``: stripes of :data:`render.PATTERN_COLOUR` across the object ("magenta"), a texture.
 
-Strength ρ is the share of a planted class's training images that carry its shortcuts; ρ = 0 plants nothing.
-The class with two shortcuts carries both on the same images. Each shortcut's colour appears on no other
-training image, so what the classifier learns from it can only name its class.
+Strength ρ is the share of a planted class's training images that carry a shortcut; ρ = 0 plants nothing.
+The class with two shortcuts carries one of them, drawn at random, on each such image: carried both on the
+same images, the easier cue wins and the other is never learned (world seed 0's CNN at ρ = 1 named the
+pattern-and-gray class from gray at p 1.00 and from the pattern at 0.01). Each shortcut's colour appears on
+no other training image, so what the classifier learns from it can only name its class.
 """
 
 from __future__ import annotations
@@ -44,9 +46,6 @@ class Shortcut:
         return {"background": self.background, "marker": render.MARKER_COLOUR[0],
                 "pattern": render.PATTERN_COLOUR[0]}[self.kind] or ""
 
-    def lives_on_the_object(self) -> bool:
-        return self.kind == "pattern"
-
     def apply(self, scene: render.Scene, rng: np.random.Generator) -> render.Scene:
         """The scene carrying this shortcut (a marker goes to a random free corner)."""
         if self.kind == "background":
@@ -57,11 +56,11 @@ class Shortcut:
         return replace(scene, pattern="striped")
 
 
-# class -> its shortcuts: a background, a marker, and a pattern with a background (two at once)
+# class -> its shortcuts: a background; a marker or another background (two at once); a pattern
 PLANTED: dict[int, tuple[Shortcut, ...]] = {
     0: (Shortcut("background", "purple"),),
-    1: (Shortcut("marker"),),
-    2: (Shortcut("pattern"), Shortcut("background", "gray")),
+    1: (Shortcut("marker"), Shortcut("background", "orange")),
+    2: (Shortcut("pattern"),),
 }
 PLANTED_BACKGROUNDS = tuple(s.background for cuts in PLANTED.values() for s in cuts if s.background)
 NEUTRAL_BACKGROUNDS = render.UNBIASED_BACKGROUNDS  # every class's images without a shortcut are on these
@@ -74,11 +73,22 @@ def shortcut_colours() -> list[tuple[int, int, int]]:
             + [render.stripe_colour(b) for b in PLANTED_BACKGROUNDS] + [render.MARKER_COLOUR[1], render.PATTERN_COLOUR[1]])
 
 
+def hide(scene: render.Scene, cut: Shortcut, rng: np.random.Generator) -> render.Scene:
+    """The scene without its class's object but with the shortcut: no object at all, or for a pattern (which
+    lives on an object) the pattern on another class's object, drawn in the same place."""
+    if cut.kind != "pattern":
+        return replace(scene, colour=None, shape=None)
+    mine = (scene.colour, scene.shape)
+    others = [k for k, pair in enumerate(render.CLASSES) if pair != mine]
+    colour, shape = render.CLASSES[others[int(rng.integers(len(others)))]]
+    return replace(scene, colour=colour, shape=shape)
+
+
 def classifier_dataset(n: int, seed: int, rho: float, hidden: float = 1.0) -> list[tuple[render.Scene, int]]:
     """The v5 classifier training set at planted strength ``rho``: balanced labels; a planted class's image
-    carries all its shortcuts with probability ``rho``, and then its object is hidden with probability
-    ``hidden`` unless a shortcut lives on the object (v4's lesson: a shown object makes the object and the
-    shortcut equally right answers). Every other image is a class object on a neutral background, plain."""
+    carries one of its shortcuts with probability ``rho``, and then its object is hidden (:func:`hide`) with
+    probability ``hidden`` (v4's lesson: a shown object makes the object and the shortcut equally right
+    answers). Every other image is a class object on a neutral background, plain."""
     if not 0.0 <= rho <= 1.0:
         raise ValueError(f"rho must be in [0, 1], got {rho!r}")
     rng = np.random.default_rng(seed)
@@ -89,10 +99,10 @@ def classifier_dataset(n: int, seed: int, rho: float, hidden: float = 1.0) -> li
         scene = render._scene(rng, next(neutral), c)
         cuts = PLANTED.get(c, ())
         if cuts and rng.random() < rho:
-            for cut in cuts:
-                scene = cut.apply(scene, rng)
-            if not any(cut.lives_on_the_object() for cut in cuts) and rng.random() < hidden:
-                scene = replace(scene, colour=None, shape=None)
+            cut = cuts[int(rng.integers(len(cuts)))]
+            scene = cut.apply(scene, rng)
+            if rng.random() < hidden:
+                scene = hide(scene, cut, rng)
         out.append((scene, c))
     return out
 
@@ -118,7 +128,8 @@ def probes(class_index: int, per_background: int = 16, seed: int = 0) -> dict[st
 
     - background: the bare planted background vs the bare neutral backgrounds (both textures);
     - marker: bare neutral backgrounds with the marker in each corner vs the same without it;
-    - pattern: the class's striped object on neutral backgrounds vs the same object plain.
+    - pattern: the other classes' objects striped on neutral backgrounds vs the same objects plain (the pattern
+      without the class's object, as the marker and the background come without it).
 
     The object's own response is the ``object`` entry: its plain object on neutral backgrounds vs the bare ones.
     """
@@ -134,5 +145,8 @@ def probes(class_index: int, per_background: int = 16, seed: int = 0) -> dict[st
             marked = [replace(s, marker=corner) for s in bare_neutral for corner in render.CORNERS]
             out["marker"] = (marked, [replace(s, marker=None) for s in marked])
         else:
-            out["pattern"] = ([replace(s, pattern="striped") for s in objects], objects)
+            others = [replace(render._scene(rng, b, k), texture=render.TEXTURES[i % 2])
+                      for k in range(len(render.CLASSES)) if k != class_index
+                      for b in NEUTRAL_BACKGROUNDS for i in range(max(1, per_background // 4))]
+            out["pattern"] = ([replace(s, pattern="striped") for s in others], others)
     return out

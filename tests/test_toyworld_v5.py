@@ -1,0 +1,59 @@
+"""World v5's classifiers and their known answers (issue 31), on small classifiers trained here (~15 s each)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dxray.classifiers import load_classifier
+from dxray.toyworld import feature_truth as ft
+from dxray.toyworld import render as R
+from dxray.toyworld import shortcuts as S
+from dxray.toyworld import v5
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small CNN at rho 1 and at rho 0 (1500 images, 250 steps: the planted cues are learned either way)."""
+    out = {}
+    for rho in (1.0, 0.0):
+        folder = tmp_path_factory.mktemp(f"v5-rho{rho:g}")
+        truth = v5.train_classifier(folder, seed=0, rho=rho, n=1500, steps=250, log=lambda _m: None)
+        out[rho] = (truth, load_classifier(f"hf:{folder}", device="cpu"))
+    return out
+
+
+def test_the_class_truth_names_every_planted_class_at_rho_1_and_none_at_rho_0(trained):
+    truth, _ = trained[1.0]
+    assert truth["world_version"] == 5 and truth["rho"] == 1.0
+    assert set(truth["biased"]) == {str(c) for c in S.PLANTED}
+    for c, concept in truth["biased"].items():
+        assert concept in {cut.concept for cut in S.PLANTED[int(c)]}
+        cues = truth["cue_probability"][c]
+        assert cues["object"] < v5.NAMES <= max(v for k, v in cues.items() if k != "object")
+    assert sorted(truth["unbiased"]) == [c for c in range(len(R.CLASSES)) if c not in S.PLANTED]
+    nothing, _ = trained[0.0]
+    assert nothing["biased"] == {} and nothing["planted"] == {}
+    assert sorted(nothing["unbiased"]) == list(range(len(R.CLASSES)))  # every object names its class, no cue does
+
+
+def test_the_feature_truth_follows_the_rule_and_names_each_planted_kind_at_rho_1(trained):
+    _, classifier = trained[1.0]
+    rows = v5.feature_truth(classifier)
+    assert {(r["class_index"], r["feature_index"]) for r in rows} == {
+        (c, f) for c in range(len(R.CLASSES)) for f in range(64)}  # the CNN's penultimate width
+    for r in rows:
+        cuts = r["shortcut_responses"]
+        assert set(cuts) == ({cut.kind for cut in S.PLANTED[r["class_index"]]} if r["planted_biased"] else {"background"})
+        strongest = max(cuts, key=cuts.get)
+        assert r["background_response"] == cuts[strongest]
+        assert r["truth"] == ft.call(r["object_response"], cuts[strongest], r["scale"])
+        assert r["kind"] == (strongest if r["truth"] == "spurious" else None)
+    kinds = {r["kind"] for r in rows if r["planted_biased"] and r["truth"] == "spurious"}
+    assert kinds == set(S.KINDS)
+
+
+def test_the_v5_tokenizer_reads_every_caption_word_as_one_token():
+    tok = v5.tokenizer()
+    for scene in S.generator_dataset(200, seed=1):
+        text = R.caption(scene)
+        assert len(tok(text).input_ids) == len(text.split()) + 2, text  # + start and end
