@@ -57,3 +57,41 @@ def test_the_v5_tokenizer_reads_every_caption_word_as_one_token():
     for scene in S.generator_dataset(200, seed=1):
         text = R.caption(scene)
         assert len(tok(text).input_ids) == len(text.split()) + 2, text  # + start and end
+
+
+def _v5_truth():
+    return {"planted": {str(c): [{"kind": cut.kind, "concept": cut.concept} for cut in cuts]
+                        for c, cuts in S.PLANTED.items()}, "biased": {"0": "purple", "1": "cyan"}, "ambiguous": [2]}
+
+
+def test_the_check_names_the_shortcut_behind_each_spurious_pair_and_accepts_either_cue_of_a_two_shortcut_class():
+    from dxray.toyworld.check import (
+        concept_naming,
+        feature_agreement,
+        feature_calls,
+        shortcut_concepts,
+    )
+
+    truth = _v5_truth()
+    concepts = shortcut_concepts(truth)
+    assert concepts[(1, "marker")] == "cyan" and concepts[(1, "background")] == "orange"
+    assert concepts[(2, "pattern")] == "magenta"
+
+    def verdict(c, f, v, top):
+        return {"class_index": c, "class_name": R.CLASS_NAMES[c], "feature_index": f, "feature_rank": 1, "template": "t",
+                "verdict": v, "mean_object_fraction": 0.0, "top_concepts": [top], "control_object_fraction": 0.0,
+                "delta": 0.01}
+
+    def row(c, f, label, kind):
+        return {"class_index": c, "feature_index": f, "truth": label, "kind": kind, "planted_biased": c in (0, 1),
+                "object_response": 0.0, "background_response": 1.0, "scale": 1.0}
+
+    verdicts = [verdict(1, 3, "spurious", "orange"), verdict(1, 4, "spurious", "teal"), verdict(0, 5, "core", "red")]
+    rows = [row(1, 3, "spurious", "background"), row(1, 4, "spurious", "marker"), row(0, 5, "core", None)]
+    calls = feature_calls(verdicts, feature_agreement(verdicts, rows)["pairs"], concepts)
+    assert [(c["kind"], c["concept"], c["top_concept"]) for c in calls] == [
+        ("background", "orange", "orange"), ("marker", "cyan", "teal"), (None, None, "red")]
+    named = concept_naming([], verdicts, truth)["spurious_features"]
+    # class 1 is named by either of its cues (orange: right), never by another colour (teal: wrong)
+    assert (named["n"], named["n_correct"]) == (2, 1)
+    assert [i["planted"] for i in named["items"]] == ["cyan or orange"] * 2

@@ -69,7 +69,8 @@ def feature_agreement(verdicts: list[dict], truth_rows: list[dict]) -> dict:
             "feature_rank": v["feature_rank"], "template": v["template"], "verdict": v["verdict"],
             "mean_object_fraction": v["mean_object_fraction"], "truth": t["truth"],
             "planted_biased": t["planted_biased"], "object_response": t["object_response"],
-            "background_response": t["background_response"], "scale": t["scale"],
+            "background_response": t["background_response"], "scale": t["scale"], "kind": t.get("kind"),
+            "top_concept": (v.get("top_concepts") or [None])[0],
             "correct": None if t["truth"] == "ambiguous" else v["verdict"] == t["truth"],
         })
 
@@ -88,14 +89,17 @@ def concept_naming(classes: list[dict], verdicts: list[dict], truth: dict) -> di
     """Issue 20's known answer: a planted-biased class's cue is its background colour, so with the colours as
     ``segment.concepts`` that colour must be the top concept of its class explanation and of its spurious
     features. None when the run scored no concepts."""
-    planted = {int(k): v for k, v in truth["biased"].items()}
+    cues = shortcut_concepts(truth)  # v5: a class with two shortcuts is named by either
+    planted = {int(k): sorted({v} | {name for (c, _), name in cues.items() if c == int(k)})
+               for k, v in truth["biased"].items()}
     if not any(c.get("class_top_concepts") for c in classes) and not any(v.get("top_concepts") for v in verdicts):
         return None
 
     def named(rows, key):
-        items = [{"class_index": r["class_index"], "feature_index": r.get("feature_index"), "planted": planted[r["class_index"]],
-                  "top_concept": (r.get(key) or [None])[0]} for r in rows]
-        right = [i["top_concept"] == i["planted"] for i in items]
+        items = [{"class_index": r["class_index"], "feature_index": r.get("feature_index"),
+                  "planted": " or ".join(planted[r["class_index"]]), "top_concept": (r.get(key) or [None])[0]}
+                 for r in rows]
+        right = [i["top_concept"] in planted[i["class_index"]] for i in items]
         return {"n": len(items), "n_correct": sum(right), "share": sum(right) / len(items) if items else None,
                 "items": items}
 
@@ -119,14 +123,30 @@ def class_calls(classes: list[dict], rows: list[dict]) -> list[dict]:
             for r in rows if r["correct"] is not None]
 
 
-def feature_calls(verdicts: list[dict], pairs: list[dict]) -> list[dict]:
+def shortcut_concepts(truth: dict) -> dict[tuple[int, str], str]:
+    """(class, shortcut kind) -> the concept that names it: v5's planted shortcuts, or v4's planted backgrounds."""
+    if "planted" in truth:
+        return {(int(c), cut["kind"]): cut["concept"] for c, cuts in truth["planted"].items() for cut in cuts}
+    return {(int(c), "background"): b for c, b in truth["biased"].items()}
+
+
+def _kind(pair: dict) -> str | None:
+    """The shortcut kind behind a spurious truth: v5's row names it; v4's is always the background."""
+    return pair.get("kind") or ("background" if pair["truth"] == "spurious" else None)
+
+
+def feature_calls(verdicts: list[dict], pairs: list[dict], concepts: dict | None = None) -> list[dict]:
     """The spurious calls (spurious = positive) of the judged (class, feature) pairs, one unit per class (a class's
-    features share its explanations), with the segmenter control's call for the pair's class."""
+    features share its explanations), with the segmenter control's call for the pair's class, the shortcut
+    kind behind a spurious truth (v5; v4's is its background) with its ``concept`` (``concepts``:
+    :func:`shortcut_concepts`) and the verdict's top concept."""
     control = {(v["class_index"], v["feature_index"], v["template"]): _control_call(v) for v in verdicts}
     return [{"unit": p["class_index"], "class_index": p["class_index"], "feature_index": p["feature_index"],
              "truth": p["truth"] == "spurious", "called": p["verdict"] == "spurious",
              "score": p["mean_object_fraction"],
-             "control": control.get((p["class_index"], p["feature_index"], p["template"]))}
+             "control": control.get((p["class_index"], p["feature_index"], p["template"])),
+             "kind": _kind(p), "concept": (concepts or {}).get((p["class_index"], _kind(p))),
+             "top_concept": p.get("top_concept")}
             for p in pairs if p["correct"] is not None]
 
 
@@ -165,6 +185,7 @@ def check(run: str, truth: dict | None = None, well_above_chance: float = 3.0, c
         probs = samples.filter(pc.equal(samples["task_id"], t["task_id"]))["class_prob"].to_pylist()
         after[t["task_id"]] = sum(probs) / len(probs) if probs else None
     biased_truth = {int(k) for k in truth["biased"]}
+    ambiguous = {int(k) for k in truth.get("ambiguous", [])}  # v5: both cues name the class (v5.py)
     chance = 1.0 / len(truth["classes"])
     rows = []
     classes = classes.to_pylist()
@@ -177,7 +198,8 @@ def check(run: str, truth: dict | None = None, well_above_chance: float = 3.0, c
         rows.append({
             "class_index": c["class_index"], "class_name": c["class_name"], "template": c["template"],
             "object_fraction": r, "called_biased": called, "planted_biased": c["class_index"] in biased_truth,
-            "correct": None if called is None else called == (c["class_index"] in biased_truth),
+            "correct": None if called is None or c["class_index"] in ambiguous
+            else called == (c["class_index"] in biased_truth),
             "prob_before": task["baseline_prob"] if task else None, "prob_after": prob_after,
             "optimised": prob_after is not None and prob_after >= well_above_chance * chance,
         })
@@ -194,10 +216,15 @@ def check(run: str, truth: dict | None = None, well_above_chance: float = 3.0, c
             classifier = load_classifier(spec, device="cpu")
         wanted = sorted({v["feature_index"] for v in verdicts})
         judged_classes = sorted({v["class_index"] for v in verdicts})
-        features = feature_agreement(verdicts, ft.feature_truth(classifier, judged_classes, wanted)) | {
-            "margins": ft.margins()}
+        if truth.get("world_version") == 5:
+            from dxray.toyworld import v5
+
+            truth_rows = v5.feature_truth(classifier, judged_classes, wanted, biased=truth["biased"])
+        else:
+            truth_rows = ft.feature_truth(classifier, judged_classes, wanted)
+        features = feature_agreement(verdicts, truth_rows) | {"margins": ft.margins()}
     calls = {"classes": class_calls(classes, rows),
-             "features": feature_calls(verdicts, features["pairs"]) if features else []}
+             "features": feature_calls(verdicts, features["pairs"], shortcut_concepts(truth)) if features else []}
     report = {
         "scores": {level: scored(c) if c else None for level, c in calls.items()},
         "calls": calls,
