@@ -1,0 +1,60 @@
+"""benchmarks/toyworld_sweep.py's pooling, per-kind figures, concept shares and plot on synthetic calls (issue 31)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("_toyworld_sweep", ROOT / "benchmarks" / "toyworld_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(world, seed, family, rho, features):
+    unit = f"world {world} seed {seed}"
+    return {"world": world, "seed": seed, "family": family, "rho": rho,
+            "calls": {"classes": [{"unit": unit, "truth": True, "called": True, "score": 0.0, "control": False}],
+                      "features": [f | {"unit": unit, "score": 0.0, "control": False} for f in features]}}
+
+
+def _feature(truth, called, kind=None, top=None, concept=None):
+    return {"truth": truth, "called": called, "kind": kind, "top_concept": top, "concept": concept}
+
+
+def test_pooling_groups_by_family_and_rho_and_a_kind_keeps_its_own_positives_and_every_negative(sweep):
+    marker_miss = _feature(True, False, "marker", "teal", "cyan")
+    runs = [_run(3, 3, "cnn", 1.0, [_feature(True, True, "background", "purple", "purple"), marker_miss,
+                                    _feature(False, True)]),
+            _run(4, 3, "cnn", 1.0, [_feature(True, True, "marker", "cyan", "cyan"), _feature(False, False)]),
+            _run(3, 3, "vit", 0.5, [_feature(False, False)])]
+    by = sweep.pooled(runs, lambda r: (r["family"], r["rho"]))
+    assert set(by) == {("cnn", 1.0), ("vit", 0.5)}
+    cnn = by[("cnn", 1.0)]["features"]["dxray"]
+    assert (cnn["tp"], cnn["fn"], cnn["fp"], cnn["tn"], cnn["n_units"]) == (2, 1, 1, 1, 2)
+    marker = sweep.pooled(runs[:2], kind="marker")["all"]["features"]["dxray"]
+    assert (marker["tp"], marker["fn"], marker["fp"], marker["tn"]) == (1, 1, 1, 1)  # the background's hit left out
+    shares = sweep.concept_shares(runs)
+    assert shares == {"background": {"n": 1, "named": 1, "share": 1.0}, "marker": {"n": 1, "named": 1, "share": 1.0}}
+
+
+def test_the_plot_draws_recall_and_false_positive_rate_against_rho(sweep, tmp_path):
+    runs = [_run(w, s, "cnn", rho, [_feature(True, rho > 0.4, "background"), _feature(False, rho < 0.1)])
+            for w in (3, 4) for s in (3, 4) for rho in (0.0, 0.5, 1.0)]
+    result = {"name": "synthetic", "by_family_and_rho": {"cnn": {f"{rho:g}": v for (_, rho), v in sweep.pooled(
+        runs, lambda r: (r["family"], r["rho"])).items()}}}
+    png = tmp_path / "plot.png"
+    sweep.plot(result, png)
+    from PIL import Image
+
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.width > 500
