@@ -51,11 +51,13 @@ def rank_by_weights(weight: torch.Tensor, class_index: int, k: int) -> list[Rank
 
 def rank_by_activation(weight: Tensor, mean_activation: Tensor, class_index: int, k: int,
                        source: str, n_images: int) -> list[RankedFeature]:
-    """Top-k features of a class by W[c, f] × mean activation of f over the class's images."""
-    score = weight[class_index].detach().float().cpu() * mean_activation.detach().float().cpu()
-    top = torch.topk(score, min(k, score.numel()))
-    return [RankedFeature(class_index, int(f), r + 1, float(v), source, n_images)
-            for r, (v, f) in enumerate(zip(top.values, top.indices, strict=True))]
+    """Top-k features of a class by W[c, f] × mean activation of f over the class's images, those with a positive
+    weight first: a feature task maximises the feature, which lowers the class's score when W[c, f] <= 0, however
+    large the product (a signed feature, a ViT's, has negative weight x negative activation; a ReLU's never)."""
+    w = weight[class_index].detach().float().cpu()
+    score = w * mean_activation.detach().float().cpu()
+    order = sorted(range(score.numel()), key=lambda f: (bool(w[f] > 0), float(score[f])), reverse=True)[:k]
+    return [RankedFeature(class_index, f, r + 1, float(score[f]), source, n_images) for r, f in enumerate(order)]
 
 
 def _filesystem(where: str) -> tuple[pafs.FileSystem, str]:

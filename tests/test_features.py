@@ -173,7 +173,9 @@ def test_weight_fallback_when_nothing_is_predicted_as_a_class(clf, tmp_path):
 def test_rank_by_activation_and_weights():
     w = torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.5, 0.5]])
     ranked = rank_by_activation(w, torch.tensor([4.0, -1.0, 0.5]), 0, 2, "images-labelled", 7)
-    assert ranked == [RankedFeature(0, 0, 1, 4.0, "images-labelled", 7), RankedFeature(0, 1, 2, 2.0, "images-labelled", 7)]
+    # feature 1 has the larger product than feature 2 (-2 x -1 = 2 > 1.5), but maximising it lowers class 0's score
+    assert ranked == [RankedFeature(0, 0, 1, 4.0, "images-labelled", 7), RankedFeature(0, 2, 2, 1.5, "images-labelled", 7)]
+    assert [r.feature_index for r in rank_by_activation(w, torch.tensor([4.0, -1.0, 0.5]), 0, 3, "x", 1)] == [0, 2, 1]
     assert [r.feature_index for r in rank_by_weights(w, 0, 5)] == [2, 0, 1]  # k larger than D
     assert rank_by_weights(w, 0, 1)[0] == RankedFeature(0, 2, 1, 3.0, "weights")
 
