@@ -95,3 +95,20 @@ def test_the_check_names_the_shortcut_behind_each_spurious_pair_and_accepts_eith
     # class 1 is named by either of its cues (orange: right), never by another colour (teal: wrong)
     assert (named["n"], named["n_correct"]) == (2, 1)
     assert [i["planted"] for i in named["items"]] == ["cyan or orange"] * 2
+
+
+def test_generator_fidelity_counts_what_the_shipped_generator_draws_for_a_plain_prompt(cache_dir):
+    """The sweep's ceiling figure, on the shipped (v4) world: its generator draws most prompted objects."""
+    from dxray.toyworld.train import ensure_toyworld
+
+    world = ensure_toyworld(cache_dir)
+    classifier = load_classifier(f"hf:{world / 'classifier'}", device="cpu")
+    got = v5.generator_fidelity(world / "generator", classifier, images=4, backgrounds=("teal", "brown"))
+    assert set(got["per_class"]) == set(R.CLASS_NAMES)
+    assert all(0 <= v[k] <= 1 and (v[k] * 8).is_integer() for v in got["per_class"].values() for k in ("found", "read"))
+    assert got["found"] == sum(v["found"] for v in got["per_class"].values()) / len(R.CLASSES)
+    assert got["found"] >= 0.5, got  # v4 world 0: 0.67 over four backgrounds (benchmarks/README.md)
+    # the biased CNN never saw the planted classes' objects: it reads them less than the unplanted ones
+    planted = [got["per_class"][R.CLASS_NAMES[c]]["read"] for c in R.BIASED]
+    others = [v["read"] for name, v in got["per_class"].items() if R.CLASS_NAMES.index(name) not in R.BIASED]
+    assert sum(planted) < sum(others)
