@@ -113,6 +113,12 @@ def pooled(runs: list[dict], key=lambda r: "all", kind: str | None = None) -> di
                    for level, calls in g.items()} for name, g in sorted(groups.items(), key=lambda kv: str(kv[0]))}
 
 
+def reliable(run: dict) -> dict:
+    """The run with only the calls of classes whose segmenter control found the object (``control`` False)."""
+    return run | {"calls": {level: [c for c in calls if c.get("control") is False]
+                            for level, calls in run["calls"].items()}}
+
+
 def concept_shares(runs: list[dict]) -> dict:
     """Per shortcut kind: of the spurious features dxray called spurious, how many have their shortcut's concept
     as the top concept (issue 31's naming target)."""
@@ -127,18 +133,21 @@ def concept_shares(runs: list[dict]) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Recall and false-positive rate of the feature-level spurious call against ρ, one line per family."""
+    """Recall and false-positive rate of the feature-level spurious call, and the class-level bias call's
+    false-positive rate, against ρ, one line per family."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True)
-    for ax, metric, label in ((axes[0], "recall", "recall"), (axes[1], "false_positive_rate", "false-positive rate")):
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharex=True)
+    for ax, level, metric, label in ((axes[0], "features", "recall", "spurious features: recall"),
+                                     (axes[1], "features", "false_positive_rate", "spurious features: FPR"),
+                                     (axes[2], "classes", "false_positive_rate", "class bias calls: FPR")):
         for family, cells in result["by_family_and_rho"].items():
             xs, ys, lo, hi = [], [], [], []
             for rho, levels in sorted(cells.items(), key=lambda kv: float(kv[0])):
-                f = (levels.get("features") or {}).get("dxray")
+                f = (levels.get(level) or {}).get("dxray")
                 if f and f[metric] is not None:
                     ci = f.get(f"{metric}_ci") or [f[metric], f[metric]]
                     xs.append(float(rho))
@@ -152,7 +161,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"spurious-feature calls, world v5 ({result['name']}; 95% bootstrap intervals)", fontsize=10)
+    fig.suptitle(f"world v5 ({result['name']}; 95% bootstrap intervals over (world, seed) units)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -199,6 +208,9 @@ def main() -> None:
         "seconds": {"training": round(trained), "total": round(time.perf_counter() - started)},
         "generator_fidelity": generators,
         "by_family": pooled(runs, lambda r: r["family"]),
+        # dxray marks a class unreliable when its control (the generator's plain pictures of it) shows no object:
+        # the same figures on the classes it calls reliable, and how many calls that keeps
+        "by_family_reliable": pooled([reliable(r) for r in runs], lambda r: r["family"]),
         "by_family_and_rho": {f: {f"{rho:g}": v for (_, rho), v in pooled(
             [r for r in runs if r["family"] == f], lambda r: (r["family"], r["rho"])).items()} for f in families},
         "by_family_and_kind": {f: {k: (pooled([r for r in runs if r["family"] == f and r["rho"] >= 0.95], kind=k)
@@ -214,12 +226,13 @@ def main() -> None:
         plot(result, out.with_suffix(".png"))
     from dxray.toyworld import scores
 
-    for family, levels in result["by_family"].items():
-        for level, what in (("classes", "class-level bias call"), ("features", "feature-level spurious call")):
-            if levels[level]:
-                print(f"{args.name} {family}: {what}, 95% intervals over (world, seed) units:")
-                for caller, figures in levels[level].items():
-                    print(f"  {scores.describe(caller.replace('_', ' '), figures)}")
+    for key, where in (("by_family", ""), ("by_family_reliable", ", classes dxray calls reliable")):
+        for family, levels in result[key].items():
+            for level, what in (("classes", "class-level bias call"), ("features", "feature-level spurious call")):
+                if levels[level]:
+                    print(f"{args.name} {family}: {what}{where}, 95% intervals over (world, seed) units:")
+                    for caller, figures in levels[level].items():
+                        print(f"  {scores.describe(caller.replace('_', ' '), figures)}")
     print(f"wrote {out}")
 
 
