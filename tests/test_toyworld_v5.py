@@ -112,3 +112,21 @@ def test_generator_fidelity_counts_what_the_shipped_generator_draws_for_a_plain_
     planted = [got["per_class"][R.CLASS_NAMES[c]]["read"] for c in R.BIASED]
     others = [v["read"] for name, v in got["per_class"].items() if R.CLASS_NAMES.index(name) not in R.BIASED]
     assert sum(planted) < sum(others)
+
+
+def test_the_check_scores_each_v5_shortcut_kind_and_leaves_v4_as_one():
+    from dxray.toyworld.check import by_kind, score_lines
+
+    def call(unit, truth, called, kind=None, concept=None):
+        return {"unit": unit, "truth": truth, "called": called, "kind": kind, "concept": concept, "score": 0.0,
+                "control": False}
+
+    calls = [call(1, True, True, "marker", "cyan"), call(2, True, False, "pattern", "magenta"),
+             call(3, False, True), call(4, True, True, "background", "purple")]
+    kinds = by_kind(calls)
+    assert list(kinds) == ["background", "marker", "pattern"]
+    pattern = kinds["pattern"]["dxray"]
+    assert (pattern["tp"], pattern["fn"], pattern["fp"], pattern["tn"]) == (0, 1, 1, 0)  # the core pair counts for all
+    lines = score_lines({"scores": {"features_by_kind": kinds}})
+    assert [line.split(":")[0] for line in lines] == [f"  dxray on {k} shortcuts" for k in kinds]
+    assert by_kind([call(1, True, True, "background", "purple"), call(2, False, False)]) is None  # v4: one kind

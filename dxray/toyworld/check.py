@@ -155,14 +155,26 @@ def scored(calls: list[dict]) -> dict:
     return scores.scored(calls, lambda c: c["control"])
 
 
+def by_kind(calls: list[dict]) -> dict[str, dict] | None:
+    """World v5: the spurious call's figures per shortcut kind, each on the pairs whose truth is that kind or core
+    (the false positives count against every kind). None for v4 (one kind)."""
+    kinds = sorted({c["kind"] for c in calls if c.get("kind")})
+    if not any(c.get("concept") for c in calls) or kinds in ([], ["background"]):
+        return None
+    return {k: scored([c for c in calls if not c["truth"] or c["kind"] == k]) for k in kinds}
+
+
 def score_lines(report: dict) -> list[str]:
-    """The figures of ``report["scores"]``, one line per caller: dxray first, then the baselines."""
+    """The figures of ``report["scores"]``, one line per caller: dxray first, then the baselines; world v5's
+    per-kind figures for dxray alone."""
     out = []
     for level, what in (("classes", "class-level bias call"), ("features", "feature-level spurious call")):
         figures = (report.get("scores") or {}).get(level)
         if figures:
             out.append(f"{what} (95% bootstrap intervals over classes):")
             out += [f"  {scores.describe(name.replace('_', ' '), f)}" for name, f in figures.items()]
+    for kind, figures in ((report.get("scores") or {}).get("features_by_kind") or {}).items():
+        out.append(f"  dxray on {kind} shortcuts: {scores.describe('', figures['dxray'])[2:]}")
     return out
 
 
@@ -226,7 +238,8 @@ def check(run: str, truth: dict | None = None, well_above_chance: float = 3.0, c
     calls = {"classes": class_calls(classes, rows),
              "features": feature_calls(verdicts, features["pairs"], shortcut_concepts(truth)) if features else []}
     report = {
-        "scores": {level: scored(c) if c else None for level, c in calls.items()},
+        "scores": {level: scored(c) if c else None for level, c in calls.items()}
+        | {"features_by_kind": by_kind(calls["features"])},
         "calls": calls,
         "concepts": concept_naming(classes, verdicts, truth),
         "run": sink.uri(""), "classifier": spec, "family": truth.get("family", "cnn"), "chance": chance, "well_above_chance": well_above_chance * chance,
