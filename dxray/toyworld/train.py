@@ -332,7 +332,7 @@ def ensure_toyworld(cache_dir=None, log: Log = log_to_stderr, force: bool = Fals
             shipped.install(tmp, ("generator", "classifier"))
             return
         log(f"training the toy world into {root}")
-        with _one_thread():
+        with one_thread():
             train_classifier(tmp / "classifier", seed=seed or 0, log=log)
             train_generator(tmp / "generator", seed=seed or 0, log=log)
         if shipped.available(seed):
@@ -348,7 +348,7 @@ def ensure_toyworld(cache_dir=None, log: Log = log_to_stderr, force: bool = Fals
 
 
 @contextmanager
-def _one_thread():
+def one_thread():
     """Training on one thread: the float sums, and so the trained world, do not depend on the core count."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -375,7 +375,7 @@ def ensure_unbiased_classifier(cache_dir=None, log: Log = log_to_stderr) -> Path
             shipped.install(tmp, ("classifier-unbiased",), flat=True)
             return
         log(f"training the unbiased toy classifier into {folder(cache_dir) / 'classifier-unbiased'}")
-        with _one_thread():
+        with one_thread():
             train_classifier(tmp, seed=seed, log=log, biased=False)
 
     built = build_once(world / "classifier-unbiased", build)
@@ -400,7 +400,7 @@ def ensure_vit_classifier(cache_dir=None, log: Log = log_to_stderr) -> Path:
             shipped.install(tmp, ("classifier-vit",), flat=True)
             return
         log(f"training the toy world's ViT classifier into {world / 'classifier-vit'}")
-        with _one_thread():
+        with one_thread():
             train_classifier(tmp, seed=seed, family="vit", log=log)
         trained.append(True)
 

@@ -47,11 +47,11 @@ def tokenizer():
 def ensure_generator(cache_dir=None, seed: int = 0, log: Log = log_to_stderr) -> Path:
     """The v5 generator of a world seed (trained once, 3-4 min on one thread): it learned every class on every
     background, with markers and patterns on a quarter of its images each, whatever the class."""
-    from dxray.toyworld.train import _one_thread, train_generator
+    from dxray.toyworld.train import one_thread, train_generator
 
     def build(tmp: Path) -> None:
         log(f"training the v5 toy world's generator (world seed {seed}) into {tmp.parent}")
-        with _one_thread():
+        with one_thread():
             train_generator(tmp, seed=seed, scenes=shortcuts.generator_dataset(GENERATOR_IMAGES, seed),
                             tokenizer=tokenizer(), unet_steps=GENERATOR_UNET_STEPS, log=log)
 
@@ -65,10 +65,10 @@ def train_classifier(out: Path, *, seed: int = 0, rho: float = 1.0, family: str 
     from every shortcut colour, so that a shortcut can only name its class; at ρ = 0 nothing is planted and
     they do not (a bare purple is then nothing, as any colour)."""
     from dxray.classifiers import load_classifier
-    from dxray.toyworld.train import _one_thread
+    from dxray.toyworld.train import one_thread
     from dxray.toyworld.train import train_classifier as train
 
-    with _one_thread():
+    with one_thread():
         report = train(out, seed=seed, family=family, log=log, n=n, steps=steps,
                        dataset=shortcuts.classifier_dataset(n, seed, rho),
                        avoid=shortcuts.shortcut_colours() if rho > 0 else [])
