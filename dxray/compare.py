@@ -4,7 +4,8 @@ Pure functions over the two runs' ``classes`` and ``verdicts`` tables; no model 
 
 - **Classes** are matched on (class index, template). Classes only one side audited are left out and
   counted. A class is *biased* in a run when its class r (``class_object_fraction``) is below that
-  run's δ: the class explanation barely shows the object (the report's "biased?" hint).
+  run's δ: the class explanation barely shows the object (the report's "biased?" hint), unless the
+  classifier did not read the explanation as the class (``explained`` false: "not explained").
 - **Features** are matched on (class, feature index, template), and only when both runs audited the same
   classifier: the same ``classifier`` spec, weights, kwargs and final layer in their manifests. Feature
   1024 of a retrained or robust model is another unit, so then the comparison stays at the class level
@@ -24,11 +25,12 @@ from dxray.errors import DxrayError
 from dxray.runs import check_decided, open_run
 from dxray.storage import redact_text
 from dxray.storage.sink import RunSink
+from dxray.verdict import class_call
 
 CLASSIFIER_KEYS = ("spec", "weights", "kwargs", "final_layer")
 FAIL_ON = ("new-spurious", "class-bias")
 _CLASS_COLUMNS = ["class_index", "class_name", "template", "class_object_fraction", "n_spurious", "n_features",
-                  "delta"]
+                  "delta", "explained"]
 _VERDICT_COLUMNS = ["class_index", "class_name", "feature_index", "feature_rank", "template", "mean_object_fraction",
                     "mean_object_fraction_low", "mean_object_fraction_high", "delta", "verdict"]
 
@@ -66,8 +68,9 @@ def read_side(run: str, label: str) -> Side:
 
 
 def _biased(row: dict) -> bool | None:
-    r, delta = row.get("class_object_fraction"), row.get("delta")
-    return None if r is None or delta is None else bool(r < delta)
+    """Called biased (:func:`dxray.verdict.class_call`; a class whose explanation was not explained is not)."""
+    call = class_call(row)
+    return None if call is None else call == "biased"
 
 
 def _minus(b, a):

@@ -32,6 +32,14 @@ control images the first candidate stands.
 :data:`TOP_CONCEPTS` concepts of the highest mean coverage over its images (``top_concepts``, above 0,
 highest first), and a class row those of its class explanation (``class_top_concepts``): what a spurious
 feature shows instead of the object ("spurious: snow 0.61, tree 0.22"). They do not enter the verdict.
+
+**Explained** (issue 31). A class row carries ``class_prob``, the mean probability of the class over its class
+explanation's held-out images, and ``explained``: whether that reaches :data:`EXPLAINED` (0.5), i.e. the
+classifier reads the images as the class at least half the time. Below it the optimisation did not find what
+the classifier responds to, and an object missing from such images says nothing about the classifier, so the
+class is not called biased (:func:`class_call`: "not explained"). Like the 0.8 above, a reading of the figures
+(constant, recorded with every row). Chosen on the toy world's world 0 (benchmarks/README.md): of its 5 false
+class-level bias calls (CNN, ρ 0 and 1, audit seeds 0-1) 4 had p < 0.5; its 6 true ones had p ≥ 0.68.
 """
 
 from __future__ import annotations
@@ -62,9 +70,22 @@ def check_delta(delta: float) -> float:
 # The columns decide() reads: a full-ImageNet samples table is 60,000 rows of thumbnails and masks, and
 # reading only these keeps re-deciding it to a few seconds and a few MB.
 TASK_COLUMNS = ["task_id", "status", "kind", *_KEYS]
-SAMPLE_COLUMNS = ["task_id", "object_fraction", "detection_prompt", "candidate_prompts", "candidate_object_fractions",
+SAMPLE_COLUMNS = ["task_id", "object_fraction", "class_prob", "detection_prompt", "candidate_prompts", "candidate_object_fractions",
                   "concepts", "concept_fractions"]
 TOP_CONCEPTS = 3  # concepts named per verdict
+EXPLAINED = 0.5  # a class explanation is explained when its images' mean probability of the class reaches this
+
+
+def class_call(row: dict) -> str | None:
+    """The class-level call of a classes row: "biased" (class r < δ on an explained class explanation), "not
+    biased", "not explained" (mean held-out probability below :data:`EXPLAINED`: no evidence either way), or
+    None without a class r. A row from before ``explained`` existed is judged on r alone."""
+    r, delta = row.get("class_object_fraction"), row.get("delta")
+    if r is None or delta is None:
+        return None
+    if row.get("explained") is False:
+        return "not explained"
+    return "biased" if r < delta - _TOLERANCE else "not biased"
 
 
 def _concepts(tasks: pa.Table, samples: pa.Table) -> dict[tuple, dict]:
@@ -149,6 +170,17 @@ def _scored(tasks: pa.Table, samples: pa.Table, kind: str) -> pa.Table:
     return scored.join(ok, "task_id", join_type="inner")
 
 
+def _class_probs(tasks: pa.Table, samples: pa.Table) -> dict[tuple, float]:
+    """(class, template) -> mean held-out probability of the class over its class explanation's images."""
+    if "class_prob" not in samples.column_names:
+        return {}
+    ok = tasks.filter(pc.and_(pc.equal(tasks["status"], "ok"), pc.equal(tasks["kind"], "class")))
+    probs = samples.filter(pc.is_valid(samples["class_prob"])).select(["task_id", "class_prob"])
+    joined = probs.join(ok.select(["task_id", "class_index", "template"]), "task_id", join_type="inner")
+    means = joined.group_by(["class_index", "template"], use_threads=False).aggregate([("class_prob", "mean")])
+    return {(r["class_index"], r["template"]): r["class_prob_mean"] for r in means.to_pylist()}
+
+
 def _stats(table: pa.Table, keys: list[str], values: bool = False) -> pa.Table:
     return table.group_by(keys, use_threads=False).aggregate([
         ("object_fraction", "mean"),
@@ -227,6 +259,7 @@ def decide(tasks: pa.Table, samples: pa.Table, delta: float, run_id: str,
     ``uncertainty=False`` leaves the bootstrap columns null (a δ sweep that reads only the verdicts)."""
     check_delta(delta)
     concepts = _concepts(tasks, samples)
+    class_probs = _class_probs(tasks, samples)
     samples, chosen = _choose(tasks, samples)
     stats = _stats(_scored(tasks, samples, "feature"), _KEYS, values=uncertainty)
     u = _uncertainty(stats, run_id, delta) if uncertainty else None
@@ -274,6 +307,8 @@ def decide(tasks: pa.Table, samples: pa.Table, delta: float, run_id: str,
         classes.append({
             "run_id": run_id, "class_index": key[0], "class_name": names[key], "template": key[1],
             "class_object_fraction": frac["object_fraction_mean"] if frac else None,
+            "class_prob": class_probs.get(key), "explained": None if class_probs.get(key) is None
+            else class_probs[key] >= EXPLAINED - _TOLERANCE,
             "n_spurious": sum(v["verdict"] == "spurious" for v in mine), "n_features": len(mine), "delta": delta,
             "n_low_confidence": sum(v["low_confidence"] for v in mine) if uncertainty else None,
             "control_object_fraction": control.get(key[0]), "reliable": reliable.get(key[0]),

@@ -61,7 +61,8 @@ class _Gates(HTMLParser):
 def test_verdicts_that_turned_spurious_fail_the_gate_and_the_reverse_passes(tiny_run, tmp_path, cache_dir, browser):
     """At delta 0 every feature is core and no class is biased; at delta 1 a feature is core only with r = 1. So
     A (delta 0) -> B (delta 1) turns exactly B's spurious features into "new spurious" and B's classes with r < 1
-    into "newly biased": both gates fail and name those classes. B -> A is all improvement: both gates pass."""
+    into "newly biased" (those the classifier reads as the class: explained): both gates fail and name those
+    classes. B -> A is all improvement: both gates pass."""
     a = _copy_at(tiny_run, tmp_path / "a", 0.0, cache_dir)
     b = _copy_at(tiny_run, tmp_path / "b", 1.0, cache_dir)
     res = run_cli("compare", str(a), str(b), "--fail-on", "new-spurious", "--fail-on", "class-bias", cache=cache_dir)
@@ -69,8 +70,11 @@ def test_verdicts_that_turned_spurious_fail_the_gate_and_the_reverse_passes(tiny
     classes_b = _table(b, "classes")
     assert {v["verdict"] for v in verdicts_a} == {"core"}
     turned = {(v["class_index"], v["feature_index"]) for v in verdicts_b if v["verdict"] == "spurious"}
-    newly_biased = {c["class_index"] for c in classes_b if c["class_object_fraction"] < 1.0}
+    # a class whose explanation the classifier does not read as the class (mean p < 0.5) is "not explained": never
+    # called biased, so never newly biased either
+    newly_biased = {c["class_index"] for c in classes_b if c["class_object_fraction"] < 1.0 and c["explained"]}
     assert turned and newly_biased  # a random tiny segmenter covers less than the whole image
+    assert all((c["class_prob"] >= 0.5) == c["explained"] for c in classes_b)
     assert res.returncode == 1, res.stderr
     rows = [r for r in _table(b, "comparison")]
     features = [r for r in rows if r["level"] == "feature"]

@@ -676,3 +676,34 @@ def test_a_class_whose_segmenter_control_failed_is_flagged(tmp_path):
     assert [p["class"] for p in prompts[2]] == ["detection-prompt", "detection-prompt chosen"]
     assert [float(p["data-r"]) for p in prompts[2]] == [0.3, 0.6]  # the control's mean r per candidate
     assert "thing (0.600) ✓" in pages[2]
+
+
+def test_a_class_explanation_the_classifier_does_not_read_as_the_class_is_not_called_biased(tmp_path):
+    """Issue 31: both classes' explanations lack the object (r 0), but the classifier reads class 2's as class 2 with
+    mean probability 0.3 only: class 1 is "biased?", class 2 "not explained" (no evidence either way), on its page
+    and in the index."""
+    from dxray.report import build_report
+    from dxray.runs import redecide
+    from dxray.storage.sink import RunSink
+
+    run = "run-explained"
+    sink = RunSink(str(tmp_path), run)
+    probs = {1: [0.9, 0.8], 2: [0.2, 0.4]}
+    sink.write_table("tasks", [{"run_id": run, "task_id": f"t{c}", "kind": "class", "class_index": c,
+                                "class_name": f"c{c}", "template": "{}", "status": "ok"} for c in probs], part="all")
+    sink.write_table("samples", [{"run_id": run, "task_id": f"t{c}", "seed": i, "object_fraction": 0.0, "class_prob": p}
+                                 for c, ps in probs.items() for i, p in enumerate(ps)], part="all")
+    sink.write_manifest({"run_id": run})
+    _, classes = redecide(str(tmp_path / run), 0.3)
+    assert [(c["class_index"], c["explained"]) for c in classes] == [(1, True), (2, False)]
+    build_report(str(tmp_path / run), tmp_path / "r.html")
+
+    def badges(page):
+        return [(dict(a)["class"].split()[-1], dict(a).get("title", "")) for t, a in page.tags
+                if t == "span" and (dict(a).get("class") or "").startswith("badge")]
+
+    index = badges(_parse(tmp_path / "r.html"))
+    assert [b for b, _ in index] == ["biased", "unexplained"]
+    assert "0.30 &lt; 0.5" in index[1][1] or "0.30 < 0.5" in index[1][1]
+    for c, want in ((1, ["biased"]), (2, ["unexplained"])):
+        assert [b for b, _ in badges(_parse(tmp_path / "r_files" / f"class-{c}.html"))] == want

@@ -161,3 +161,28 @@ def test_without_uncertainty_the_columns_stay_null():
     assert [v["verdict"] for v in verdicts] == [v["verdict"] for v in decide(
         to_table("tasks", tasks), to_table("samples", samples), 0.3, "r")[0]]
     assert all(c["n_low_confidence"] is None for c in classes)
+
+
+@pytest.mark.parametrize(("probs", "explained", "call"), [
+    ([0.9, 0.6], True, "biased"),  # mean 0.75: read as the class, the missing object is a finding
+    ([0.5, 0.5], True, "biased"),  # the boundary counts as explained
+    ([0.4, 0.3], False, "not explained"),  # mean 0.35: the optimisation found nothing, r says nothing
+    ([None, None], None, "biased"),  # no probabilities (an older run): judged on r alone
+])
+def test_a_class_explanation_the_classifier_does_not_read_as_the_class_is_not_called_biased(probs, explained, call):
+    from dxray.verdict import class_call
+
+    tasks, samples = _tables()
+    rows = samples.to_pylist()
+    for row, p in zip([r for r in rows if r["task_id"] == "c3"], probs, strict=True):
+        row["class_prob"] = p
+    for row in rows:  # a feature's images read as the class do not count for the class explanation
+        if row["task_id"] == "f3a":
+            row["class_prob"] = 1.0
+    _, classes = decide(tasks, to_table("samples", rows), delta=0.3, run_id="r")
+    bee = next(c for c in classes if c["class_index"] == 3)
+    assert bee["explained"] is explained
+    assert bee["class_prob"] == (None if explained is None else pytest.approx(sum(probs) / 2))
+    assert class_call(bee) == call
+    assert class_call(bee | {"class_object_fraction": 0.3}) == ("not explained" if explained is False else "not biased")
+    to_table("classes", classes)

@@ -33,7 +33,7 @@ from markupsafe import Markup
 from dxray.errors import DxrayError, visible, what_is
 from dxray.report import thumbs
 from dxray.report.template import PAGES, SCRIPT, STYLE, csp
-from dxray.verdict import LOW_CONFIDENCE, RESAMPLES
+from dxray.verdict import LOW_CONFIDENCE, RESAMPLES, class_call
 
 # Only the columns the report shows: samples also hold masks and boxes, which can be large.
 _COLUMNS = {
@@ -44,7 +44,7 @@ _COLUMNS = {
                  "n_samples", "delta", "verdict", "mean_object_fraction_low", "mean_object_fraction_high",
                  "confidence", "low_confidence", "top_concepts", "top_concept_fractions"],
     "classes": ["class_index", "class_name", "template", "class_object_fraction", "n_spurious", "n_features",
-                "delta", "n_low_confidence", "control_object_fraction", "reliable", "detection_prompt",
+                "delta", "explained", "class_prob", "n_low_confidence", "control_object_fraction", "reliable", "detection_prompt",
                 "detection_candidates", "candidate_control_object_fractions", "class_top_concepts",
                 "class_top_concept_fractions"],
 }
@@ -265,13 +265,17 @@ class _Model:
             for j, tpl in enumerate(sorted(grouped[c], key=lambda t: order.get(t, len(order)))):
                 row = class_rows.get((c, tpl))
                 r = _float(row["class_object_fraction"]) if row else None
-                biased = bool(r is not None and delta is not None and r < delta)
+                call = class_call({"class_object_fraction": r, "delta": delta, "explained": row.get("explained")}
+                                  ) if row else None
+                biased, unexplained = call == "biased", call == "not explained"
+                prob = _float(row["class_prob"]) if row else None
                 seen = _concepts(row["class_top_concepts"], row["class_top_concept_fractions"]) if row else []
                 ts = [_task_view(t, verdict_of.get((c, t["feature_index"], tpl)) if t["kind"] == "feature" else None,
                                  seen if t["kind"] == "class" else None)
                       for t in grouped[c][tpl]]
                 groups.append({
                     "template": tpl, "anchor": f"class-{c}-t{j}", "r": r, "biased": biased,
+                    "unexplained": unexplained, "class_prob": prob,
                     "n_spurious": row["n_spurious"] if row else None,
                     "n_unsure": row["n_low_confidence"] if row else None,
                     "n_features": row["n_features"] if row else None,
@@ -282,7 +286,8 @@ class _Model:
                 self.summary.append({
                     "class_index": c, "name": name, "template": tpl, "page": f"class-{c}.html",
                     "fragment": "" if j == 0 else f"#class-{c}-t{j}", "row_id": f"row-{c}" if j == 0 else None,
-                    "r": r, "biased": biased, "n_spurious": row["n_spurious"] if row else None,
+                    "r": r, "biased": biased, "unexplained": unexplained, "class_prob": prob,
+                    "n_spurious": row["n_spurious"] if row else None,
                     "n_features": row["n_features"] if row else None,
                     "n_unsure": row["n_low_confidence"] if row else None,
                     "n_failed": sum(t["status"] != "ok" for t in ts), "unreliable": unreliable,

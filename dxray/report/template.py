@@ -47,6 +47,7 @@ table.summary { border-collapse: collapse; width: 100%; margin-bottom: 2rem; }
 .badge.biased { color: var(--warn); background: var(--warn-bg); }
 .badge.unsure { color: var(--warn); background: var(--warn-bg); border: 1px dashed var(--warn); }
 .badge.unreliable { color: #fff; background: var(--warn); }
+.badge.unexplained { color: var(--muted, #555); background: #eee; }
 .badge.none { color: var(--muted); background: var(--alt); }
 .badge.error { color: #fff; background: var(--spur); }
 section.class, section.neurons { border-top: 2px solid var(--line); padding: 1rem 0 .5rem; }
@@ -235,7 +236,7 @@ INDEX = r"""{% extends "base" %}{% from "macros" import meta %}
 <td class="num" data-sort="{{ row.n_features if row.n_features is not none else '' }}">{{ row.n_features if row.n_features is not none else "–" }}</td>
 <td class="num unsure" data-sort="{{ row.n_unsure if row.n_unsure is not none else '' }}">{{ row.n_unsure if row.n_unsure is not none else "–" }}</td>
 <td class="num" data-sort="{{ row.r if row.r is not none else '' }}">{{ "%.3f"|format(row.r) if row.r is not none else "–" }}</td>
-<td data-sort="{{ (1 if row.biased else 0) + (2 if row.unreliable else 0) }}">{% if row.biased %}<span class="badge biased" title="class r &lt; &delta;: the class explanation barely shows the object">biased?</span>{% endif %}{% if row.unreliable %} <span class="badge unreliable" title="segmenter control r {{ "%.3f"|format(row.control_r) if row.control_r is not none else "–" }} &lt; &delta;: the segmenter does not find this class's object in the generator's plain pictures of it">unreliable</span>{% endif %}</td>
+<td data-sort="{{ (1 if row.biased else 0) + (2 if row.unreliable else 0) }}">{% if row.biased %}<span class="badge biased" title="class r &lt; &delta;: the class explanation barely shows the object">biased?</span>{% endif %}{% if row.unexplained %}<span class="badge unexplained" title="the classifier reads the class explanation as the class with mean probability {{ "%.2f"|format(row.class_prob) if row.class_prob is not none else "–" }} &lt; 0.5: the optimisation did not find what it responds to, so its r says nothing">not explained</span>{% endif %}{% if row.unreliable %} <span class="badge unreliable" title="segmenter control r {{ "%.3f"|format(row.control_r) if row.control_r is not none else "–" }} &lt; &delta;: the segmenter does not find this class's object in the generator's plain pictures of it">unreliable</span>{% endif %}</td>
 {%- if run.n_failed %}<td class="num" data-sort="{{ row.n_failed }}">{{ row.n_failed or "" }}</td>{% endif %}
 </tr>
 {%- endfor %}
@@ -276,7 +277,7 @@ CLASS = r"""{% extends "base" %}{% from "macros" import meta, nav, task_block %}
 <div class="template-group" id="{{ g.anchor }}" data-template="{{ g.template }}">
 {%- if run.several_templates %}<h3>template <code>{{ g.template }}</code></h3>{% endif %}
 <p class="meta">
-<span>class r {{ "%.3f"|format(g.r) if g.r is not none else "–" }}{% if g.biased %} <span class="badge biased">biased?</span>{% endif %}</span>
+<span>class r {{ "%.3f"|format(g.r) if g.r is not none else "–" }}{% if g.biased %} <span class="badge biased">biased?</span>{% endif %}{% if g.unexplained %} <span class="badge unexplained" title="the classifier reads the class explanation as the class with mean probability {{ "%.2f"|format(g.class_prob) if g.class_prob is not none else "–" }} &lt; 0.5: the optimisation did not find what it responds to, so its r says nothing">not explained</span>{% endif %}</span>
 {%- if g.n_features is not none %}<span>{{ g.n_spurious }} of {{ g.n_features }} features spurious</span>{% endif %}
 {%- if g.n_unsure %}<span><span class="badge unsure count">{{ g.n_unsure }} low confidence</span></span>{% endif %}
 </p>

@@ -110,6 +110,8 @@ CLASSES = _schema("classes", [
     _f("class_name", pa.string(), "class name"),
     _f("template", pa.string(), "soft-prompt template"),
     _f("class_object_fraction", pa.float32(), "mean r of the class explanation (Eq.3): is the object there at all?"),
+    _f("class_prob", pa.float32(), "mean probability of the class over the class explanation's held-out images: does the classifier read them as the class?"),
+    _f("explained", pa.bool_(), "class_prob >= 0.5 (verdict.EXPLAINED): the optimisation found what the classifier responds to; false: the class is not called biased whatever its r ('not explained'); null without class images"),
     _f("n_spurious", pa.int32(), "features judged spurious"),
     _f("n_features", pa.int32(), "features judged"),
     _f("delta", pa.float32(), "threshold used for the verdicts"),

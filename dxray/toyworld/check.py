@@ -1,8 +1,10 @@
 """Compare an audit of the toy world with its planted truth.
 
 Class-level bias call (paper Fig. 3): a class is called *biased* when the object is missing from
-its class explanation, i.e. its mean object fraction r is below the run's δ. Optimisation works
-for a class when the held-out target probability after optimisation is well above chance.
+its class explanation, i.e. its mean object fraction r is below the run's δ, and the classifier reads that
+explanation as the class (``explained``: :func:`dxray.verdict.class_call`; one it does not read is "not
+explained" and counts as not called). Optimisation works for a class when the held-out target probability
+after optimisation is well above chance.
 
 Feature-level verdicts (paper Fig. 6): each (class, feature) verdict of the run (core / spurious) is
 compared with :func:`dxray.toyworld.feature_truth.feature_truth`, a controlled experiment on exact
@@ -19,6 +21,7 @@ import pyarrow.compute as pc
 from dxray.errors import DxrayError
 from dxray.runs import open_run
 from dxray.toyworld import scores
+from dxray.verdict import class_call
 
 
 def _manifest(sink) -> dict:
@@ -205,11 +208,12 @@ def check(run: str, truth: dict | None = None, well_above_chance: float = 3.0, c
         task = next((t for t in class_tasks if t["class_index"] == c["class_index"] and t["template"] == c["template"]),
                     None)
         r = c["class_object_fraction"]
-        called = None if r is None else r < c["delta"]
+        call = class_call(c)  # a class whose explanation the classifier does not read as the class: not biased
+        called = None if call is None else call == "biased"
         prob_after = after.get(task["task_id"]) if task else None
         rows.append({
             "class_index": c["class_index"], "class_name": c["class_name"], "template": c["template"],
-            "object_fraction": r, "called_biased": called, "planted_biased": c["class_index"] in biased_truth,
+            "object_fraction": r, "called_biased": called, "call": call, "explained": c.get("explained"), "planted_biased": c["class_index"] in biased_truth,
             "correct": None if called is None or c["class_index"] in ambiguous
             else called == (c["class_index"] in biased_truth),
             "prob_before": task["baseline_prob"] if task else None, "prob_after": prob_after,
@@ -245,6 +249,7 @@ def check(run: str, truth: dict | None = None, well_above_chance: float = 3.0, c
         "run": sink.uri(""), "classifier": spec, "family": truth.get("family", "cnn"), "chance": chance, "well_above_chance": well_above_chance * chance,
         "bias_call_accuracy": sum(r["correct"] for r in judged) / len(judged) if judged else None,
         "optimised_fraction": sum(r["optimised"] for r in rows) / len(rows) if rows else None,
+        "n_not_explained": sum(r["call"] == "not explained" for r in judged),
         "classes": rows,
         "feature_agreement": None if features is None else features["all"]["agreement"],
         "features": features,
@@ -259,6 +264,8 @@ def summary_line(report: dict) -> str:
     fmt = lambda x: "n/a" if x is None else f"{x:.0%}"  # noqa: E731
     line = (f"toy world check: class-level bias calls {fmt(acc)} correct (target ≥ 90%); held-out target probability "
             f"≥ {report['well_above_chance']:.2f} for {fmt(opt)} of classes (target ≥ 80%)")
+    if report.get("n_not_explained"):
+        line += f" ({report['n_not_explained']} not explained: not called biased)"
     f = report.get("features")
     if f:
         a, b, u = f["all"], f["biased"], f["unbiased"]
