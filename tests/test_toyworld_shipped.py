@@ -22,7 +22,8 @@ def test_the_shipped_world_loads_without_training_and_gives_its_pinned_outputs(t
     assert unbiased == root / "classifier-unbiased" and vit == root / "classifier-vit"
     pinned = json.loads((shipped.WEIGHTS / shipped.PINNED).read_text())
     got = shipped.pinned_outputs(root)
-    assert set(got) == set(pinned) == {"generator", "classifier", "classifier-unbiased", "classifier-vit"}
+    # (world v5's classifiers are pinned under "v5": tests/test_toyworld_v5.py)
+    assert set(got) == set(pinned) - {"v5"} == {"generator", "classifier", "classifier-unbiased", "classifier-vit"}
     # Computed on the CPU that shipped the world; another CPU's float kernels differ by rounding only.
     for model in shipped.CLASSIFIERS:
         torch.testing.assert_close(torch.tensor(got[model]), torch.tensor(pinned[model]), atol=1e-4, rtol=1e-4)

@@ -1,25 +1,66 @@
-"""World v5's classifiers and their known answers (issue 31), on small classifiers trained here (~15 s each)."""
+"""World v5's classifiers and their known answers (issue 31), on the classifiers of world seed 0 that ship with dxray
+(copied, not trained: the same weights on every CPU)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 
 from dxray.classifiers import load_classifier
 from dxray.toyworld import feature_truth as ft
 from dxray.toyworld import render as R
+from dxray.toyworld import shipped, v5
 from dxray.toyworld import shortcuts as S
-from dxray.toyworld import v5
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A small CNN at rho 1 and at rho 0 (1500 images, 250 steps: the planted cues are learned either way)."""
+    """World 0's CNN at rho 1 and at rho 0, as v5.ensure_classifier gives them (the shipped copies)."""
+    cache, said = tmp_path_factory.mktemp("v5"), []
     out = {}
     for rho in (1.0, 0.0):
-        folder = tmp_path_factory.mktemp(f"v5-rho{rho:g}")
-        truth = v5.train_classifier(folder, seed=0, rho=rho, n=1500, steps=250, log=lambda _m: None)
-        out[rho] = (truth, load_classifier(f"hf:{folder}", device="cpu"))
+        folder = v5.ensure_classifier(cache, seed=0, rho=rho, log=said.append)
+        out[rho] = (json.loads((folder / "toyworld.json").read_text()), load_classifier(f"hf:{folder}", device="cpu"))
+    assert not said  # nothing was trained
     return out
+
+
+def test_every_shipped_v5_classifier_loads_without_training_and_gives_its_pinned_outputs(tmp_path):
+    said, folders = [], {}
+    for family, rhos in shipped.V5_RHOS.items():
+        for rho in rhos:
+            folder = v5.ensure_classifier(tmp_path, seed=0, rho=rho, family=family, log=said.append)
+            folders[f"v5-{v5.classifier_name(family, rho)}"] = folder
+            truth = json.loads((folder / "toyworld.json").read_text())
+            assert (truth["world_version"], truth["family"], truth["rho"], truth["world_seed"]) == (5, family, rho, 0)
+    assert not said and set(folders) == set(shipped.V5)
+    pinned = json.loads((shipped.WEIGHTS / shipped.PINNED).read_text())["v5"]
+    got = shipped.pinned_v5_outputs(folders)
+    assert set(got) == set(pinned) == set(shipped.V5)
+    for name in got:  # computed on the CPU that shipped them; another CPU's kernels differ by rounding only
+        torch.testing.assert_close(torch.tensor(got[name]), torch.tensor(pinned[name]), atol=1e-4, rtol=1e-4)
+    # the pinned inputs tell the strengths apart: the check is not vacuous
+    assert (torch.tensor(got["v5-classifier-cnn-rho1"]) - torch.tensor(got["v5-classifier-cnn-rho0"])).abs().max() > 1
+
+
+def test_a_damaged_cached_v5_classifier_is_refused_and_another_seed_is_trained(tmp_path, monkeypatch):
+    from dxray.errors import DxrayError
+
+    folder = v5.ensure_classifier(tmp_path, seed=0, rho=1.0, log=lambda m: None)
+    raw = bytearray((folder / "model.safetensors").read_bytes())
+    raw[200] ^= 0xFF
+    (folder / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(DxrayError, match=r"model\.safetensors does not match its pinned sha256"):
+        v5.ensure_classifier(tmp_path, seed=0, rho=1.0, log=lambda m: None)
+
+    def stop(*a, **k):
+        raise RuntimeError("training started")
+
+    monkeypatch.setattr(v5, "train_classifier", stop)
+    with pytest.raises(RuntimeError, match="training started"):  # only seed 0 ships
+        v5.ensure_classifier(tmp_path, seed=3, rho=1.0, log=lambda m: None)
 
 
 def test_the_class_truth_names_every_planted_class_at_rho_1_and_none_at_rho_0(trained):

@@ -3,9 +3,10 @@
 Training depends on the CPU's float kernels (a world trained on one box differs from another's), so a world
 built on first use made every toy-world figure and test belong to the machine that ran it. The world of seed
 0 ships instead: ``weights/`` holds its generator, its biased classifier, its unbiased classifier and its biased
-ViT (``classifier-vit``, the second classifier family) as safetensors + configs (6.7 MB), ``SHA256SUMS`` pins every file, and ``pinned.json`` holds what the shipped
-models output on pinned inputs (``pinned_outputs``), so a test on any machine can tell the world it loaded is
-the one that shipped. ``dxray toyworld train --force`` still builds a world from its seed and says whether the
+ViT (``classifier-vit``, the second classifier family) as safetensors + configs (6.9 MB), with world v5's
+classifiers of seed 0 (``v5-classifier-{family}-rho{ρ}``, 2.4 MB: :data:`V5`). ``SHA256SUMS`` pins every file,
+and ``pinned.json`` holds what the shipped models output on pinned inputs (``pinned_outputs``, and under ``v5``
+``pinned_v5_outputs``), so a test on any machine can tell the world it loaded is the one that shipped. ``dxray toyworld train --force`` still builds a world from its seed and says whether the
 rebuild equals the shipped one (``differences``).
 """
 
@@ -22,8 +23,12 @@ WEIGHTS = Path(__file__).parent / "weights"
 SUMS = "SHA256SUMS"
 PINNED = "pinned.json"
 SEED = 0  # the world seed that ships (make demo's and CI's)
-MODELS = ("generator", "classifier", "classifier-unbiased", "classifier-vit")
-CLASSIFIERS = MODELS[1:]
+CLASSIFIERS = ("classifier", "classifier-unbiased", "classifier-vit")
+# World v5's classifiers of world seed 0 (v5.ensure_classifier copies them): the CNN at every planted strength
+# and the ViT at none and full, so no v5 test trains a classifier (2.4 MB; a generator would be 5.7 MB more).
+V5_RHOS = {"cnn": (0.0, 0.5, 0.8, 0.95, 1.0), "vit": (0.0, 1.0)}
+V5 = tuple(f"v5-classifier-{family}-rho{rho:g}" for family, rhos in V5_RHOS.items() for rho in rhos)
+MODELS = ("generator", *CLASSIFIERS, *V5)
 
 
 def available(seed: int | None) -> bool:
@@ -74,6 +79,16 @@ def install(target: Path, models: tuple[str, ...], *, flat: bool = False) -> Non
         shutil.copytree(WEIGHTS / model, target if flat else target / model, dirs_exist_ok=True)
     if not flat:
         shutil.copy2(WEIGHTS / SUMS, target / SUMS)
+
+
+def v5_available(seed: int, name: str) -> bool:
+    """Whether world v5's classifier ``name`` (``classifier-{family}-rho{ρ}``) of this world seed ships."""
+    return seed == SEED and f"v5-{name}" in V5 and (WEIGHTS / f"v5-{name}").is_dir()
+
+
+def verify_model(folder: Path, model: str) -> None:
+    """Refuse a copy of the shipped ``model`` (its files straight in ``folder``) whose files are not the pinned ones."""
+    verify(folder, {n.split("/", 1)[1]: d for n, d in sums(WEIGHTS).items() if n.split("/")[0] == model})
 
 
 def check_cached(root: Path, models: tuple[str, ...] = ("generator", "classifier")) -> None:
@@ -133,5 +148,26 @@ def pinned_outputs(root: Path) -> dict:
     return out
 
 
+def v5_inputs() -> list:
+    """Eight renders of world v5 (seed 1, every shortcut planted) that pin its classifiers' outputs."""
+    from dxray.toyworld import shortcuts
+
+    return [scene for scene, _ in shortcuts.classifier_dataset(8, seed=1, rho=1.0)]
+
+
+def pinned_v5_outputs(folders: dict[str, Path]) -> dict:
+    """Each world v5 classifier's logits on :func:`v5_inputs`, by shipped name (``folders``: name -> hf folder)."""
+    import torch
+
+    from dxray.classifiers import load_classifier
+    from dxray.toyworld.train import unit_images
+
+    x = unit_images(v5_inputs())
+    with torch.no_grad():
+        return {name: load_classifier(f"hf:{path}", device="cpu")(x, layers=[])["logits"].float().tolist()
+                for name, path in sorted(folders.items())}
+
+
 def write_pinned(root: Path) -> None:
-    (root / PINNED).write_text(json.dumps(pinned_outputs(root)) + "\n")
+    (root / PINNED).write_text(json.dumps(pinned_outputs(root) | {"v5": pinned_v5_outputs(
+        {m: root / m for m in V5 if (root / m).is_dir()})}) + "\n")
