@@ -7,7 +7,8 @@
 Each world seed's v5 generator and each (family, ρ) classifier are trained once into ``--cache-dir``
 (``dxray/toyworld/v5.py``; one thread each, ``--jobs`` at a time). Each audit is ``dxray explain
 jobs/configs/toyworld.yaml`` on that generator and classifier (:data:`V5_OVERRIDES` plus yours), scored by
-``dxray toyworld check``. The calls are pooled over (world, audit seed) units, the bootstrap's independent unit,
+``dxray toyworld check``; its run stays in ``--cache-dir/sweep-runs`` (:func:`run_folder`), so running the command
+again resumes a stopped sweep and re-scores finished audits in seconds. The calls are pooled over (world, audit seed) units, the bootstrap's independent unit,
 and scored per family, per family and ρ, and per family and shortcut kind: precision, recall, F1, false-positive
 rate and AUROC of r with 95% intervals, beside the baselines (everything core, shuffled calls, the segmenter
 control alone; ``dxray/toyworld/scores.py``). Also: how often a spurious feature's top concept is its shortcut.
@@ -21,11 +22,11 @@ on world seeds >= 3 and audit seeds >= 3 (the script refuses to mix them).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -79,16 +80,26 @@ def fidelity(cache_dir: str, worlds: list[int]) -> dict:
     return out
 
 
-def audit(cache_dir: str, world: int, family: str, rho: float, seed: int, top_k: int, overrides: list[str],
-          out: Path) -> dict:
+def run_folder(cache_dir: str, world: int, family: str, rho: float, seed: int, top_k: int, overrides: list[str]) -> Path:
+    """Where one audit's run lives: in the cache, named by everything that makes the audit, so a sweep stopped
+    part-way (or a later sweep over an overlapping grid) resumes its audits instead of redoing them."""
+    tag = hashlib.sha256(json.dumps([*V5_OVERRIDES, *overrides]).encode()).hexdigest()[:8]
+    return Path(cache_dir) / "sweep-runs" / f"w{world}-{family}-rho{rho:g}-s{seed}-k{top_k}-{tag}"
+
+
+def audit(cache_dir: str, world: int, family: str, rho: float, seed: int, top_k: int, overrides: list[str]) -> dict:
+    """One audit (resumed, or nothing to do, when its run is in the cache), scored afresh by the check."""
     from dxray.toyworld import v5
 
     folder = v5.world_folder(cache_dir, world)
+    out = run_folder(cache_dir, world, family, rho, seed, top_k, overrides)
     started = time.perf_counter()
     dxray("explain", str(ROOT / "jobs/configs/toyworld.yaml"), f"output={out}", "device=cpu", f"seed={seed}",
           f"targets.top_k={top_k}", f"cache_dir={cache_dir}", f"generator.model={folder / 'generator'}",
           f"classifier.spec=hf:{folder / v5.classifier_name(family, rho)}", *V5_OVERRIDES, *overrides)
-    seconds = time.perf_counter() - started
+    timing = out / "audit-seconds.json"  # the first (complete) audit's time: a resumed one takes only seconds
+    seconds = json.loads(timing.read_text()) if timing.is_file() else time.perf_counter() - started
+    timing.write_text(json.dumps(seconds))
     [run] = [p for p in out.iterdir() if p.is_dir()]
     dxray("toyworld", "check", str(run))
     report = json.loads((run / "toyworld_check.json").read_text())
@@ -190,10 +201,9 @@ def main() -> None:
     print(f"trained {len(worlds)} worlds x {len(cells)} classifiers ({trained:.0f} s)", flush=True)
     generators = fidelity(args.cache_dir, worlds)
     runs = []
-    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(audit, args.cache_dir, w, f, rho, s, args.top_k, args.overrides,
-                               Path(tmp) / f"w{w}-{f}-{rho:g}-s{s}")
-                   for w in worlds for f, rho in cells for s in seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(audit, args.cache_dir, w, f, rho, s, args.top_k, args.overrides)
+                   for s in seeds for w in worlds for f, rho in cells]  # seed-major: a stopped sweep covers every cell
         for fut in futures:
             runs.append(fut.result())
             r = runs[-1]
