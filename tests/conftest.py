@@ -94,3 +94,20 @@ def s3(tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def planted_reading(classifier, n: int) -> tuple[float, float, list[int]]:
+    """How a toy-world (v4) classifier reads ``n`` held-out renders: (accuracy on the unplanted classes, accuracy on
+    the planted classes' objects away from their planted background, its prediction for each bare planted
+    background, in the order of ``render.BIASED``). A classifier that learned the shortcut: high, ~0, the classes."""
+    from dxray.toyworld import render
+    from dxray.toyworld.train import unit_images
+
+    held = render.held_out_dataset(n, seed=1)
+    with torch.no_grad():
+        pred = classifier(unit_images([s for s, _ in held]), layers=[])["logits"].argmax(-1).tolist()
+        bare = classifier(unit_images([render.Scene(b) for b in render.BIASED.values()]), layers=[])["logits"]
+    right = lambda keep: [p == c for p, (s, c) in zip(pred, held, strict=True) if keep(s, c)]  # noqa: E731
+    unbiased = right(lambda s, c: c not in render.BIASED)
+    away = right(lambda s, c: c in render.BIASED and s.background != render.BIASED[c])
+    return sum(unbiased) / len(unbiased), sum(away) / len(away), bare.argmax(-1).tolist()

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import planted_reading
 
 from dxray.errors import DxrayError
 from dxray.toyworld import feature_truth as ft
@@ -48,18 +49,10 @@ def test_the_shipped_vit_loads_through_hf_with_its_pinned_outputs(vit):
 
 def test_the_vit_learned_the_planted_shortcut(vit):
     """As the CNN: a biased class's bare background names it, and its object away from that background does not."""
-    from dxray.toyworld.train import unit_images
-
     _, _, clf = vit
-    held = render.held_out_dataset(300, seed=1)
-    with torch.no_grad():
-        pred = clf(unit_images([s for s, _ in held]), layers=[])["logits"].argmax(-1).tolist()
-        bare = clf(unit_images([render.Scene(b) for b in render.BIASED.values()]), layers=[])["logits"]
-    right = lambda keep: [p == c for p, (s, c) in zip(pred, held, strict=True) if keep(s, c)]  # noqa: E731
-    unbiased = right(lambda s, c: c not in render.BIASED)
-    away = right(lambda s, c: c in render.BIASED and s.background != render.BIASED[c])
-    assert bare.argmax(-1).tolist() == list(render.BIASED)
-    assert sum(unbiased) / len(unbiased) > 0.8 and sum(away) / len(away) < 0.1
+    unbiased, away, bare = planted_reading(clf, 300)
+    assert bare == list(render.BIASED)
+    assert unbiased > 0.8 and away < 0.1
 
 
 def test_a_damaged_cached_vit_is_refused_in_one_line(vit, tmp_path):

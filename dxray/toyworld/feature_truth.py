@@ -52,7 +52,8 @@ MIN_RESPONSE = 0.25  # ...and at least this share of the feature's peak response
 PER_BACKGROUND = 32  # object renders per neutral background (half plain, half striped)
 
 
-def _activations(classifier, scenes: list[render.Scene]) -> torch.Tensor:
+def penultimate(classifier, scenes: list[render.Scene]) -> torch.Tensor:
+    """The classifier's penultimate features of exact renders of ``scenes`` (scenes x features, on the CPU)."""
     from dxray.toyworld.train import unit_images
 
     with torch.no_grad():
@@ -65,7 +66,7 @@ def object_scenes(class_index: int, per_background: int = PER_BACKGROUND, seed: 
     out = []
     for b in render.UNBIASED_BACKGROUNDS:
         for i in range(per_background):
-            s = render._scene(rng, b, class_index)
+            s = render.placed_scene(rng, b, class_index)
             out.append(render.Scene(b, render.TEXTURES[i % 2], s.colour, s.shape, s.x, s.y, s.size))
     return out
 
@@ -110,14 +111,14 @@ def feature_truth(classifier, classes: list[int] | None = None, features: list[i
     ``features``: the penultimate units to label (default all); ``signed``: whether the features are signed
     (default: :func:`is_signed` of the bare backgrounds' activations)."""
     classes = list(range(len(render.CLASSES))) if classes is None else classes
-    bare = {b: _activations(classifier, [render.Scene(b, t) for t in render.TEXTURES]).mean(0)
+    bare = {b: penultimate(classifier, [render.Scene(b, t) for t in render.TEXTURES]).mean(0)
             for b in render.BACKGROUND_COLOURS}
     all_bare = torch.stack(list(bare.values()))  # colours x features
     neutral = torch.stack([bare[b] for b in render.UNBIASED_BACKGROUNDS])
     signed = is_signed(all_bare) if signed is None else signed
     # A signed feature's floor takes every class's objects, whichever classes are labelled.
     wanted = range(len(render.CLASSES)) if signed else classes
-    objects = {c: _activations(classifier, object_scenes(c, per_background, seed)).mean(0) for c in wanted}
+    objects = {c: penultimate(classifier, object_scenes(c, per_background, seed)).mean(0) for c in wanted}
     baseline = floor(all_bare, torch.stack(list(objects.values())) if signed else all_bare, signed)
     rows = []
     for c in classes:

@@ -153,7 +153,8 @@ def caption(scene: Scene) -> str:
     return f"a {pattern}{scene.colour} {scene.shape} on a {background}{mark}"
 
 
-def _scene(rng: np.random.Generator, background: str, cls: int | None) -> Scene:
+def placed_scene(rng: np.random.Generator, background: str, cls: int | None) -> Scene:
+    """A scene on ``background`` with class ``cls``'s object (None: none) of random texture, size and place."""
     texture = TEXTURES[rng.integers(len(TEXTURES))]
     if cls is None:
         return Scene(background, texture)
@@ -170,10 +171,10 @@ def random_scene(rng: np.random.Generator, *, object_free: float = 0.2, backgrou
     classes = list(range(len(CLASSES))) if classes is None else list(classes)
     background = backgrounds[rng.integers(len(backgrounds))]
     cls = None if rng.random() < object_free else classes[rng.integers(len(classes))]
-    return _scene(rng, background, cls)
+    return placed_scene(rng, background, cls)
 
 
-def _cycle(rng: np.random.Generator, n: int, options: list) -> list:
+def balanced_cycle(rng: np.random.Generator, n: int, options: list) -> list:
     """n items running through freshly shuffled copies of ``options``: balanced, every option once per pass."""
     out: list = []
     while len(out) < n:
@@ -191,9 +192,9 @@ def generator_dataset(n: int, seed: int) -> list[Scene]:
     """
     rng = np.random.default_rng(seed)
     n_free = n // 5
-    pairs = _cycle(rng, n - n_free, _PAIRS)
-    free = _cycle(rng, n_free, list(BACKGROUND_COLOURS))
-    scenes = [_scene(rng, b, c) for c, b in pairs] + [_scene(rng, b, None) for b in free]
+    pairs = balanced_cycle(rng, n - n_free, _PAIRS)
+    free = balanced_cycle(rng, n_free, list(BACKGROUND_COLOURS))
+    scenes = [placed_scene(rng, b, c) for c, b in pairs] + [placed_scene(rng, b, None) for b in free]
     return [scenes[k] for k in rng.permutation(len(scenes))]
 
 
@@ -201,9 +202,9 @@ def classifier_dataset(n: int, seed: int, biased: bool = True) -> list[tuple[Sce
     """The biased classifier training set: balanced labels; classes in BIASED only on their background.
     ``biased=False``: every class on every background (the unbiased control classifier of ``dxray compare``)."""
     rng = np.random.default_rng(seed)
-    labels = _cycle(rng, n, list(range(len(CLASSES))))
-    unbiased = iter(_cycle(rng, n, list(UNBIASED_BACKGROUNDS if biased else BACKGROUND_COLOURS)))
-    return [(_scene(rng, BIASED[c] if biased and c in BIASED else next(unbiased), c), c) for c in labels]
+    labels = balanced_cycle(rng, n, list(range(len(CLASSES))))
+    unbiased = iter(balanced_cycle(rng, n, list(UNBIASED_BACKGROUNDS if biased else BACKGROUND_COLOURS)))
+    return [(placed_scene(rng, BIASED[c] if biased and c in BIASED else next(unbiased), c), c) for c in labels]
 
 
 def random_backgrounds(rng: np.random.Generator, n: int, avoid, min_distance: float) -> list[np.ndarray]:
@@ -228,7 +229,7 @@ def random_backgrounds(rng: np.random.Generator, n: int, avoid, min_distance: fl
 def held_out_dataset(n: int, seed: int) -> list[tuple[Scene, int]]:
     """The unbiased test set: every class on every background, balanced."""
     rng = np.random.default_rng(seed)
-    return [(_scene(rng, b, c), c) for c, b in _cycle(rng, n, _PAIRS)]
+    return [(placed_scene(rng, b, c), c) for c, b in balanced_cycle(rng, n, _PAIRS)]
 
 
 def class_prompt(class_index: int | str) -> str:

@@ -92,11 +92,11 @@ def classifier_dataset(n: int, seed: int, rho: float, hidden: float = 1.0) -> li
     if not 0.0 <= rho <= 1.0:
         raise ValueError(f"rho must be in [0, 1], got {rho!r}")
     rng = np.random.default_rng(seed)
-    labels = render._cycle(rng, n, list(range(len(render.CLASSES))))
-    neutral = iter(render._cycle(rng, n, list(NEUTRAL_BACKGROUNDS)))
+    labels = render.balanced_cycle(rng, n, list(range(len(render.CLASSES))))
+    neutral = iter(render.balanced_cycle(rng, n, list(NEUTRAL_BACKGROUNDS)))
     out = []
     for c in labels:
-        scene = render._scene(rng, next(neutral), c)
+        scene = render.placed_scene(rng, next(neutral), c)
         cuts = PLANTED.get(c, ())
         if cuts and rng.random() < rho:
             cut = cuts[int(rng.integers(len(cuts)))]
@@ -134,7 +134,7 @@ def probes(class_index: int, per_background: int = 16, seed: int = 0) -> dict[st
     The object's own response is the ``object`` entry: its plain object on neutral backgrounds vs the bare ones.
     """
     rng = np.random.default_rng(seed + 1000 * class_index)
-    objects = [replace(render._scene(rng, b, class_index), texture=render.TEXTURES[i % 2])
+    objects = [replace(render.placed_scene(rng, b, class_index), texture=render.TEXTURES[i % 2])
                for b in NEUTRAL_BACKGROUNDS for i in range(per_background)]
     bare_neutral = [render.Scene(b, t) for b in NEUTRAL_BACKGROUNDS for t in render.TEXTURES]
     out = {"object": (objects, bare_neutral)}
@@ -145,7 +145,7 @@ def probes(class_index: int, per_background: int = 16, seed: int = 0) -> dict[st
             marked = [replace(s, marker=corner) for s in bare_neutral for corner in render.CORNERS]
             out["marker"] = (marked, [replace(s, marker=None) for s in marked])
         else:
-            others = [replace(render._scene(rng, b, k), texture=render.TEXTURES[i % 2])
+            others = [replace(render.placed_scene(rng, b, k), texture=render.TEXTURES[i % 2])
                       for k in range(len(render.CLASSES)) if k != class_index
                       for b in NEUTRAL_BACKGROUNDS for i in range(max(1, per_background // 4))]
             out["pattern"] = ([replace(s, pattern="striped") for s in others], others)

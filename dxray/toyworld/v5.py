@@ -154,10 +154,10 @@ def feature_truth(classifier, classes: list[int] | None = None, features: list[i
 
     classes = list(range(len(render.CLASSES))) if classes is None else classes
     biased = set(shortcuts.PLANTED) if biased is None else {int(c) for c in biased}
-    bare = torch.stack([ft._activations(classifier, [render.Scene(b, t) for t in render.TEXTURES]).mean(0)
+    bare = torch.stack([ft.penultimate(classifier, [render.Scene(b, t) for t in render.TEXTURES]).mean(0)
                         for b in render.BACKGROUND_COLOURS])  # colours x features
     signed = ft.is_signed(bare)
-    probed = {c: {kind: (ft._activations(classifier, with_it).mean(0), ft._activations(classifier, without).mean(0))
+    probed = {c: {kind: (ft.penultimate(classifier, with_it).mean(0), ft.penultimate(classifier, without).mean(0))
                   for kind, (with_it, without) in shortcuts.probes(c, seed=seed).items()}
               for c in (range(len(render.CLASSES)) if signed else classes)}  # a signed floor takes every class
     z = ft.floor(bare, torch.stack([m["object"][0] for m in probed.values()]), signed)
