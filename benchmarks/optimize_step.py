@@ -299,31 +299,16 @@ def sampling_seconds_per_image(bench: Bench, batch: int = 8, reps: int = 3) -> f
 
 
 def meta_flops(preset: str, resolution: int, tiny_vae: bool = False) -> dict:
-    """FLOPs of one image-step (forward + backward) and of one no-grad sample, counted on the meta
-    device: shapes only, no compute, so the SD1.5-size figure is known on any machine."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one image-step (forward + backward) and of one no-grad sample, counted on the meta device (shapes
+    only, no compute, so the SD1.5-size figure is known on any machine): the generator by ``dxray.flops`` (what
+    ``dxray audit --dry-run`` counts), the preset's ResNet-50 by ``dxray.classifiers.describe``."""
+    from dxray.classifiers import describe
+    from dxray.flops import generator_flops
 
-    with torch.device("meta"):
-        parts, clf = components(preset), classifier_for(preset)
-        decoder = tiny_autoencoder(preset) if tiny_vae else parts["vae"]
-    from diffusers.models.attention_processor import AttnProcessor
-
-    for m in (parts["unet"], parts["vae"]):
-        m.set_attn_processor(AttnProcessor())  # counted (FlopCounterMode skips the CPU SDPA kernel)
-    gen = LCMGenerator(parts["tokenizer"], parts["text_encoder"], parts["unet"], decoder, parts["scheduler"],
-                       device="meta", resolution=resolution)
-    gen.scheduler.set_timesteps(4, device="cpu", original_inference_steps=50)  # index tables stay real
-    gen._autocast = contextlib.nullcontext  # no autocast on meta; FLOPs do not depend on the dtype
-    rows = torch.zeros(1, gen.embedding_dim, device="meta", requires_grad=True)
-    prompt = gen.soft_prompt("{}", 1)
-    with FlopCounterMode(display=False) as step:
-        loss = class_ce(0)(clf(gen.generate(gen.encode([prompt], [rows]), [[0]])))
-        loss.mean().backward()
-    with torch.no_grad(), FlopCounterMode(display=False) as nograd:
-        clf(gen.generate(gen.encode([prompt], [rows]), [[0]]))
-    by_part = {k: v for k, v in step.get_flop_counts().items() if "." not in k and k != "Global"}
-    return {"flops_per_image_step": step.get_total_flops(), "flops_per_sample_no_grad": nograd.get_total_flops(),
-            "by_module": {k: sum(v.values()) for k, v in by_part.items()}}
+    gen, clf = generator_flops(preset, resolution, tiny_vae=tiny_vae), describe("torchvision:resnet50")
+    return {"flops_per_image_step": gen["image_step"] + clf.flops_backward,
+            "flops_per_sample_no_grad": gen["sample"] + clf.flops_forward,
+            "by_part": {"generator_image_step": gen["image_step"], "classifier_backward": clf.flops_backward}}
 
 
 def h100_projection(a) -> dict:

@@ -401,6 +401,9 @@ class EstimateConfig(_Section):
     seconds_per_step: OptFloat = Field(None, gt=0, le=86_400, description="GPU seconds of one optimisation step of one task (one restart, optimize.samples_per_step noise samples, gradients through the sampler)")
     seconds_per_image: OptFloat = Field(None, gt=0, le=86_400, description="GPU seconds per held-out or baseline image: sampling without gradients, plus Grounding DINO + SAM scoring when segment.enabled")
     figures: str = Field("benchmarks/results", description="folder of benchmark results (*.json) the timing figures come from, relative to the working directory (a checkout's benchmarks/results)")
+    gpu: Literal["h100", "h200", "a100", "l40s"] = Field("h100", description="GPU of the analytic estimate, used when no measured figure fits: its dense bf16 peak (dxray.flops.PEAK_BF16_DENSE)")
+    mfu: Float = Field(0.4, gt=0.0, le=1.0, description="model FLOPs utilisation assumed by the analytic estimate: seconds = counted FLOPs / (peak x mfu)")
+    segment_images_per_s: Float = Field(16.0, gt=0.0, le=100_000.0, description="Grounding DINO + SAM images per second on that GPU, assumed by the analytic estimate (unmeasured)")
 
 
 class Config(_Section):

@@ -138,10 +138,47 @@ def _segment_seconds(cfg: Config, figures: list[dict]) -> tuple[float | None, st
     return None, f"no segment benchmark for detector {s.detector!r} + SAM {s.sam!r}"
 
 
-def timings(cfg: Config, figures: list[dict]) -> tuple[Timing, Timing, list[str]]:
-    """Seconds per optimisation step and per held-out image: from ``estimate.*``, else a benchmark."""
+def analytic(cfg: Config, info: classifiers.ClassifierInfo | None) -> tuple[Timing, Timing] | None:
+    """Seconds per optimisation step and per held-out image from the FLOPs of the configured generator (its size class
+    at the configured resolution, counted on the meta device) and classifier, at ``estimate.mfu`` of
+    ``estimate.gpu``'s dense bf16 peak; None for the toy world's generator or a classifier meta tensors cannot run."""
+    from dxray import flops
+
+    size = _generator_size(cfg)
+    if size is None or info is None or info.flops_backward is None:
+        return None
+    g, e = cfg.generator, cfg.estimate
+    gen = flops.generator_flops(size, g.resolution, g.steps, g.grad_steps, bool(g.tiny_vae))
+    rate = flops.PEAK_BF16_DENSE[e.gpu] * e.mfu
+    per_step = (gen["image_step"] + info.flops_backward) * cfg.optimize.samples_per_step
+    per_image = gen["sample"] + info.flops_forward
+    assumed = f"at {e.mfu:.0%} MFU of an {e.gpu.upper()} ({flops.PEAK_BF16_DENSE[e.gpu] / 1e12:.0f} TFLOP/s bf16 dense)"
+    where = f"{size} generator at {g.resolution} px, {info.spec}"
+    step = Timing(per_step / rate, f"analytic: {per_step / 1e12:.3g} TFLOP per step ({where}; "
+                                   f"{cfg.optimize.samples_per_step} samples, counted on the meta device) {assumed}"
+                                   + ("; checkpointing's recompute not counted" if g.checkpointing else ""))
+    seg = 1 / e.segment_images_per_s if cfg.segment.enabled and cfg.segment.detector != "toyworld" else 0.0
+    image = Timing(per_image / rate + seg,
+                   f"analytic: {per_image / 1e12:.3g} TFLOP per image {assumed}"
+                   + (f"; scoring: Grounding DINO + SAM assumed at {e.segment_images_per_s:g} images/s "
+                      f"(estimate.segment_images_per_s, unmeasured)" if seg else ""))
+    return step, image
+
+
+def timings(cfg: Config, figures: list[dict], info: classifiers.ClassifierInfo | None = None
+            ) -> tuple[Timing, Timing, list[str]]:
+    """Seconds per optimisation step and per held-out image: from ``estimate.*``, else a measured benchmark that fits,
+    else :func:`analytic` (labelled so)."""
     e, notes = cfg.estimate, []
     fig, why = _sampler_figure(cfg, figures)
+    if fig is None and (e.seconds_per_step is None or e.seconds_per_image is None):
+        counted = analytic(cfg, info)
+        if counted is not None:
+            step, image = counted
+            notes.append(f"no measured benchmark fits ({why}): an analytic estimate, not a measurement")
+            return (Timing(e.seconds_per_step, "estimate.seconds_per_step") if e.seconds_per_step is not None else step,
+                    Timing(e.seconds_per_image, "estimate.seconds_per_image") if e.seconds_per_image is not None
+                    else image, notes)
     if why and (e.seconds_per_step is None or e.seconds_per_image is None):
         notes.append(why)
     s_per_step = cfg.optimize.samples_per_step
@@ -211,7 +248,7 @@ def estimate(cfg: Config, info: classifiers.ClassifierInfo, figures: list[dict] 
     total = sum(tasks.values())  # optimised
     with_class = tasks["class"] + tasks["feature"]  # neuron tasks have no class: no baseline, nothing to score
     tasks["control"] = len(t.classes) if cfg.segment.enabled and cfg.segment.control else 0  # rendered, not optimised
-    step, image, notes = timings(cfg, figures or [])
+    step, image, notes = timings(cfg, figures or [], info)
     if o.early_stop_prob is not None:
         notes.append(f"optimize.early_stop_prob={o.early_stop_prob}: step counts are an upper bound")
     return Plan(
@@ -308,8 +345,10 @@ def render(plan: Plan):
                                if t.seconds is None)
         table.add_row("estimate", "-", f"needs {missing} (no committed benchmark fits this config)")
     else:
+        kind = ("analytic estimate (counted FLOPs at an assumed MFU; see the seconds rows)"
+                if "analytic" in step.source + image.source else "estimate")
         table.add_row("estimate", _hours(hours * 3600),
-                      "optimisation steps x seconds per step + (held-out + baseline images) x seconds per image")
+                      f"{kind}: optimisation steps x seconds per step + (held-out + baseline images) x seconds per image")
     for note in plan.notes:
         table.add_row("note", "", note)
     for item in plan.missing:

@@ -150,3 +150,38 @@ def test_app_help_documents_exit_codes(tmp_path):
     r = _cli("--help", cache=tmp_path)
     text = " ".join(r.stdout.split())
     assert r.returncode == 0 and "Exit codes: 0 success; 1" in text and "2 bad input, configuration or storage error" in text
+
+
+def test_an_analytic_estimate_when_no_measured_figure_fits(tmp_path):
+    """Issue 34: the full-ImageNet config (SD1.5 at 512 px) matches no committed benchmark, so the dry run counts the
+    configured models' FLOPs on the meta device and gives GPU-hours at a stated MFU of a named GPU, labelled
+    analytic; a configured or measured figure still wins over it."""
+    full = ROOT / "jobs" / "configs" / "imagenet_full.yaml"
+    figures = load_figures(ROOT / "benchmarks" / "results")
+    plan = dry_run(load_config(full, [f"output={tmp_path}"]), figures=figures, warn=lambda m: None)
+    assert plan.step.source.startswith("analytic") and plan.image.source.startswith("analytic")
+    assert "40% MFU of an H100" in plan.step.source and any("analytic estimate" in n for n in plan.notes)
+    assert plan.gpu_hours > 0
+    # torchvision documents ResNet-50 at 4.09 GMAC per 224 px image: 8.2 GFLOP forward, twice that with the
+    # backward to the input (the classifier's weights are frozen); SD1.5 dominates the step by far
+    from dxray.classifiers import describe
+
+    resnet = describe("torchvision:resnet50")
+    assert resnet.flops_forward == pytest.approx(2 * 4.09e9, rel=0.01)
+    assert resnet.flops_backward == pytest.approx(2 * resnet.flops_forward, rel=0.01)
+    # the stated assumptions move the figure as they should: half the MFU is twice the time, an A100 its slower peak
+    half = dry_run(load_config(full, [f"output={tmp_path}", "estimate.mfu=0.2"]), figures=figures, warn=lambda m: None)
+    assert half.step.seconds == pytest.approx(2 * plan.step.seconds)
+    a100 = dry_run(load_config(full, [f"output={tmp_path}", "estimate.gpu=a100"]), figures=figures, warn=lambda m: None)
+    assert a100.step.seconds == pytest.approx(plan.step.seconds * 989 / 312) and "A100" in a100.step.source
+    given = dry_run(load_config(full, [f"output={tmp_path}", "estimate.seconds_per_step=1.5"]), figures=figures,
+                    warn=lambda m: None)
+    assert (given.step.seconds, given.step.source) == (1.5, "estimate.seconds_per_step")
+    assert given.image.seconds == pytest.approx(plan.image.seconds)  # the other figure stays analytic
+
+
+def test_the_dry_run_command_prints_analytic_gpu_hours_for_the_full_imagenet_config(tmp_path):
+    res = _cli("audit", "jobs/configs/imagenet_full.yaml", "--dry-run", f"output={tmp_path / 'out'}", cache=tmp_path)
+    assert res.returncode == 0, res.stderr
+    text = " ".join(res.stdout.replace("│", " ").split())
+    assert "GPU-h analytic estimate" in text and "no measured benchmark fits" in text

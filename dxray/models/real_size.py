@@ -52,14 +52,15 @@ def clip_tokenizer():
                              pad_token="<|endoftext|>")
 
 
-def sd15_parts(time_cond_proj_dim: int | None = None, seed: int = 0) -> dict:
+def sd15_parts(time_cond_proj_dim: int | None = None, seed: int = 0, tokenizer=None) -> dict:
     """SD1.5's UNet, VAE, CLIP ViT-L/14 text encoder, tokenizer and an LCM scheduler. ``time_cond_proj_dim=256``
-    is LCM_Dreamshaper_v7's UNet (a guidance-embedding input), None a plain SD1.5 base."""
+    is LCM_Dreamshaper_v7's UNet (a guidance-embedding input), None a plain SD1.5 base; ``tokenizer``: another
+    77-token CLIP tokenizer than the real one (a FLOP count needs only its length)."""
     from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    tokenizer = clip_tokenizer()
+    tokenizer = tokenizer or clip_tokenizer()
     unet = UNet2DConditionModel(
         sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
