@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= dxray-out
 
-.PHONY: install browser test test-slow demo demo-tiny bench bench-gpu gpu-wheels gpu-check lint schema
+.PHONY: install browser test test-slow demo demo-tiny bench bench-toyworld bench-gpu gpu-wheels gpu-check lint schema
 
 install: $(STAMP)
 
@@ -50,6 +50,17 @@ bench: install
 	$(BIN)/python benchmarks/compact.py
 	$(BIN)/python benchmarks/report.py
 	$(BIN)/python benchmarks/scale.py
+
+# World v5's known-answer sweep (issue 31; benchmarks/README.md, "World v5"): trains the held-out worlds' generators
+# and classifiers, audits every (world, audit seed, rho, family), scores each against its truth and pools the calls
+# with bootstrap intervals beside the baselines. Hours on 2 cores, and resumable: the audits stay in
+# TOYWORLD_CACHE, so running it again picks up where it stopped (and re-scores finished audits in seconds).
+TOYWORLD_CACHE ?= $(HOME)/.cache/dxray/toyworld-sweep
+bench-toyworld: install
+	$(BIN)/python benchmarks/toyworld_sweep.py --cache-dir $(TOYWORLD_CACHE) --worlds 3-4 --seeds 3-6 \
+		--rho 0,0.5,0.8,0.95,1 --top-k 2 --name rho
+	$(BIN)/python benchmarks/toyworld_sweep.py --cache-dir $(TOYWORLD_CACHE) --worlds 3-7 --seeds 3-6 --rho 1 \
+		--top-k 2 --name headline
 
 # On a CUDA machine: dxray's optimisation step vs the naive loop, levers, FLOPs/MFU and the
 # full-ImageNet projection on the SD1.5-size architecture (random weights) at 512 px, 4 steps.

@@ -301,14 +301,13 @@ def sampling_seconds_per_image(bench: Bench, batch: int = 8, reps: int = 3) -> f
 def meta_flops(preset: str, resolution: int, tiny_vae: bool = False) -> dict:
     """FLOPs of one image-step (forward + backward) and of one no-grad sample, counted on the meta device (shapes
     only, no compute, so the SD1.5-size figure is known on any machine): the generator by ``dxray.flops`` (what
-    ``dxray audit --dry-run`` counts), the preset's ResNet-50 by ``dxray.classifiers.describe``."""
-    from dxray.classifiers import describe
+    ``dxray audit --dry-run`` counts), the preset's ResNet-50 by ``dxray.classifiers.count_flops``."""
+    from dxray.classifiers import count_flops
     from dxray.flops import generator_flops
 
-    gen, clf = generator_flops(preset, resolution, tiny_vae=tiny_vae), describe("torchvision:resnet50")
-    return {"flops_per_image_step": gen["image_step"] + clf.flops_backward,
-            "flops_per_sample_no_grad": gen["sample"] + clf.flops_forward,
-            "by_part": {"generator_image_step": gen["image_step"], "classifier_backward": clf.flops_backward}}
+    gen, (forward, backward) = generator_flops(preset, resolution, tiny_vae=tiny_vae), count_flops("torchvision:resnet50")
+    return {"flops_per_image_step": gen["image_step"] + backward, "flops_per_sample_no_grad": gen["sample"] + forward,
+            "by_part": {"generator_image_step": gen["image_step"], "classifier_backward": backward}}
 
 
 def h100_projection(a) -> dict:

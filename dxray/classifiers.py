@@ -45,11 +45,6 @@ class ClassifierInfo:
     # Size of dim 1 of each named layer's output (what a neuron's unit indexes: channels of a conv map), from a
     # forward of one input on the meta device; a layer whose width is unknown is absent.
     layer_widths: dict[str, int] = field(default_factory=dict)
-    # FLOPs of one image at the input size, counted on the meta device (None: the model cannot run on meta tensors):
-    # a forward (scoring a held-out image), and a forward + backward to the input (one optimisation image-step;
-    # the weights are frozen, so no weight gradients)
-    flops_forward: int | None = None
-    flops_backward: int | None = None
 
 
 @dataclass
@@ -555,8 +550,21 @@ def _layer_widths(built: _Built, input_size: tuple[int, int] | None) -> dict[str
     return widths
 
 
+def count_flops(spec: str, *, weights: str | None = None, kwargs: dict | None = None,
+                input_size: int | tuple[int, int] | None = None) -> tuple[int | None, int | None]:
+    """FLOPs of one image at the input size, counted on the meta device from the architecture alone (a weights file
+    that is not here does not matter): a forward (scoring a held-out image) and a forward + backward to the input
+    (one optimisation image-step; the weights are frozen, so no weight gradients). (None, None) when the model
+    cannot run on meta tensors."""
+    token = _MISSING.set([])
+    try:
+        built = _build(spec, weights, kwargs, meta=True)
+    finally:
+        _MISSING.reset(token)
+    return _flops(built, _pair(input_size) if input_size else None)
+
+
 def _flops(built: _Built, input_size: tuple[int, int] | None) -> tuple[int | None, int | None]:
-    """(forward, forward + backward to the input) FLOPs of one image, counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
     run = (lambda x: built.model(pixel_values=x)) if built.hf else built.model  # noqa: E731
@@ -587,9 +595,8 @@ def describe(spec: str, *, weights: str | None = None, kwargs: dict | None = Non
     n = built.num_classes or final.out_features
     widths = _layer_widths(built, _pair(input_size) if input_size else None)
     widths |= {"logits": n, "penultimate": final.in_features}
-    flops = _flops(built, _pair(input_size) if input_size else None)
     return ClassifierInfo(spec, n, _class_names(class_names, built.class_names, n), _layer_names(built.model),
-                          final.in_features, widths, *flops)
+                          final.in_features, widths)
 
 
 def load_classifier(spec: str, *, weights: str | None = None, kwargs: dict | None = None,

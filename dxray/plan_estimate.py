@@ -138,22 +138,26 @@ def _segment_seconds(cfg: Config, figures: list[dict]) -> tuple[float | None, st
     return None, f"no segment benchmark for detector {s.detector!r} + SAM {s.sam!r}"
 
 
-def analytic(cfg: Config, info: classifiers.ClassifierInfo | None) -> tuple[Timing, Timing] | None:
+def analytic(cfg: Config) -> tuple[Timing, Timing] | None:
     """Seconds per optimisation step and per held-out image from the FLOPs of the configured generator (its size class
-    at the configured resolution, counted on the meta device) and classifier, at ``estimate.mfu`` of
+    at the configured resolution) and classifier, counted on the meta device, at ``estimate.mfu`` of
     ``estimate.gpu``'s dense bf16 peak; None for the toy world's generator or a classifier meta tensors cannot run."""
     from dxray import flops
+    from dxray.models import is_preset
 
-    size = _generator_size(cfg)
-    if size is None or info is None or info.flops_backward is None:
+    size, c = _generator_size(cfg), cfg.classifier
+    if size is None or is_preset(c.spec):
+        return None
+    forward, backward = classifiers.count_flops(c.spec, weights=c.weights, kwargs=c.kwargs, input_size=c.input_size)
+    if backward is None:
         return None
     g, e = cfg.generator, cfg.estimate
     gen = flops.generator_flops(size, g.resolution, g.steps, g.grad_steps, bool(g.tiny_vae))
     rate = flops.PEAK_BF16_DENSE[e.gpu] * e.mfu
-    per_step = (gen["image_step"] + info.flops_backward) * cfg.optimize.samples_per_step
-    per_image = gen["sample"] + info.flops_forward
+    per_step = (gen["image_step"] + backward) * cfg.optimize.samples_per_step
+    per_image = gen["sample"] + forward
     assumed = f"at {e.mfu:.0%} MFU of an {e.gpu.upper()} ({flops.PEAK_BF16_DENSE[e.gpu] / 1e12:.0f} TFLOP/s bf16 dense)"
-    where = f"{size} generator at {g.resolution} px, {info.spec}"
+    where = f"{size} generator at {g.resolution} px, {c.spec}"
     step = Timing(per_step / rate, f"analytic: {per_step / 1e12:.3g} TFLOP per step ({where}; "
                                    f"{cfg.optimize.samples_per_step} samples, counted on the meta device) {assumed}"
                                    + ("; checkpointing's recompute not counted" if g.checkpointing else ""))
@@ -165,14 +169,13 @@ def analytic(cfg: Config, info: classifiers.ClassifierInfo | None) -> tuple[Timi
     return step, image
 
 
-def timings(cfg: Config, figures: list[dict], info: classifiers.ClassifierInfo | None = None
-            ) -> tuple[Timing, Timing, list[str]]:
+def timings(cfg: Config, figures: list[dict]) -> tuple[Timing, Timing, list[str]]:
     """Seconds per optimisation step and per held-out image: from ``estimate.*``, else a measured benchmark that fits,
     else :func:`analytic` (labelled so)."""
     e, notes = cfg.estimate, []
     fig, why = _sampler_figure(cfg, figures)
     if fig is None and (e.seconds_per_step is None or e.seconds_per_image is None):
-        counted = analytic(cfg, info)
+        counted = analytic(cfg)
         if counted is not None:
             step, image = counted
             notes.append(f"no measured benchmark fits ({why}): an analytic estimate, not a measurement")
@@ -248,7 +251,7 @@ def estimate(cfg: Config, info: classifiers.ClassifierInfo, figures: list[dict] 
     total = sum(tasks.values())  # optimised
     with_class = tasks["class"] + tasks["feature"]  # neuron tasks have no class: no baseline, nothing to score
     tasks["control"] = len(t.classes) if cfg.segment.enabled and cfg.segment.control else 0  # rendered, not optimised
-    step, image, notes = timings(cfg, figures or [], info)
+    step, image, notes = timings(cfg, figures or [])
     if o.early_stop_prob is not None:
         notes.append(f"optimize.early_stop_prob={o.early_stop_prob}: step counts are an upper bound")
     return Plan(
