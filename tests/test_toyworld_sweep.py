@@ -58,3 +58,15 @@ def test_the_plot_draws_recall_and_false_positive_rate_against_rho(sweep, tmp_pa
 
     with Image.open(png) as image:
         assert image.format == "PNG" and image.width > 500
+
+
+def test_an_audit_keeps_a_run_folder_named_by_everything_that_makes_it(sweep, tmp_path):
+    """A stopped sweep resumes its audits: the same audit finds the same folder, any other audit another one."""
+    one = sweep.run_folder(str(tmp_path), 3, "cnn", 0.95, 4, 2, ["optimize.restarts=2"])
+    assert one == sweep.run_folder(str(tmp_path), 3, "cnn", 0.95, 4, 2, ["optimize.restarts=2"])
+    assert one.parent == tmp_path / "sweep-runs"
+    others = [sweep.run_folder(str(tmp_path), *args) for args in (
+        (4, "cnn", 0.95, 4, 2, ["optimize.restarts=2"]), (3, "vit", 0.95, 4, 2, ["optimize.restarts=2"]),
+        (3, "cnn", 0.9, 4, 2, ["optimize.restarts=2"]), (3, "cnn", 0.95, 5, 2, ["optimize.restarts=2"]),
+        (3, "cnn", 0.95, 4, 5, ["optimize.restarts=2"]), (3, "cnn", 0.95, 4, 2, []))]
+    assert len({one, *others}) == 7
