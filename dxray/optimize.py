@@ -115,6 +115,7 @@ class Sample:
     image: np.ndarray  # H × W × 3 uint8
     class_prob: float | None
     feature_activation: float | None
+    penultimate: np.ndarray | None = None  # the classifier's penultimate features (``sample(penultimate=True)``)
 
 
 StepCallback = Callable[[int, list[OptimizeResult]], None]
@@ -322,11 +323,13 @@ def best_of(results: Sequence[OptimizeResult]) -> OptimizeResult:
 
 @torch.no_grad()
 def sample(generator: LCMGenerator, classifier, template: str, rows: torch.Tensor, seeds: Sequence[int], *,
-           class_index: int | None = None, feature: tuple[str, int] | None = None, batch_size: int = 8) -> list[Sample]:
-    """Render ``rows`` in ``template`` for each held-out seed, with the class probability and feature value."""
+           class_index: int | None = None, feature: tuple[str, int] | None = None, batch_size: int = 8,
+           penultimate: bool = False) -> list[Sample]:
+    """Render ``rows`` in ``template`` for each held-out seed, with the class probability and feature value (and, with
+    ``penultimate``, every penultimate feature)."""
     prompt = generator.soft_prompt(template, rows.shape[0])
     cond = generator.encode([prompt], [rows.to(generator.device)])
-    layers = [feature[0]] if feature else []
+    layers = list(dict.fromkeys(([feature[0]] if feature else []) + (["penultimate"] if penultimate else [])))
     out: list[Sample] = []
     for start in range(0, len(seeds), batch_size):
         chunk = [int(x) for x in seeds[start:start + batch_size]]
@@ -343,5 +346,6 @@ def sample(generator: LCMGenerator, classifier, template: str, rows: torch.Tenso
                 seed=seed, image=pixels[j],
                 class_prob=None if class_index is None else probs[j, class_index].item(),
                 feature_activation=None if feats is None else feats[j].item(),
+                penultimate=acts["penultimate"][j].float().cpu().numpy() if penultimate else None,
             ))
     return out

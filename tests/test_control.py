@@ -168,6 +168,26 @@ def test_toy_world_control_flags_the_class_the_segmenter_is_told_to_look_for_els
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["config"]["segment"]["control_template"] == "a {} on a teal background"
 
+    # Each control records its images' mean penultimate features (what a feature reaches unoptimised): the stored
+    # PNGs read back through the world's classifier give the same means, up to the PNGs' 8-bit rounding.
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from dxray.classifiers import load_classifier
+    from dxray.toyworld.train import folder
+
+    clf = load_classifier(f"hf:{folder(cache_dir) / 'classifier'}", device="cpu")
+    uris = ds.dataset(root / "samples").to_table(columns=["task_id", "image_uri"]).to_pylist()
+    for c, tid in control.items():
+        stored = next(t["control_activations"] for t in tasks if t["task_id"] == tid)
+        pixels = np.stack([np.asarray(Image.open(u["image_uri"]).convert("RGB")) for u in uris if u["task_id"] == tid])
+        with torch.no_grad():
+            again = clf(torch.from_numpy(pixels / 255.0).float().permute(0, 3, 1, 2), layers=["penultimate"])
+        assert len(stored) == again["penultimate"].shape[1]
+        np.testing.assert_allclose(stored, again["penultimate"].mean(0).numpy(), atol=0.05)
+    assert all(t["control_activations"] is None for t in tasks if t["kind"] != "control")
+
 
 def test_controls_run_on_ray_actors_too(ray_local, tmp_path, cache_dir):
     from dxray.distributed.audit import run_distributed

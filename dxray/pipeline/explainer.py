@@ -54,7 +54,7 @@ class Explainer:
         try:
             rows = prompts.word_rows(g.tokenizer, g.text_encoder, spec.init.removeprefix("word:"))
             samples = sample(g, self.classifier, spec.template, rows, s.seed_list(), class_index=spec.class_index,
-                             batch_size=s.batch_size)
+                             batch_size=s.batch_size, penultimate=True)  # what a feature reaches unoptimised
         except Exception as err:
             return Outcome(spec, None, [], error_text(SAMPLE, err))
         return Outcome(spec, None, samples, None)

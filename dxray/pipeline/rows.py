@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from dxray.errors import one_line
 from dxray.optimize import OptimizeResult, Sample
 from dxray.pipeline.tasks import TaskSpec, scoring_prompts
@@ -136,4 +138,8 @@ def package(outcome: Outcome, cfg, sink) -> tuple[Finished, list]:
     except Exception as err:
         return error_row(sink.run_id, spec, cfg, WRITE, err, outcome.result), []
     images = [s.image for s in outcome.samples] if prompts else []
-    return Finished(task_row(sink.run_id, spec, cfg, outcome.result, None), rows, prompts), images
+    row = task_row(sink.run_id, spec, cfg, outcome.result, None)
+    seen = [s.penultimate for s in outcome.samples if s.penultimate is not None]
+    if seen:  # the segmenter control: its plain pictures' mean penultimate features
+        row["control_activations"] = np.mean(seen, axis=0).astype(np.float32).tolist()
+    return Finished(row, rows, prompts), images

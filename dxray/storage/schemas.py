@@ -53,6 +53,7 @@ TASKS = _schema("tasks", [
     _f("samples_per_step", pa.int32(), "noise samples per optimisation step (S)"),
     _f("seconds", pa.float32(), "optimisation wall time of the task"),
     _f("baseline_prob", pa.float32(), "mean held-out class probability with the initial prompt (before optimisation)"),
+    _f("control_activations", pa.list_(pa.float32()), "segmenter control only: the mean penultimate features of its images (the generator's plain pictures of the class), what each feature reaches without optimisation; null otherwise"),
     _f("chosen_loss", pa.float32(), "hard prompt: loss of the returned words on the last step's seeds (final_loss is the last Gumbel draw's); restarts are ranked by it; null for soft prompts"),
 ])
 
