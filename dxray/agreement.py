@@ -44,7 +44,7 @@ from dxray.errors import DxrayError, what_is
 from dxray.storage.fs import filesystem
 from dxray.storage.schemas import VERDICTS, to_table
 from dxray.storage.sink import RunSink
-from dxray.verdict import check_delta, decide
+from dxray.verdict import NOT_EXPLAINED, check_delta, decide
 
 COLUMNS = {"class_index": "Input.class_index", "feature_index": "Input.feature_index",
            "feature_rank": "Input.feature_rank", "answer": "Answer.main"}
@@ -242,6 +242,8 @@ def agreement_rows(verdicts: pa.Table, labels: pa.Table, groups: dict[int, dict]
     columns = ["run_id", "class_index", "feature_index", "template", "delta", "verdict", "mean_object_fraction",
                "reliable"]
     for v in verdicts.select([c for c in columns if c in verdicts.column_names]).to_pylist():
+        if v["verdict"] == NOT_EXPLAINED:  # not called spurious: beside a human it counts as core
+            v["verdict"] = "core"
         key = (v["class_index"], v["feature_index"])
         run_id = run_id or v["run_id"]
         if key in human and (keep is None or v["class_index"] in keep):
@@ -313,9 +315,9 @@ def _bare_verdicts(path: str, fs: pafs.FileSystem, inner: str, kind: pafs.FileTy
         if column not in table.column_names:
             raise DxrayError(f"verdicts {path} lacks column {column}")
     rows = table.to_pylist()
-    bad = [r["verdict"] for r in rows if r["verdict"] not in ("core", "spurious")]
+    bad = [r["verdict"] for r in rows if r["verdict"] not in ("core", "spurious", NOT_EXPLAINED)]
     if bad:
-        raise DxrayError(f"verdicts {path}: column verdict must be core or spurious, got {bad[0]!r}")
+        raise DxrayError(f"verdicts {path}: column verdict must be core, spurious or {NOT_EXPLAINED}, got {bad[0]!r}")
     known = set(VERDICTS.names)
     return to_table("verdicts", [{"template": "{}", "run_id": posixpath.basename(posixpath.dirname(inner)) or "verdicts",
                                   **{k: v for k, v in r.items() if k in known}} for r in rows])

@@ -123,8 +123,9 @@ def compare(a: Side, b: Side) -> Comparison:
             old = a_verdicts.get((v["class_index"], v["feature_index"], v["template"]))
             if old is None or (v["class_index"], v["template"]) not in a_classes:
                 continue
-            change = ("same" if old["verdict"] == v["verdict"] else
-                      "new spurious" if v["verdict"] == "spurious" else "new core")
+            call_a, call_b = old["verdict"], v["verdict"]  # a pair not explained is neither core nor spurious
+            change = ("same" if call_a == call_b else "new spurious" if call_b == "spurious" else
+                      "new core" if call_b == "core" else "not explained")
             features.append(base | {
                 "level": "feature", "class_index": v["class_index"], "class_name": v["class_name"],
                 "template": v["template"], "feature_index": v["feature_index"], "feature_rank": v["feature_rank"],
@@ -132,7 +133,7 @@ def compare(a: Side, b: Side) -> Comparison:
                 "r_change": _minus(v["mean_object_fraction"], old["mean_object_fraction"]),
                 "r_low_a": old["mean_object_fraction_low"], "r_high_a": old["mean_object_fraction_high"],
                 "r_low_b": v["mean_object_fraction_low"], "r_high_b": v["mean_object_fraction_high"],
-                "delta_a": old["delta"], "delta_b": v["delta"], "verdict_a": old["verdict"], "verdict_b": v["verdict"],
+                "delta_a": old["delta"], "delta_b": v["delta"], "verdict_a": call_a, "verdict_b": call_b,
                 "change": change})
     flips = Counter((f["class_index"], f["template"], f["change"]) for f in features)
 

@@ -40,6 +40,16 @@ the classifier responds to, and an object missing from such images says nothing 
 class is not called biased (:func:`class_call`: "not explained"). Like the 0.8 above, a reading of the figures
 (constant, recorded with every row). Chosen on the toy world's world 0 (benchmarks/README.md): of its 5 false
 class-level bias calls (CNN, ρ 0 and 1, audit seeds 0-1) 4 had p < 0.5; its 6 true ones had p ≥ 0.68.
+
+The same holds per feature: a verdict row carries ``mean_activation`` (the feature's mean over its held-out images)
+and ``control_activation`` (its mean over the class's segmenter-control images, the generator's plain pictures of
+the class: ``tasks.control_activations``), and ``explained`` when the optimised images reach the plain pictures'
+level. Below it the optimisation did not find what the feature responds to, so the pair's ``verdict`` is "not
+explained", neither core nor spurious (its r stays in ``mean_object_fraction``), and ``classes.n_spurious`` does not
+count it. No constant to
+choose: the control is the reference. Measured on the toy world's settings worlds 0-1 (benchmarks/README.md,
+``benchmarks/toyworld_rules.py``): the CNN's false spurious rate on ρ 0 classifiers 0.22 -> 0.11, the ViT's at
+ρ 1 0.44 -> 0.11, the CNN's ρ-1 F1 unchanged (0.92).
 """
 
 from __future__ import annotations
@@ -69,11 +79,12 @@ def check_delta(delta: float) -> float:
 
 # The columns decide() reads: a full-ImageNet samples table is 60,000 rows of thumbnails and masks, and
 # reading only these keeps re-deciding it to a few seconds and a few MB.
-TASK_COLUMNS = ["task_id", "status", "kind", *_KEYS]
-SAMPLE_COLUMNS = ["task_id", "object_fraction", "class_prob", "detection_prompt", "candidate_prompts", "candidate_object_fractions",
-                  "concepts", "concept_fractions"]
+TASK_COLUMNS = ["task_id", "status", "kind", *_KEYS, "control_activations"]
+SAMPLE_COLUMNS = ["task_id", "object_fraction", "class_prob", "feature_activation", "detection_prompt", "candidate_prompts",
+                  "candidate_object_fractions", "concepts", "concept_fractions"]
 TOP_CONCEPTS = 3  # concepts named per verdict
 EXPLAINED = 0.5  # a class explanation is explained when its images' mean probability of the class reaches this
+NOT_EXPLAINED = "not explained"  # the verdict of a feature whose images do not reach its control's activation
 
 
 def class_call(row: dict) -> str | None:
@@ -86,6 +97,27 @@ def class_call(row: dict) -> str | None:
     if row.get("explained") is False:
         return "not explained"
     return "biased" if r < delta - _TOLERANCE else "not biased"
+
+
+def _activations(tasks: pa.Table, samples: pa.Table) -> tuple[dict[tuple, float], dict[int, list[float]]]:
+    """Per (class, feature, template) of an ok feature task, the mean activation of its feature over its images;
+    per class, its segmenter control's mean penultimate features. Empty for a run from before either column."""
+    means: dict[tuple, float] = {}
+    if "feature_activation" in samples.column_names:
+        ok = tasks.filter(pc.and_(pc.equal(tasks["status"], "ok"), pc.equal(tasks["kind"], "feature")))
+        acts = samples.filter(pc.is_valid(samples["feature_activation"])).select(["task_id", "feature_activation"])
+        joined = acts.join(ok.select(["task_id", "class_index", "feature_index", "template"]), "task_id",
+                           join_type="inner")
+        for r in joined.group_by(["class_index", "feature_index", "template"], use_threads=False) \
+                .aggregate([("feature_activation", "mean")]).to_pylist():
+            means[(r["class_index"], r["feature_index"], r["template"])] = r["feature_activation_mean"]
+    control: dict[int, list[float]] = {}
+    if "control_activations" in tasks.column_names:
+        ok = tasks.filter(pc.and_(pc.equal(tasks["status"], "ok"), pc.equal(tasks["kind"], "control")))
+        ok = ok.filter(pc.is_valid(ok["control_activations"]))
+        for c, values in zip(ok["class_index"].to_pylist(), ok["control_activations"].to_pylist(), strict=True):
+            control.setdefault(c, values)
+    return means, control
 
 
 def _concepts(tasks: pa.Table, samples: pa.Table) -> dict[tuple, dict]:
@@ -259,6 +291,7 @@ def decide(tasks: pa.Table, samples: pa.Table, delta: float, run_id: str,
     ``uncertainty=False`` leaves the bootstrap columns null (a δ sweep that reads only the verdicts)."""
     check_delta(delta)
     concepts = _concepts(tasks, samples)
+    activations, control_acts = _activations(tasks, samples)
     class_probs = _class_probs(tasks, samples)
     samples, chosen = _choose(tasks, samples)
     stats = _stats(_scored(tasks, samples, "feature"), _KEYS, values=uncertainty)
@@ -291,6 +324,13 @@ def decide(tasks: pa.Table, samples: pa.Table, delta: float, run_id: str,
         v |= {"control_object_fraction": control.get(v["class_index"]), "reliable": reliable.get(v["class_index"]),
               "detection_prompt": chosen.get(v["class_index"], {}).get("detection_prompt"),
               "top_concepts": named.get("names"), "top_concept_fractions": named.get("fractions")}
+        mean = activations.get((v["class_index"], v["feature_index"], v["template"]))
+        seen = control_acts.get(v["class_index"])
+        ref = seen[v["feature_index"]] if seen is not None and 0 <= v["feature_index"] < len(seen) else None
+        explained = None if mean is None or ref is None else mean >= ref - _TOLERANCE * max(1.0, abs(ref))
+        v |= {"mean_activation": mean, "control_activation": ref, "explained": explained}
+        if explained is False:
+            v["verdict"] = NOT_EXPLAINED
 
     class_keys = ["class_index", "class_name", "template"]
     fractions = {(r["class_index"], r["template"]): r for r in
@@ -309,7 +349,8 @@ def decide(tasks: pa.Table, samples: pa.Table, delta: float, run_id: str,
             "class_object_fraction": frac["object_fraction_mean"] if frac else None,
             "class_prob": class_probs.get(key), "explained": None if class_probs.get(key) is None
             else class_probs[key] >= EXPLAINED - _TOLERANCE,
-            "n_spurious": sum(v["verdict"] == "spurious" for v in mine), "n_features": len(mine), "delta": delta,
+            "n_spurious": sum(v["verdict"] == "spurious" for v in mine),
+            "n_not_explained": sum(v["explained"] is False for v in mine), "n_features": len(mine), "delta": delta,
             "n_low_confidence": sum(v["low_confidence"] for v in mine) if uncertainty else None,
             "control_object_fraction": control.get(key[0]), "reliable": reliable.get(key[0]),
             "detection_prompt": None, "detection_candidates": None, "candidate_control_object_fractions": None,

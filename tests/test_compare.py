@@ -174,3 +174,29 @@ def test_an_unfinished_run_is_refused(tiny_run, tmp_path, cache_dir):
     res = run_cli("compare", str(tiny_run), str(copy), cache=cache_dir)
     assert res.returncode == 2 and "RUN_B" in res.stderr and "has not finished" in res.stderr, res.stderr
     json.loads((tiny_run / "manifest.json").read_text())  # the other run is untouched
+
+
+def test_a_feature_not_explained_in_run_b_is_neither_new_spurious_nor_new_core(tmp_path):
+    """Issue 31: RUN_B's feature 4 turned spurious (the gate fails on it), feature 7's images no longer reach the
+    plain pictures' activation ("not explained": no evidence, so it does not fail the gate), feature 9 stays core."""
+    from dxray.compare import Side, compare
+    from dxray.storage.sink import RunSink
+
+    clf = {"spec": "toy:cnn", "weights": None, "kwargs": None, "final_layer": None}
+    klass = {"class_index": 1, "class_name": "c1", "template": "{}", "class_object_fraction": 0.9, "n_features": 3,
+             "delta": 0.3, "explained": True}
+
+    def side(label, verdicts):
+        rows = [{"class_index": 1, "class_name": "c1", "feature_index": f, "feature_rank": i + 1, "template": "{}",
+                 "mean_object_fraction": 0.5, "mean_object_fraction_low": None, "mean_object_fraction_high": None,
+                 "delta": 0.3, "verdict": v} for i, (f, v) in enumerate(verdicts.items())]
+        return Side(label, RunSink(str(tmp_path), label), [klass | {"n_spurious": sum(v == "spurious" for v in
+                                                                                         verdicts.values())}], rows, clf)
+
+    got = compare(side("a", {4: "core", 7: "core", 9: "core"}),
+                  side("b", {4: "spurious", 7: "not explained", 9: "core"}))
+    assert [(r["feature_index"], r["verdict_b"], r["change"]) for r in got.feature_rows()] == [
+        (4, "spurious", "new spurious"), (7, "not explained", "not explained"), (9, "core", "same")]
+    [row] = got.class_rows()
+    assert (row["n_new_spurious"], row["n_new_core"]) == (1, 0)
+    assert [r["class_index"] for r in got.offenders("new-spurious")] == [1]  # the class row offends, once

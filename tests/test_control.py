@@ -179,7 +179,7 @@ def test_toy_world_control_flags_the_class_the_segmenter_is_told_to_look_for_els
 
     clf = load_classifier(f"hf:{folder(cache_dir) / 'classifier'}", device="cpu")
     uris = ds.dataset(root / "samples").to_table(columns=["task_id", "image_uri"]).to_pylist()
-    for c, tid in control.items():
+    for tid in control.values():
         stored = next(t["control_activations"] for t in tasks if t["task_id"] == tid)
         pixels = np.stack([np.asarray(Image.open(u["image_uri"]).convert("RGB")) for u in uris if u["task_id"] == tid])
         with torch.no_grad():

@@ -707,3 +707,38 @@ def test_a_class_explanation_the_classifier_does_not_read_as_the_class_is_not_ca
     assert "0.30 &lt; 0.5" in index[1][1] or "0.30 < 0.5" in index[1][1]
     for c, want in ((1, ["biased"]), (2, ["unexplained"])):
         assert [b for b, _ in badges(_parse(tmp_path / "r_files" / f"class-{c}.html"))] == want
+
+
+def test_a_feature_whose_images_do_not_reach_the_plain_pictures_shows_not_explained(tmp_path):
+    """Issue 31: both features' images lack the object (r 0), but only feature 4's drive it past the class's plain
+    pictures (the segmenter control's activations): feature 4 is spurious, feature 7 "not explained", with both
+    activations in its title, and the class counts 1 spurious, 1 not explained."""
+    from dxray.report import build_report
+    from dxray.runs import redecide
+    from dxray.storage.sink import RunSink
+
+    run = "run-feature-explained"
+    sink = RunSink(str(tmp_path), run)
+    base = {"run_id": run, "class_index": 1, "class_name": "c1", "template": "{}", "status": "ok"}
+    plain = [0.0] * 8
+    plain[4], plain[7] = 1.0, 3.0
+    sink.write_table("tasks", [base | {"task_id": "k", "kind": "control", "control_activations": plain},
+                               base | {"task_id": "f4", "kind": "feature", "feature_index": 4, "feature_rank": 1},
+                               base | {"task_id": "f7", "kind": "feature", "feature_index": 7, "feature_rank": 2}],
+                     part="all")
+    acts = {"k": [None, None], "f4": [2.0, 2.5], "f7": [1.0, 1.25]}
+    sink.write_table("samples", [{"run_id": run, "task_id": t, "seed": i, "object_fraction": 0.0 if t != "k" else 0.8,
+                                  "feature_activation": a} for t, values in acts.items() for i, a in enumerate(values)],
+                     part="all")
+    sink.write_manifest({"run_id": run})
+    verdicts, classes = redecide(str(tmp_path / run), 0.3)
+    assert [(v["feature_index"], v["verdict"], v["explained"]) for v in verdicts] == [(4, "spurious", True),
+                                                                                       (7, "not explained", False)]
+    assert (classes[0]["n_spurious"], classes[0]["n_not_explained"]) == (1, 1)
+    build_report(str(tmp_path / run), tmp_path / "r.html")
+    page = _parse(tmp_path / "r_files" / "class-1.html")
+    assert [(f, v) for _, f, _, v in page.badges] == [(4, "spurious"), (7, "not explained")]
+    spans = [dict(a) for t, a in page.tags if t == "span" and "verdict" in (dict(a).get("class") or "").split()]
+    assert [a["class"].split()[1] for a in spans] == ["spurious", "unexplained"]
+    assert "1.12" in spans[1]["title"] and "3" in spans[1]["title"]
+    assert "1 of 2 features spurious, 1 not explained" in "".join(page.text)

@@ -43,11 +43,12 @@ def test_feature_agreement_counts_pairs_splits_biased_and_leaves_ambiguous_out()
 
     truths = [truth(0, 1, "spurious"), truth(0, 2, "spurious"), truth(3, 1, "core"), truth(3, 4, "ambiguous"),
               truth(4, 5, "core")]
+    truths.append(truth(4, 6, "core"))
     verdicts = [verdict(0, 1, "spurious"), verdict(0, 2, "core"), verdict(3, 1, "core"), verdict(3, 4, "spurious"),
-                verdict(4, 5, "spurious")]
+                verdict(4, 5, "spurious"), verdict(4, 6, "not explained")]  # not called spurious: right on a core truth
     got = feature_agreement(verdicts, truths)
-    assert got["all"] == {"agreement": 2 / 4, "n_pairs": 4, "n_ambiguous": 1, "n_truth_spurious": 2,
-                          "n_dxray_spurious": 2}
+    assert got["all"] == {"agreement": 3 / 5, "n_pairs": 5, "n_ambiguous": 1, "n_truth_spurious": 2,
+                          "n_dxray_spurious": 2, "n_not_explained": 1}
     assert got["biased"]["agreement"] == 1 / 2 and got["biased"]["n_pairs"] == 2
-    assert got["unbiased"]["agreement"] == 1 / 2 and got["unbiased"]["n_ambiguous"] == 1
-    assert [p["correct"] for p in got["pairs"]] == [True, False, True, None, False]
+    assert got["unbiased"]["agreement"] == 2 / 3 and got["unbiased"]["n_ambiguous"] == 1
+    assert [p["correct"] for p in got["pairs"]] == [True, False, True, None, False, True]

@@ -186,3 +186,36 @@ def test_a_class_explanation_the_classifier_does_not_read_as_the_class_is_not_ca
     assert class_call(bee) == call
     assert class_call(bee | {"class_object_fraction": 0.3}) == ("not explained" if explained is False else "not biased")
     to_table("classes", classes)
+
+
+@pytest.mark.parametrize(("acts_b", "explained", "call"), [
+    ([3.0, 2.0, 2.5], True, "spurious"),  # mean 2.5 >= the plain pictures' 2.0: the object's absence is a finding
+    ([2.0, 2.0, 2.0], True, "spurious"),  # reaching the control counts as explained
+    ([1.0, 0.5, 1.5], False, "not explained"),  # mean 1.0 < 2.0: the optimisation found nothing, r says nothing
+])
+def test_a_feature_whose_images_do_not_reach_the_plain_pictures_is_not_explained(acts_b, explained, call):
+    """Issue 31: each feature's images are compared with the class's segmenter-control images on the audited
+    feature (tasks.control_activations); a feature's own index picks its control value, and a run without the
+    control's activations keeps the r verdict."""
+    tasks, samples = _tables()
+    control = {"run_id": "r", "task_id": "k3", "kind": "control", "class_index": 3, "class_name": "bee",
+               "template": "{}", "status": "ok", "control_activations": [0.0] * 10 + [9.0] + [0.0] * 9 + [2.0]}
+    rows = samples.to_pylist() + [{"run_id": "r", "task_id": "k3", "seed": i, "object_fraction": 0.9} for i in range(2)]
+    acts = {"f3a": [8.0, 9.5, 9.0], "f3b": acts_b, "f5a": [1.0, 1.0, 1.0]}
+    seen = {}
+    for row in rows:
+        if row["task_id"] in acts:
+            row["feature_activation"] = acts[row["task_id"]][seen.setdefault(row["task_id"], 0)]
+            seen[row["task_id"]] += 1
+    verdicts, classes = decide(to_table("tasks", [*tasks.to_pylist(), control]), to_table("samples", rows), 0.3, "r")
+    got = {(v["class_index"], v["feature_index"]): v for v in verdicts}
+    b = got[(3, 20)]
+    assert b["mean_object_fraction"] == pytest.approx(0.1) and (b["explained"], b["verdict"]) == (explained, call)
+    assert (b["mean_activation"], b["control_activation"]) == (pytest.approx(sum(acts_b) / 3), 2.0)
+    a = got[(3, 10)]  # mean 8.83 below its own feature's 9.0: not explained though its r (0.6) says core
+    assert (a["explained"], a["verdict"], a["control_activation"]) == (False, "not explained", 9.0)
+    sled = got[(5, 7)]  # class 5 has no control: the r verdict stands
+    assert (sled["control_activation"], sled["explained"], sled["verdict"]) == (None, None, "core")
+    bee = next(c for c in classes if c["class_index"] == 3)
+    assert (bee["n_spurious"], bee["n_not_explained"], bee["n_features"]) == (int(call == "spurious"), 2 - explained, 2)
+    to_table("verdicts", verdicts), to_table("classes", classes)

@@ -33,7 +33,7 @@ from markupsafe import Markup
 from dxray.errors import DxrayError, visible, what_is
 from dxray.report import thumbs
 from dxray.report.template import PAGES, SCRIPT, STYLE, csp
-from dxray.verdict import LOW_CONFIDENCE, RESAMPLES, class_call
+from dxray.verdict import LOW_CONFIDENCE, NOT_EXPLAINED, RESAMPLES, class_call
 
 # Only the columns the report shows: samples also hold masks and boxes, which can be large.
 _COLUMNS = {
@@ -42,9 +42,10 @@ _COLUMNS = {
     "samples": ["task_id", "seed", "image_uri", "width", "height", "class_prob", "object_fraction"],
     "verdicts": ["class_index", "feature_index", "template", "mean_object_fraction", "std_object_fraction",
                  "n_samples", "delta", "verdict", "mean_object_fraction_low", "mean_object_fraction_high",
-                 "confidence", "low_confidence", "top_concepts", "top_concept_fractions"],
+                 "confidence", "low_confidence", "top_concepts", "top_concept_fractions", "mean_activation",
+                 "control_activation", "explained"],
     "classes": ["class_index", "class_name", "template", "class_object_fraction", "n_spurious", "n_features",
-                "delta", "explained", "class_prob", "n_low_confidence", "control_object_fraction", "reliable", "detection_prompt",
+                "delta", "explained", "class_prob", "n_not_explained", "n_low_confidence", "control_object_fraction", "reliable", "detection_prompt",
                 "detection_candidates", "candidate_control_object_fractions", "class_top_concepts",
                 "class_top_concept_fractions"],
 }
@@ -175,7 +176,10 @@ def _task_view(t: dict, verdict: dict | None, concepts: list[dict] | None = None
     """A task's block without its images (:func:`_with_images` adds them for the page that shows them)."""
     v = None
     if verdict is not None:
-        v = {"verdict": verdict["verdict"], "mean": _float(verdict["mean_object_fraction"]),
+        call = verdict["verdict"]
+        v = {"verdict": call, "badge": "unexplained" if call == NOT_EXPLAINED else call,
+             "activation": _float(verdict["mean_activation"]), "control_activation": _float(verdict["control_activation"]),
+             "mean": _float(verdict["mean_object_fraction"]),
              "std": _float(verdict["std_object_fraction"]), "n": verdict["n_samples"],
              # issue 19; a run decided before it has none of these: no interval, no flag
              "low": _float(verdict["mean_object_fraction_low"]), "high": _float(verdict["mean_object_fraction_high"]),
@@ -277,6 +281,7 @@ class _Model:
                     "template": tpl, "anchor": f"class-{c}-t{j}", "r": r, "biased": biased,
                     "unexplained": unexplained, "class_prob": prob,
                     "n_spurious": row["n_spurious"] if row else None,
+                    "n_unexplained": row["n_not_explained"] if row else None,
                     "n_unsure": row["n_low_confidence"] if row else None,
                     "n_features": row["n_features"] if row else None,
                     "class_tasks": [t for t in ts if t["kind"] == "class"],
@@ -288,6 +293,7 @@ class _Model:
                     "fragment": "" if j == 0 else f"#class-{c}-t{j}", "row_id": f"row-{c}" if j == 0 else None,
                     "r": r, "biased": biased, "unexplained": unexplained, "class_prob": prob,
                     "n_spurious": row["n_spurious"] if row else None,
+                    "n_unexplained": row["n_not_explained"] if row else None,
                     "n_features": row["n_features"] if row else None,
                     "n_unsure": row["n_low_confidence"] if row else None,
                     "n_failed": sum(t["status"] != "ok" for t in ts), "unreliable": unreliable,

@@ -190,7 +190,7 @@ MACROS = r"""
 {%- elif t.kind == "control" %}<strong>plain prompt <code>{{ t.template }}</code></strong> <span class="stats">not optimised: does the segmenter find the object when it is drawn?</span>
 {%- else %}<strong>class explanation</strong>{% endif %}
 {%- if t.status != "ok" %} <span class="badge error">failed</span>
-{%- elif t.verdict %} <span class="badge {{ t.verdict.verdict }} verdict" data-verdict="{{ t.verdict.verdict }}"{% if t.verdict.std is not none %} title="mean r {{ "%.3f"|format(t.verdict.mean) }} ± {{ "%.3f"|format(t.verdict.std) }} over {{ t.verdict.n }} images"{% endif %}>{{ t.verdict.verdict }} · mean r {{ "%.3f"|format(t.verdict.mean) if t.verdict.mean is not none else "–" }}</span>
+{%- elif t.verdict %} <span class="badge {{ t.verdict.badge }} verdict" data-verdict="{{ t.verdict.verdict }}"{% if t.verdict.badge == "unexplained" %} title="these images drive the feature to {{ "%.3g"|format(t.verdict.activation) }} on average, below the {{ "%.3g"|format(t.verdict.control_activation) }} of the class's plain pictures: the optimisation did not find what the feature responds to, so its r says nothing"{% elif t.verdict.std is not none %} title="mean r {{ "%.3f"|format(t.verdict.mean) }} ± {{ "%.3f"|format(t.verdict.std) }} over {{ t.verdict.n }} images"{% endif %}>{{ t.verdict.verdict }} · mean r {{ "%.3f"|format(t.verdict.mean) if t.verdict.mean is not none else "–" }}</span>
 {%- if t.verdict.low is not none %} <span class="stats interval">95% interval {{ "%.3f"|format(t.verdict.low) }}–{{ "%.3f"|format(t.verdict.high) }} · confidence {{ "%.0f"|format(100 * t.verdict.confidence) }}%</span>{% endif %}
 {%- if t.verdict.unsure %} <span class="badge unsure" data-confidence="{{ "%.3f"|format(t.verdict.confidence) if t.verdict.confidence is not none else '' }}" title="{% if t.verdict.confidence is not none %}only {{ "%.0f"|format(100 * t.verdict.confidence) }}% of the bootstrap resamples of r give this verdict{% else %}one image: no interval{% endif %}">low confidence</span>{% endif %}
 {%- elif t.kind == "feature" %} <span class="badge none">no verdict</span>
@@ -278,7 +278,7 @@ CLASS = r"""{% extends "base" %}{% from "macros" import meta, nav, task_block %}
 {%- if run.several_templates %}<h3>template <code>{{ g.template }}</code></h3>{% endif %}
 <p class="meta">
 <span>class r {{ "%.3f"|format(g.r) if g.r is not none else "–" }}{% if g.biased %} <span class="badge biased">biased?</span>{% endif %}{% if g.unexplained %} <span class="badge unexplained" title="the classifier reads the class explanation as the class with mean probability {{ "%.2f"|format(g.class_prob) if g.class_prob is not none else "–" }} &lt; 0.5: the optimisation did not find what it responds to, so its r says nothing">not explained</span>{% endif %}</span>
-{%- if g.n_features is not none %}<span>{{ g.n_spurious }} of {{ g.n_features }} features spurious</span>{% endif %}
+{%- if g.n_features is not none %}<span>{{ g.n_spurious }} of {{ g.n_features }} features spurious{% if g.n_unexplained %}, {{ g.n_unexplained }} not explained{% endif %}</span>{% endif %}
 {%- if g.n_unsure %}<span><span class="badge unsure count">{{ g.n_unsure }} low confidence</span></span>{% endif %}
 </p>
 {%- for t in g.class_tasks %}{{ task_block(t) }}{% endfor %}
@@ -379,7 +379,7 @@ COMPARE = r"""{% extends "base" %}
 <tr data-class="{{ f.class_index }}" data-feature="{{ f.feature_index }}" data-change="{{ f.change }}">
 <td class="num">{{ f.class_index }}</td><td>{{ f.class_name or "" }}</td><td class="num">{{ f.feature_index }}</td>
 <td class="num">{{ f.feature_rank if f.feature_rank is not none else "–" }}</td>
-<td><span class="badge {{ f.verdict_a }}">{{ f.verdict_a }}</span></td><td><span class="badge {{ f.verdict_b }}">{{ f.verdict_b }}</span></td>
+<td><span class="badge {{ f.verdict_a|replace("not explained", "unexplained") }}">{{ f.verdict_a }}</span></td><td><span class="badge {{ f.verdict_b|replace("not explained", "unexplained") }}">{{ f.verdict_b }}</span></td>
 <td class="num" data-sort="{{ f.r_a if f.r_a is not none else '' }}">{{ "%.3f"|format(f.r_a) if f.r_a is not none else "–" }}{% if f.r_low_a is not none %} ({{ "%.3f"|format(f.r_low_a) }}–{{ "%.3f"|format(f.r_high_a) }}){% endif %}</td>
 <td class="num" data-sort="{{ f.r_b if f.r_b is not none else '' }}">{{ "%.3f"|format(f.r_b) if f.r_b is not none else "–" }}{% if f.r_low_b is not none %} ({{ "%.3f"|format(f.r_low_b) }}–{{ "%.3f"|format(f.r_high_b) }}){% endif %}</td>
 </tr>

@@ -91,7 +91,7 @@ VERDICTS = _schema("verdicts", [
     _f("std_object_fraction", pa.float32(), "population standard deviation of r"),
     _f("n_samples", pa.int32(), "images with a measured r"),
     _f("delta", pa.float32(), "threshold: core when mean r >= delta"),
-    _f("verdict", pa.string(), "core or spurious"),
+    _f("verdict", pa.string(), "core (mean r >= delta), spurious, or not explained (explained false, whatever r)"),
     _f("mean_object_fraction_low", pa.float32(), "2.5th percentile of the bootstrap means of r: the 95% interval's low end (null with fewer than 2 images)"),
     _f("mean_object_fraction_high", pa.float32(), "97.5th percentile of the bootstrap means of r: the 95% interval's high end (null with fewer than 2 images)"),
     _f("confidence", pa.float32(), "share of bootstrap resamples whose mean r gives the same verdict at delta (null with fewer than 2 images)"),
@@ -103,6 +103,9 @@ VERDICTS = _schema("verdicts", [
     _f("detection_prompt", pa.string(), "the detection prompt whose r decided this verdict: the class's only prompt, or of several candidates the one with the highest mean r on the control images"),
     _f("top_concepts", pa.list_(pa.string()), "what the feature's images show besides the object: up to 3 concepts of segment.concepts with the highest mean coverage over its images (above 0), highest first; null without concepts"),
     _f("top_concept_fractions", pa.list_(pa.float32()), "mean coverage of each of top_concepts"),
+    _f("mean_activation", pa.float32(), "mean activation of the feature over its held-out images (what the optimisation reached)"),
+    _f("control_activation", pa.float32(), "the feature's mean activation over the class's segmenter-control images (its plain pictures, not optimised); null without a control"),
+    _f("explained", pa.bool_(), "mean_activation >= control_activation: the optimised images drive the feature at least as high as the class's plain pictures do; false: the optimisation did not find what the feature responds to, so the verdict is 'not explained' whatever its r; null without a control"),
 ])
 
 CLASSES = _schema("classes", [
@@ -113,7 +116,8 @@ CLASSES = _schema("classes", [
     _f("class_object_fraction", pa.float32(), "mean r of the class explanation (Eq.3): is the object there at all?"),
     _f("class_prob", pa.float32(), "mean probability of the class over the class explanation's held-out images: does the classifier read them as the class?"),
     _f("explained", pa.bool_(), "class_prob >= 0.5 (verdict.EXPLAINED): the optimisation found what the classifier responds to; false: the class is not called biased whatever its r ('not explained'); null without class images"),
-    _f("n_spurious", pa.int32(), "features judged spurious"),
+    _f("n_spurious", pa.int32(), "features judged spurious (not explained ones are not)"),
+    _f("n_not_explained", pa.int32(), "features whose optimised images do not reach the control's activation (verdicts.explained false): neither core nor spurious"),
     _f("n_features", pa.int32(), "features judged"),
     _f("delta", pa.float32(), "threshold used for the verdicts"),
     _f("n_low_confidence", pa.int32(), "features whose verdict is low confidence (see verdicts.low_confidence)"),
@@ -185,9 +189,9 @@ COMPARISON = _schema("comparison", [
     _f("n_features_b", pa.int32(), "class rows: RUN_B's judged features"),
     _f("n_new_spurious", pa.int32(), "class rows: features core in RUN_A and spurious in RUN_B when features_comparable; else how many more spurious features RUN_B has (0 when fewer)"),
     _f("n_new_core", pa.int32(), "class rows: features spurious in RUN_A and core in RUN_B (features_comparable); else how many fewer spurious features RUN_B has"),
-    _f("verdict_a", pa.string(), "feature rows: RUN_A's verdict (core or spurious)"),
+    _f("verdict_a", pa.string(), "feature rows: RUN_A's verdict (core, spurious or not explained)"),
     _f("verdict_b", pa.string(), "feature rows: RUN_B's verdict"),
-    _f("change", pa.string(), "class rows: newly biased, no longer biased or same; feature rows: new spurious (core in A, spurious in B), new core, or same"),
+    _f("change", pa.string(), "class rows: newly biased, no longer biased or same; feature rows: new spurious (spurious in B, not in A), new core (core in B, not in A), not explained (in B, not in A), or same"),
 ])
 
 TABLES: dict[str, pa.Schema] = {"tasks": TASKS, "samples": SAMPLES, "verdicts": VERDICTS, "classes": CLASSES,

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from dxray.errors import DxrayError
 from dxray.runs import open_run
 from dxray.toyworld import scores
-from dxray.verdict import class_call
+from dxray.verdict import NOT_EXPLAINED, class_call
 
 
 def _manifest(sink) -> dict:
@@ -67,14 +67,15 @@ def feature_agreement(verdicts: list[dict], truth_rows: list[dict]) -> dict:
     pairs = []
     for v in verdicts:
         t = truth[(v["class_index"], v["feature_index"])]
+        call = v["verdict"]  # "not explained" is not a spurious call: against the truth it counts as core
         pairs.append({
             "class_index": v["class_index"], "class_name": v["class_name"], "feature_index": v["feature_index"],
-            "feature_rank": v["feature_rank"], "template": v["template"], "verdict": v["verdict"],
+            "feature_rank": v["feature_rank"], "template": v["template"], "verdict": call, "explained": v.get("explained"),
             "mean_object_fraction": v["mean_object_fraction"], "truth": t["truth"],
             "planted_biased": t["planted_biased"], "object_response": t["object_response"],
             "background_response": t["background_response"], "scale": t["scale"], "kind": t.get("kind"),
             "top_concept": (v.get("top_concepts") or [None])[0],
-            "correct": None if t["truth"] == "ambiguous" else v["verdict"] == t["truth"],
+            "correct": None if t["truth"] == "ambiguous" else (call == "spurious") == (t["truth"] == "spurious"),
         })
 
     def share(rows):
@@ -82,7 +83,8 @@ def feature_agreement(verdicts: list[dict], truth_rows: list[dict]) -> dict:
         return {"agreement": sum(judged) / len(judged) if judged else None, "n_pairs": len(judged),
                 "n_ambiguous": sum(p["correct"] is None for p in rows),
                 "n_truth_spurious": sum(p["truth"] == "spurious" for p in rows),
-                "n_dxray_spurious": sum(p["verdict"] == "spurious" for p in rows if p["correct"] is not None)}
+                "n_dxray_spurious": sum(p["verdict"] == "spurious" for p in rows if p["correct"] is not None),
+                "n_not_explained": sum(p["verdict"] == NOT_EXPLAINED for p in rows if p["correct"] is not None)}
 
     return {"all": share(pairs), "biased": share([p for p in pairs if p["planted_biased"]]),
             "unbiased": share([p for p in pairs if not p["planted_biased"]]), "pairs": pairs}
@@ -271,7 +273,9 @@ def summary_line(report: dict) -> str:
         a, b, u = f["all"], f["biased"], f["unbiased"]
         line += (f"; feature verdicts agree with the feature truth on {fmt(a['agreement'])} of {a['n_pairs']} pairs "
                  f"(biased classes {fmt(b['agreement'])} of {b['n_pairs']}, unbiased {fmt(u['agreement'])} of "
-                 f"{u['n_pairs']}; {a['n_ambiguous']} ambiguous left out; target ≥ 90%)")
+                 f"{u['n_pairs']}; {a['n_ambiguous']} ambiguous left out"
+                 + (f"; {a['n_not_explained']} not explained, counted as not spurious" if a.get("n_not_explained") else "")
+                 + "; target ≥ 90%)")
     k = report.get("concepts")
     if k:
         e, s = k["class_explanations"], k["spurious_features"]
