@@ -14,6 +14,12 @@ rate and AUROC of r with 95% intervals, beside the baselines (everything core, s
 control alone; ``dxray/toyworld/scores.py``). Also: how often a spurious feature's top concept is its shortcut.
 Each world's generator fidelity (how often a plain prompt's object is drawn and read, ``v5.generator_fidelity``)
 is reported beside the figures: no explanation shows more than its generator can draw.
+Each finished audit also leaves a **record** in ``benchmarks/results/toyworld-sweep-runs/`` (its calls, classes and
+concepts as the check scored them, the CPU and the dxray commit; a few KB, :func:`record_path`), and each world its
+generator fidelity. A record stands for its audit: a later sweep, on this machine or another, counts it without
+training that world or auditing again, so a sweep longer than one sitting accumulates in the repository (a held-out
+world retrained on another CPU is another instance of the same world; each record was scored against the truth of
+the classifier it audited). ``--no-records`` ignores them; delete them when the verdict rules change.
 Writes ``benchmarks/results/toyworld-sweep-NAME.json`` and, with more than one ρ, ``toyworld-sweep-NAME.png``
 (recall and false-positive rate against ρ). Settings are chosen on world seeds 0-2 only; figures are reported
 on world seeds >= 3 and audit seeds >= 3 (the script refuses to mix them).
@@ -80,6 +86,22 @@ def fidelity(cache_dir: str, worlds: list[int]) -> dict:
     return out
 
 
+RECORDS = RESULTS / "toyworld-sweep-runs"
+
+
+def record_path(world: int, family: str, rho: float, seed: int, top_k: int, overrides: list[str],
+                records: Path = RECORDS) -> Path:
+    """Where one audit's record lives in the repository: named as its run folder is."""
+    return records / f"{run_folder('', world, family, rho, seed, top_k, overrides).name}.json"
+
+
+def _commit() -> str | None:
+    import subprocess
+
+    done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or None
+
+
 def run_folder(cache_dir: str, world: int, family: str, rho: float, seed: int, top_k: int, overrides: list[str]) -> Path:
     """Where one audit's run lives: in the cache, named by everything that makes the audit, so a sweep stopped
     part-way (or a later sweep over an overlapping grid) resumes its audits instead of redoing them."""
@@ -106,7 +128,33 @@ def audit(cache_dir: str, world: int, family: str, rho: float, seed: int, top_k:
     unit = f"world {world} seed {seed}"
     return {"world": world, "family": family, "rho": rho, "seed": seed, "seconds": round(seconds, 1),
             "calls": {level: [c | {"unit": unit} for c in calls] for level, calls in (report.get("calls") or {}).items()},
-            "concepts": report.get("concepts"), "classes": report.get("classes")}
+            "concepts": report.get("concepts"), "classes": report.get("classes"),
+            "machine": cpu_name(), "commit": _commit()}
+
+
+def recorded(world: int, family: str, rho: float, seed: int, top_k: int, overrides: list[str],
+             records: Path | None) -> dict | None:
+    """The audit's record, None when there is none (or records are off)."""
+    if records is None:
+        return None
+    path = record_path(world, family, rho, seed, top_k, overrides, records)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def audit_or_record(cache_dir: str, world: int, family: str, rho: float, seed: int, top_k: int, overrides: list[str],
+                    records: Path | None) -> dict:
+    """The audit's record when there is one; else the audit, whose record is then written (atomically)."""
+    known = recorded(world, family, rho, seed, top_k, overrides, records)
+    if known is not None:
+        return known
+    result = audit(cache_dir, world, family, rho, seed, top_k, overrides)
+    if records is not None:
+        path = record_path(world, family, rho, seed, top_k, overrides, records)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, separators=(",", ":")) + "\n")
+        tmp.replace(path)
+    return result
 
 
 def pooled(runs: list[dict], key=lambda r: "all", kind: str | None = None) -> dict:
@@ -187,8 +235,10 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--jobs", type=int, default=2, help="trainings / audits at a time (one thread each)")
     ap.add_argument("--name", required=True)
+    ap.add_argument("--no-records", action="store_true", help="audit again even where a record stands for the audit")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the audit")
     args = ap.parse_args()
+    records = None if args.no_records else RECORDS
     worlds, seeds, rhos = seeds_of(args.worlds), seeds_of(args.seeds), _floats(args.rho)
     families = args.families.split(",")
     held_out = [min(worlds) >= 3, min(seeds) >= 3]
@@ -196,14 +246,26 @@ def main() -> None:
         raise SystemExit("report on world seeds >= 3 AND audit seeds >= 3, or choose settings on 0-2: not a mix")
     cells = [(f, rho) for f in families for rho in rhos]
     started = time.perf_counter()
-    train(args.cache_dir, worlds, list(dict.fromkeys([*cells, ("cnn", 0.0)])), args.jobs)  # ρ 0's CNN reads fidelity
+    grid = [(w, f, rho, s) for s in seeds for w in worlds for f, rho in cells]  # seed-major: a stopped sweep covers every cell
+    todo = [g for g in grid if recorded(*g, args.top_k, args.overrides, records) is None]
+    fidelity_records = {w: RECORDS / f"world-{w}-fidelity.json" for w in worlds}
+    need = sorted({w for w, *_ in todo} | {w for w in worlds if records is None or not fidelity_records[w].is_file()})
+    print(f"{len(grid) - len(todo)} of {len(grid)} audits recorded in {RECORDS.relative_to(ROOT)}; training "
+          f"world(s) {need or 'none'}", flush=True)
+    train(args.cache_dir, need, list(dict.fromkeys([*cells, ("cnn", 0.0)])), args.jobs)  # ρ 0's CNN reads fidelity
     trained = time.perf_counter() - started
-    print(f"trained {len(worlds)} worlds x {len(cells)} classifiers ({trained:.0f} s)", flush=True)
-    generators = fidelity(args.cache_dir, worlds)
+    print(f"trained {len(need)} worlds x {len(cells)} classifiers ({trained:.0f} s)", flush=True)
+    generators = {str(w): json.loads(fidelity_records[w].read_text()) for w in worlds if w not in need}
+    generators |= fidelity(args.cache_dir, need)
+    if records is not None:
+        RECORDS.mkdir(parents=True, exist_ok=True)
+        for w in need:
+            fidelity_records[w].write_text(json.dumps(generators[str(w)]) + "\n")
+    generators = {str(w): generators[str(w)] for w in worlds}
     runs = []
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(audit, args.cache_dir, w, f, rho, s, args.top_k, args.overrides)
-                   for s in seeds for w in worlds for f, rho in cells]  # seed-major: a stopped sweep covers every cell
+        futures = [pool.submit(audit_or_record, args.cache_dir, w, f, rho, s, args.top_k, args.overrides, records)
+                   for w, f, rho, s in grid]
         for fut in futures:
             runs.append(fut.result())
             r = runs[-1]
@@ -215,6 +277,7 @@ def main() -> None:
         "name": args.name, "held_out": all(held_out), "worlds": worlds, "seeds": seeds, "rho": rhos,
         "families": families, "top_k": args.top_k, "overrides": [*V5_OVERRIDES, *args.overrides],
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_name()}",
+        "audits_machines": dict(Counter(r.get("machine") or "?" for r in runs)),
         "seconds": {"training": round(trained), "total": round(time.perf_counter() - started)},
         "generator_fidelity": generators,
         "by_family": pooled(runs, lambda r: r["family"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -70,3 +71,27 @@ def test_an_audit_keeps_a_run_folder_named_by_everything_that_makes_it(sweep, tm
         (3, "cnn", 0.9, 4, 2, ["optimize.restarts=2"]), (3, "cnn", 0.95, 5, 2, ["optimize.restarts=2"]),
         (3, "cnn", 0.95, 4, 5, ["optimize.restarts=2"]), (3, "cnn", 0.95, 4, 2, []))]
     assert len({one, *others}) == 7
+
+
+def test_a_record_stands_for_its_audit_and_an_audit_without_one_runs(sweep, tmp_path, monkeypatch):
+    """A sweep longer than one sitting accumulates in the repository: an audit with a record is not run again (with
+    no world in the cache, running it would fail); one without a record runs and leaves its record; records off
+    (``--no-records``) always run. The audit itself is replaced here: what is tested is which audits run."""
+    records = tmp_path / "records"
+    ran = []
+
+    def fake_audit(cache_dir, world, family, rho, seed, top_k, overrides):
+        ran.append((world, seed))
+        return {"world": world, "family": family, "rho": rho, "seed": seed, "calls": {}}
+
+    monkeypatch.setattr(sweep, "audit", fake_audit)
+    args = ("cnn", 1.0)
+    first = sweep.audit_or_record(str(tmp_path), 3, *args, 4, 2, [], records)
+    path = sweep.record_path(3, *args, 4, 2, [], records)
+    assert path.name == sweep.run_folder(str(tmp_path), 3, *args, 4, 2, []).name + ".json"
+    assert json.loads(path.read_text()) == first and ran == [(3, 4)]
+    assert sweep.audit_or_record(str(tmp_path), 3, *args, 4, 2, [], records) == first and ran == [(3, 4)]
+    sweep.audit_or_record(str(tmp_path), 3, *args, 5, 2, [], records)  # another seed: no record yet
+    sweep.audit_or_record(str(tmp_path), 3, *args, 4, 2, [], None)  # records off
+    assert ran == [(3, 4), (3, 5), (3, 4)] and sorted(p.name for p in records.iterdir()) == sorted(
+        [path.name, sweep.record_path(3, *args, 5, 2, [], records).name])
