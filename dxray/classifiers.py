@@ -24,6 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dxray.errors import DxrayError, load_errors, one_line, what_is
+from dxray.weights import (
+    fit_state,
+    hub_reason,
+    load_weights,
+    pickle_refusal,
+    read_state_dict,
+)
 
 IMAGENET_SIZE = (224, 224)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -70,13 +77,6 @@ def _meta_or_not(meta: bool):
     return torch.device("meta") if meta else contextlib.nullcontext()
 
 
-def _check_file(path: str) -> Path:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise DxrayError(f"classifier weights file not found: {path}")
-    return p
-
-
 # While describe(..., missing=[...]) runs: a meta build lists a weights file it cannot find here instead of
 # raising (the architecture alone describes the model; the dry run of a job meant for another machine).
 _MISSING: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("dxray_missing_files", default=None)
@@ -98,78 +98,6 @@ def _load_file(model: nn.Module, path: str, meta: bool, allow_pickle: bool) -> N
         _meta_file(path, f"classifier weights file not found: {path}")
     else:
         load_weights(model, path, allow_pickle)
-
-
-def load_weights(model: nn.Module, path: str, allow_pickle: bool = False) -> None:
-    """Load a .safetensors/.pt/.pth/.bin state dict (optionally nested, 'module.'-prefixed) into ``model``."""
-    state = read_state_dict(path, allow_pickle)
-    _fit(model, {k.removeprefix("module."): v for k, v in state.items()}, path)
-
-
-_PICKLE_HINT = "set allow_pickle=True (classifier.allow_pickle) only if you trust the file"
-
-
-def read_state_dict(path: str, allow_pickle: bool = False, pickle_hint: str = _PICKLE_HINT) -> dict[str, Tensor]:
-    """The tensors of a .safetensors/.pt/.pth/.bin checkpoint, unwrapped from 'state_dict'/'model';
-    never runs pickled code unless ``allow_pickle`` (``pickle_hint`` says how to allow it)."""
-    p = _check_file(path)
-    if p.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(p))
-        except SafetensorError as err:
-            raise DxrayError(f"cannot read checkpoint {path}: {one_line(err, 150, typed=False)}") from None
-    else:
-        try:
-            state = torch.load(p, map_location="cpu", weights_only=not allow_pickle)
-        except pickle.UnpicklingError as err:
-            if allow_pickle:
-                raise DxrayError(f"cannot read checkpoint {path}: {one_line(err, 150, typed=False)}") from None
-            found = re.search(r"GLOBAL ([\w.]+)", str(err))
-            what = f" ({found.group(1)})" if found else ""
-            raise DxrayError(f"checkpoint {path} holds objects that weights_only loading refuses{what}; "
-                             f"{pickle_hint}") from None
-        except Exception as err:
-            raise DxrayError(f"cannot read checkpoint {path}: {one_line(err, 150, typed=False)}") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict | nn.Module):
-            state = state[key]
-    if isinstance(state, nn.Module):
-        state = state.state_dict()
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise DxrayError(f"checkpoint {path} holds no state dict of tensors (looked under 'state_dict' and 'model')")
-    return state
-
-
-def pickle_refusal(what: str, folder: str, err: pickle.UnpicklingError, hint: str) -> str:
-    """One line for a model folder whose checkpoint weights-only loading refused: which file holds which
-    pickled objects, and ``hint`` (never "weights_only=False")."""
-    found = re.search(r"GLOBAL ([\w.]+)", str(err))
-    name, objects = "", found.group(1) if found else ""
-    root = Path(folder).expanduser()
-    if root.is_dir():  # name the file: the first .bin whose pickle imports something weights-only refuses
-        for f in sorted([*root.glob("*.bin"), *root.glob("*/*.bin")]):
-            try:
-                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
-            except Exception:  # noqa: BLE001 - an old-format or unreadable file: the error's own name stays
-                continue
-            if unsafe:
-                name, objects = f" ({f.relative_to(root)})", ", ".join(unsafe[:3])
-                break
-    return f"{what} holds a pickled checkpoint{name} that dxray does not unpickle{f' ({objects})' if objects else ''}; {hint}"
-
-
-def _fit(model: nn.Module, state: dict[str, Tensor], path: str) -> None:
-    """Load ``state`` into ``model``; every key must match."""
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:
-        raise DxrayError(f"checkpoint {path} does not fit the model: {one_line(err, 200, typed=False)}") from None
-    if missing or unexpected:
-        raise DxrayError(f"checkpoint {path} does not fit the model: {len(missing)} missing keys {missing[:3]}, "
-                         f"{len(unexpected)} unexpected keys {unexpected[:3]}")
 
 
 def _build_torchvision(name: str, weights: str | None, kwargs: dict, meta: bool, allow_pickle: bool) -> _Built:
@@ -247,8 +175,6 @@ def _build_hf(ref: str, weights: str | None, kwargs: dict, meta: bool, allow_pic
                                             "writes model.safetensors)")) from None
         model = _hf_unpickled(path, kwargs)
     except load_errors() as err:
-        from dxray.generator import hub_reason
-
         raise DxrayError(f"cannot load classifier 'hf:{ref}': {hub_reason(err, 200)}") from None
     if weights not in (None, "none", "DEFAULT"):
         _load_file(model, weights, meta, allow_pickle)
@@ -273,7 +199,7 @@ def _hf_unpickled(path: str, kwargs: dict) -> nn.Module:
         except Exception as err:  # noqa: BLE001 - whatever the unpickling raised, in one line
             raise DxrayError(f"cannot read checkpoint {f}: {one_line(err, 150, typed=False)}") from None
         state |= {k: v for k, v in loaded.items() if isinstance(v, Tensor)} if isinstance(loaded, dict) else {}
-    _fit(model, state, path)
+    fit_state(model, state, path)
     return model
 
 
@@ -388,7 +314,7 @@ def _build_robust(path: str, weights: str | None, kwargs: dict, meta: bool, allo
     if not meta:
         state = robust_state_dict(read_state_dict(path, allow_pickle, _robust_pickle_hint(path)))
         defaults = model.normalizer.state_dict()  # ImageNet mean/std, when the checkpoint has no normaliser
-        _fit(model, {**{f"normalizer.{k}": v for k, v in defaults.items()}, **state}, path)
+        fit_state(model, {**{f"normalizer.{k}": v for k, v in defaults.items()}, **state}, path)
         if not bool((model.normalizer.new_std > 0).all()):
             raise DxrayError(f"checkpoint {path}: normalizer.new_std must be positive, got "
                              f"{model.normalizer.new_std.flatten().tolist()}")

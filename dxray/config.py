@@ -441,8 +441,8 @@ class Config(_Section):
         return None if folder is None else _plain_text(folder, f"{info.field_name} folder")
 
     def fingerprint(self) -> str:
-        """Hash of everything that defines the results (not where they go): see dxray.pipeline.identity."""
-        from dxray.pipeline.identity import run_fingerprint
+        """Hash of everything that defines the results (not where they go): see dxray.identity."""
+        from dxray.identity import run_fingerprint
 
         return run_fingerprint(self)
 

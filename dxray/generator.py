@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import pickle
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from dxray import prompts
 from dxray.errors import DxrayError, load_errors
 from dxray.prompts import SoftPrompt
+from dxray.weights import hub_reason, pickle_refusal
 
 StepHook = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -65,24 +65,6 @@ def _holds_bin(ref: str) -> bool:
 
 # Advice that only makes sense beside a traceback, which the CLI's one-line errors never show (diffusers:
 # "Please check out the root cause in the stacktrace above.").
-_TRACEBACK_ADVICE = re.compile(r"[\s.;,]*\b(please\s+)?(check\s+out|see|look\s+at)\b[^.]*\b(stack\s*trace|traceback)"
-                               r"\s+above\b.*$", re.IGNORECASE | re.DOTALL)
-
-
-def hub_reason(err: BaseException, limit: int = 300) -> str:
-    """One line from a hub / from_pretrained error: its first line without advice pointing at a traceback
-    above; the root cause (``__cause__``) is named instead when the tail was cut."""
-    if isinstance(err, KeyError):
-        return f"a config file lacks the key {err.args[0]!r}" if err.args else "a config file lacks a key"
-    if isinstance(err, load_errors()[-1]):
-        return f"a weights file is damaged or not safetensors ({' '.join(str(err).split())[:limit]})"
-    lines = [x.strip() for x in str(err).splitlines() if x.strip()]
-    text = lines[0] if lines else type(err).__name__
-    cut = _TRACEBACK_ADVICE.sub("", text).rstrip(" .;,")
-    if cut != text.rstrip(" .;,") and err.__cause__ is not None:
-        cause = (str(err.__cause__).strip().splitlines() or [""])[0]
-        cut += f" ({type(err.__cause__).__name__}{': ' + cause if cause else ''})"
-    return cut if len(cut) <= limit else cut[:limit] + "..."
 
 
 def guidance_embedding(w: float, dim: int) -> torch.Tensor:
@@ -156,8 +138,6 @@ class LCMGenerator:
                 pipe.unload_lora_weights()
             decoder = AutoencoderTiny.from_pretrained(tiny_vae, dtype=torch_dtype) if tiny_vae else pipe.vae
         except pickle.UnpicklingError as err:  # a part saved as a pickled .bin, refused weights-only
-            from dxray.classifiers import pickle_refusal
-
             where = next((r for r in (model, lora, tiny_vae) if r and _holds_bin(r)), model)
             raise DxrayError(pickle_refusal(f"generator {where!r}", where, err, "re-save that part as safetensors "
                                             "once, where you trust it (save_pretrained(folder, "

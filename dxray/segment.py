@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from dxray.errors import DxrayError, load_errors
+from dxray.weights import hub_reason, pickle_refusal, read_state_dict
 
 
 @dataclass
@@ -95,13 +96,9 @@ def _load(ref: str, what: str, *classes):
     try:
         return [cls.from_pretrained(ref, local_files_only=_offline()) for cls in classes]
     except pickle.UnpicklingError as e:  # a pytorch_model.bin holding pickled objects, refused weights-only
-        from dxray.classifiers import pickle_refusal
-
         raise DxrayError(pickle_refusal(f"{what} {ref!r}", ref, e, "re-save it as safetensors once, where you trust "
                                         "it (save_pretrained(folder, safe_serialization=True))")) from None
     except load_errors() as e:
-        from dxray.generator import hub_reason
-
         reason = hub_reason(e, 200)
         raise DxrayError(f"cannot load {what} {ref!r}: {reason}") from e
 
@@ -168,8 +165,6 @@ def load_sam_package(ref: str, *, allow_pickle: bool = False):
     code (the registry's ``checkpoint=`` argument would ``torch.load`` it with pickle), eval mode."""
     check_sam_package_ref(ref)
     from segment_anything import sam_model_registry
-
-    from dxray.classifiers import read_state_dict
 
     model_type, path = sam_package_ref(ref)
     state = read_state_dict(path, allow_pickle, "set segment.allow_pickle=true only if you trust the file")

@@ -101,7 +101,7 @@ def planted_reading(classifier, n: int) -> tuple[float, float, list[int]]:
     the planted classes' objects away from their planted background, its prediction for each bare planted
     background, in the order of ``render.BIASED``). A classifier that learned the shortcut: high, ~0, the classes."""
     from dxray.toyworld import render
-    from dxray.toyworld.train import unit_images
+    from dxray.toyworld.render import unit_images
 
     held = render.held_out_dataset(n, seed=1)
     with torch.no_grad():

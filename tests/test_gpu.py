@@ -72,7 +72,7 @@ def test_real_size_segmentation_in_half_precision_keeps_the_float32_boxes(cache_
 
     from test_segment import boxes_agree
 
-    from dxray.models.cache import build_once
+    from dxray.cache import build_once
     from dxray.models.real_size import save_grounding_dino_tiny, save_sam_vit_base
     from dxray.segment import Segmenter
 

@@ -74,7 +74,7 @@ def test_bad_grad_steps_in_the_config_names_the_field(k):
 
 
 def test_unset_grad_steps_keeps_existing_run_and_task_ids():
-    from dxray.pipeline.identity import task_id as _task_id
+    from dxray.identity import task_id as _task_id
 
     # Values computed by the code before the option existed.
     assert Config().fingerprint() == "08ca9b68c9d7"

@@ -178,7 +178,7 @@ def test_config_hard_prompt_and_template_presets(tmp_path):
 
 
 def test_run_and_task_ids_change_with_hard_settings_only_for_hard_prompts():
-    from dxray.pipeline.identity import task_id as _task_id
+    from dxray.identity import task_id as _task_id
 
     soft = build_config({})
     assert soft.fingerprint() == build_config({}, ["prompt.hard.tau_start=3", "prompt.templates=[object]"]).fingerprint()

@@ -190,7 +190,7 @@ def test_segment_prompt_and_class_name_messages_say_which(tmp_path, cache_dir):
 
 
 def test_hub_failures_do_not_point_at_a_stacktrace():
-    from dxray.generator import hub_reason
+    from dxray.weights import hub_reason
 
     cause = ConnectionError("[Errno -2] Name or service not known")
     err = OSError("Cannot load model nobody/x: the model is not fully cached locally (no snapshot) and an error "

@@ -124,7 +124,7 @@ def test_the_vit_architecture_is_a_small_vit_over_the_cnns_labels():
 
 
 def test_penultimate_is_the_head_input_the_cls_token_after_the_final_layernorm(vit):
-    from dxray.toyworld.train import unit_images
+    from dxray.toyworld.render import unit_images
 
     _, _, clf = vit
     x = unit_images([s for s, _ in render.held_out_dataset(12, seed=3)])

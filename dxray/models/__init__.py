@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 
 from dxray import classifiers
+from dxray.cache import cache_root
 from dxray.errors import DxrayError
-from dxray.models.cache import cache_root
 from dxray.models.presets import PRESETS, classifier_built, preset
 
 __all__ = ["PRESETS", "cache_root", "classifier_spec", "describe_classifier", "is_preset", "load_classifier",

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dxray.models.cache import built, cache_root
+from dxray.cache import built, cache_root
 
 
 @dataclass(frozen=True)

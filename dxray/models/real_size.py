@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dxray.models.cache import build_once
+from dxray.cache import build_once
 
 # lcm-lora-sdv1-5: rank 64 on these UNet modules (diffusers' train_lcm_distill_lora_sd_wds.py, which trained it)
 LCM_LORA_RANK = 64
@@ -34,8 +34,7 @@ def clip_tokenizer():
     from importlib.util import find_spec
 
     from transformers import CLIPTokenizer
-
-    from dxray.models.tiny import bytes_to_unicode
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     spec = find_spec("open_clip")  # finds the package without importing it (and its ftfy, timm imports)
     if spec is None or not spec.submodule_search_locations:

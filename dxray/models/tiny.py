@@ -11,28 +11,16 @@ from pathlib import Path
 
 import torch
 
-from dxray.models.cache import build_once, cache_root
+from dxray.cache import build_once, cache_root
 
 TINY_CLASSES = ["goldfish", "tabby cat"]
 TINY_RESOLUTION = 64
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte-to-unicode table (the base alphabet of the BPE vocabulary)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
 def tiny_clip_tokenizer():
     """A CLIP tokenizer with a character-level vocabulary (no merges): real ids for BOS/EOS/PAD."""
     from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]

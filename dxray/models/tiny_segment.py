@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dxray.models.cache import build_once, cache_root
+from dxray.cache import build_once, cache_root
 
 TINY_DETECTOR_SIZE = 128  # the Swin backbone needs inputs of at least ~128 px
 TINY_SAM_SIZE = 64

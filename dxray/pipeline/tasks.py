@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from dxray import objectives
 from dxray.errors import DxrayError
 from dxray.features import RankedFeature
+from dxray.identity import task_id
 from dxray.objectives import Objective
-from dxray.pipeline.identity import task_id
 
 
 @dataclass

@@ -54,10 +54,9 @@ PER_BACKGROUND = 32  # object renders per neutral background (half plain, half s
 
 def penultimate(classifier, scenes: list[render.Scene]) -> torch.Tensor:
     """The classifier's penultimate features of exact renders of ``scenes`` (scenes x features, on the CPU)."""
-    from dxray.toyworld.train import unit_images
 
     with torch.no_grad():
-        return classifier(unit_images(scenes), layers=["penultimate"])["penultimate"].float().cpu()
+        return classifier(render.unit_images(scenes), layers=["penultimate"])["penultimate"].float().cpu()
 
 
 def object_scenes(class_index: int, per_background: int = PER_BACKGROUND, seed: int = 0) -> list[render.Scene]:

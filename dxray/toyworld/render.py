@@ -236,3 +236,16 @@ def class_prompt(class_index: int | str) -> str:
     """Detection prompt for a class index (or name): "red circle."."""
     name = class_index if isinstance(class_index, str) else CLASS_NAMES[class_index]
     return name.strip().lower().rstrip(".") + "."
+
+
+def vae_images(scenes):
+    """Renders as the world's VAE takes them: an N x 3 x H x W float tensor in [-1, 1]."""
+    import torch
+
+    arr = np.stack([render(s)[0] for s in scenes]).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def unit_images(scenes):
+    """Renders as the classifier takes them: N x 3 x H x W in [0, 1]."""
+    return (vae_images(scenes) + 1) / 2

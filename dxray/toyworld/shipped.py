@@ -128,7 +128,6 @@ def pinned_outputs(root: Path) -> dict:
     from dxray.classifiers import load_classifier
     from dxray.generator import LCMGenerator
     from dxray.toyworld import render
-    from dxray.toyworld.train import unit_images
 
     scenes = [s for s, _ in render.held_out_dataset(8, seed=1)]
     out: dict = {}
@@ -136,7 +135,7 @@ def pinned_outputs(root: Path) -> dict:
         for model in CLASSIFIERS:
             if (root / model).is_dir():
                 clf = load_classifier(f"hf:{root / model}", device="cpu")
-                out[model] = clf(unit_images(scenes), layers=[])["logits"].float().tolist()
+                out[model] = clf(render.unit_images(scenes), layers=[])["logits"].float().tolist()
         gen = LCMGenerator.from_pretrained(str(root / "generator"), device="cpu", resolution=render.SIZE)
         images = []
         for word in ("circle", "blue"):
@@ -160,9 +159,9 @@ def pinned_v5_outputs(folders: dict[str, Path]) -> dict:
     import torch
 
     from dxray.classifiers import load_classifier
-    from dxray.toyworld.train import unit_images
+    from dxray.toyworld import render
 
-    x = unit_images(v5_inputs())
+    x = render.unit_images(v5_inputs())
     with torch.no_grad():
         return {name: load_classifier(f"hf:{path}", device="cpu")(x, layers=[])["logits"].float().tolist()
                 for name, path in sorted(folders.items())}

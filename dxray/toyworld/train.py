@@ -20,8 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dxray.models.cache import build_once, cache_root
-from dxray.models.tiny import bytes_to_unicode
+from dxray.cache import build_once, cache_root
 from dxray.toyworld import render
 
 VERSION = 4
@@ -53,6 +52,7 @@ def world_tokenizer(extra_words=()):
     and never split another word differently; unknown words fall back to characters.
     """
     from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     words = {w for c in render.CLASSES for w in c} | set(render.BACKGROUND_COLOURS) | {
         "a", "on", "background", "striped", "plain", "of", "texture", "shape"} | set(extra_words)
@@ -73,16 +73,6 @@ def world_tokenizer(extra_words=()):
 
 
 # -- data ------------------------------------------------------------------------------------------
-def _images(scenes) -> torch.Tensor:
-    arr = np.stack([render.render(s)[0] for s in scenes]).astype(np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
-
-
-def unit_images(scenes) -> torch.Tensor:
-    """Renders as the classifier takes them: N x 3 x H x W in [0, 1] (``_images`` is the VAE's [-1, 1])."""
-    return (_images(scenes) + 1) / 2
-
-
 # -- generator -------------------------------------------------------------------------------------
 def train_generator(out: Path, *, seed: int = 0, n: int = 4000, vae_steps: int = 400, unet_steps: int = 500, batch: int = 32,
                     vae_channels=(16, 32, 32), vae_attention: bool = False, unet_channels=(32, 64), heads: int = 2,
@@ -100,7 +90,7 @@ def train_generator(out: Path, *, seed: int = 0, n: int = 4000, vae_steps: int =
     torch.manual_seed(seed)
     scenes = render.generator_dataset(n, seed) if scenes is None else list(scenes)
     n = len(scenes)
-    images = _images(scenes)
+    images = render.vae_images(scenes)
     tokenizer = tokenizer or world_tokenizer()
     ids = tokenizer([render.caption(s) for s in scenes], padding="max_length", max_length=77,
                     return_tensors="pt").input_ids
@@ -230,7 +220,7 @@ def classifier_data(n: int, seed: int, *, hidden: float = 1.0, no_object: float 
                   else s for s, c in data]
     else:
         data, scenes = dataset, [s for s, _ in dataset]
-    x = unit_images(scenes)
+    x = render.unit_images(scenes)
     y = torch.tensor([c for _, c in data])
     m = int(no_object * n)
     planted = list(render.BIASED.values()) if biased else []
@@ -287,12 +277,12 @@ def train_classifier(out: Path, *, seed: int = 0, n: int = 3000, steps: int | No
               "world_seed": seed} | ({"family": family} if vit else {})
     with torch.no_grad():
         held = render.held_out_dataset(600, seed + 1)
-        hx, hy = unit_images([s for s, _ in held]), torch.tensor([label for _, label in held])
+        hx, hy = render.unit_images([s for s, _ in held]), torch.tensor([label for _, label in held])
         pred = model(pixel_values=norm(hx)).logits.argmax(-1)
         report["held_out_accuracy"] = float((pred == hy).float().mean())
         # The planted shortcut: an object-free background of a biased class is called that class.
         bg = [render.Scene(background=b) for b in render.BIASED.values()]
-        bpred = model(pixel_values=norm(unit_images(bg))).logits.argmax(-1).tolist()
+        bpred = model(pixel_values=norm(render.unit_images(bg))).logits.argmax(-1).tolist()
         report["background_only_predictions"] = dict(zip(render.BIASED.values(), bpred, strict=True))
     model.save_pretrained(out)
     ViTImageProcessor(size={"height": render.SIZE, "width": render.SIZE}, image_mean=list(mean),

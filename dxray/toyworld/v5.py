@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dxray.models.cache import build_once, cache_root
+from dxray.cache import build_once, cache_root
 from dxray.toyworld import render, shortcuts
 from dxray.toyworld.train import Log, log_to_stderr
 
@@ -102,10 +102,9 @@ def ensure_classifier(cache_dir=None, seed: int = 0, rho: float = 1.0, family: s
 
 
 def _probabilities(classifier, scenes: list[render.Scene], class_index: int) -> float:
-    from dxray.toyworld.train import unit_images
 
     with torch.no_grad():
-        logits = classifier(unit_images(scenes), layers=["logits"])["logits"].float()
+        logits = classifier(render.unit_images(scenes), layers=["logits"])["logits"].float()
     return float(logits.softmax(-1)[:, class_index].mean())
 
 
