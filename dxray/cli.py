@@ -253,18 +253,15 @@ def explain(
 
     Naming what spurious features show: dxray explain jobs/configs/imagenet.yaml segment.concepts=default
     """
-    try:
-        from dxray.config import load_config
-        from dxray.pipeline.local import run
+    from dxray.config import load_config
+    from dxray.pipeline.local import run
 
-        cfg = load_config(config, overrides or [])
-        quiet_libraries()
-        infos = {"plan": lambda d: f"{d['skipped']} already done",
-                 "step": lambda d: f"step {d['step']}/{d['steps']} loss {d['loss']:.3f} [{d['tasks']}]"}
-        with _task_bar(quiet, "loading models", infos) as progress:
-            summary = run(cfg, progress=progress)
-    except DxrayError as e:
-        _fail(str(e))
+    cfg = load_config(config, overrides or [])
+    quiet_libraries()
+    infos = {"plan": lambda d: f"{d['skipped']} already done",
+             "step": lambda d: f"step {d['step']}/{d['steps']} loss {d['loss']:.3f} [{d['tasks']}]"}
+    with _task_bar(quiet, "loading models", infos) as progress:
+        summary = run(cfg, progress=progress)
     _report(summary)
 
 
@@ -284,31 +281,28 @@ def audit(
     Then, against a baseline audit: dxray compare BASELINE_RUN NEW_RUN --fail-on new-spurious
     """
 
-    try:
-        from dxray.config import load_config
+    from dxray.config import load_config
 
-        cfg = load_config(config, overrides or [])
-        quiet_libraries()
-        from rich.logging import RichHandler
+    cfg = load_config(config, overrides or [])
+    quiet_libraries()
+    from rich.logging import RichHandler
 
-        # Summary lines and warnings go to stderr beside the bar; stdout carries only the run folder.
-        handler = RichHandler(console=err, show_time=True, show_path=False, show_level=False, markup=False)
-        handler.addFilter(_Redacting())
-        logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
-        if dry_run:  # preflight's checks (it runs them) and the plan; builds, loads and starts nothing
-            from dxray.plan_estimate import dry_run as dry_plan
-            from dxray.plan_estimate import render
+    # Summary lines and warnings go to stderr beside the bar; stdout carries only the run folder.
+    handler = RichHandler(console=err, show_time=True, show_path=False, show_level=False, markup=False)
+    handler.addFilter(_Redacting())
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
+    if dry_run:  # preflight's checks (it runs them) and the plan; builds, loads and starts nothing
+        from dxray.plan_estimate import dry_run as dry_plan
+        from dxray.plan_estimate import render
 
-            Console().print(render(dry_plan(cfg)))
-            return
-        from dxray.distributed.audit import run_distributed
+        Console().print(render(dry_plan(cfg)))
+        return
+    from dxray.distributed.audit import run_distributed
 
-        infos = {"plan": lambda d: f"{d['skipped']} already done; starting actors",
-                 "actors": lambda d: f"{d['explainers']} explainer(s), {d['segmenters']} segmenter(s)"}
-        with _task_bar(quiet, "starting Ray", infos) as progress:
-            summary = run_distributed(cfg, address=address, progress=progress)
-    except DxrayError as e:
-        _fail(str(e))
+    infos = {"plan": lambda d: f"{d['skipped']} already done; starting actors",
+             "actors": lambda d: f"{d['explainers']} explainer(s), {d['segmenters']} segmenter(s)"}
+    with _task_bar(quiet, "starting Ray", infos) as progress:
+        summary = run_distributed(cfg, address=address, progress=progress)
     _report(summary)
 
 
@@ -344,10 +338,7 @@ def redecide(
 
     if not 0.0 <= delta <= 1.0:  # checked here so the message names the option the user typed
         _fail(f"--delta must be between 0 and 1, got {delta}")
-    try:
-        verdicts, classes = run_redecide(run, delta)
-    except DxrayError as e:
-        _fail(str(e))
+    verdicts, classes = run_redecide(run, delta)
     table = Table("class", "name", "spurious", "features", "low confidence", "class r", title=f"delta = {delta}")
     for c in classes:
         r = c["class_object_fraction"]
@@ -376,10 +367,7 @@ def compare_cmd(
 
     from dxray.compare import describe_classifier, run_compare
 
-    try:
-        result = run_compare(run_a, run_b, fail_on or [])
-    except DxrayError as e:
-        _fail(str(e))
+    result = run_compare(run_a, run_b, fail_on or [])
     c = result.comparison
     classes = c.class_rows()
     changed = [r for r in classes if r["change"] != "same" or r["n_new_spurious"] or r["n_new_core"]]
@@ -435,14 +423,11 @@ def rank_features_cmd(
     Example: dxray rank-features jobs/configs/imagenet.yaml targets.feature_images.path=s3://bucket/imagenet/train
     """
     if from_annotations is not None:
-        try:
-            from dxray.agreement import write_annotation_ranking
-            from dxray.config import load_config
+        from dxray.agreement import write_annotation_ranking
+        from dxray.config import load_config
 
-            cfg = load_config(config, overrides or [])
-            table, n = write_annotation_ranking(cfg, from_annotations)
-        except DxrayError as e:
-            _fail(str(e))
+        cfg = load_config(config, overrides or [])
+        table, n = write_annotation_ranking(cfg, from_annotations)
         err.print(f"took the annotated top-{cfg.targets.top_k} of {n} classes from {from_annotations} → {table}",
                   highlight=False, soft_wrap=True)
         print(table)
@@ -456,21 +441,18 @@ def rank_features_cmd(
         TimeRemainingColumn,
     )
 
-    try:
-        from dxray.config import load_config
-        from dxray.distributed.rank import check, quiet_logs, rank_features_distributed
+    from dxray.config import load_config
+    from dxray.distributed.rank import check, quiet_logs, rank_features_distributed
 
-        cfg = load_config(config, overrides or [])
-        check(cfg)  # fail fast, before Ray starts or a model loads
-        quiet_logs()
-        columns = [TextColumn("images"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                   TimeRemainingColumn()]
-        with Progress(*columns, console=err, disable=quiet) as bar:
-            images = bar.add_task("images", total=None)
-            result = rank_features_distributed(cfg, address=address, actors=actors,
-                                               progress=lambda done, total: bar.update(images, completed=done, total=total))
-    except DxrayError as e:
-        _fail(str(e))
+    cfg = load_config(config, overrides or [])
+    check(cfg)  # fail fast, before Ray starts or a model loads
+    quiet_logs()
+    columns = [TextColumn("images"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=err, disable=quiet) as bar:
+        images = bar.add_task("images", total=None)
+        result = rank_features_distributed(cfg, address=address, actors=actors,
+                                           progress=lambda done, total: bar.update(images, completed=done, total=total))
     sources = sorted({r.source for r in result.ranked})
     err.print(f"ranked {len({r.class_index for r in result.ranked})} classes from {result.images} images with "
               f"{result.actors} actor(s) in {result.seconds:.1f} s ({', '.join(sources)}) → {result.table}",
@@ -492,10 +474,7 @@ def report_cmd(
     """
     from dxray.report import build_report
 
-    try:
-        path = build_report(run, out, warn=lambda line: _say(f"warning: {line}"))
-    except DxrayError as e:
-        _fail(str(e))
+    path = build_report(run, out, warn=lambda line: _say(f"warning: {line}"))
     print(path)
 
 
@@ -529,10 +508,7 @@ def convert_checkpoint_cmd(
     """
     from dxray.classifiers import convert_checkpoint
 
-    try:
-        info = convert_checkpoint(src, dst, allow_pickle=allow_pickle)
-    except DxrayError as e:
-        _fail(str(e))
+    info = convert_checkpoint(src, dst, allow_pickle=allow_pickle)
     err.print(f"wrote {info['tensors']} tensors, normaliser {info['normalizer']} → {info['path']}", highlight=False,
               soft_wrap=True)
     print(info["path"])
@@ -558,29 +534,26 @@ def agreement_cmd(
 
     from dxray import agreement as ag
 
-    try:
-        if not annotations:
-            raise DxrayError("--annotations is empty: give Salient ImageNet's discover_spurious_features.csv")
-        if print_classes:
-            if subset is None:
-                raise DxrayError("--print-classes needs --subset salient90")
-            if subset not in ag.SUBSETS:
-                raise DxrayError(f"--subset must be one of {', '.join(ag.SUBSETS)}, got {subset!r}")
-            labels, dropped = ag.annotation_labels(annotations)
-            if dropped:
-                _say(ag.dropped_line(dropped))
-            groups = ag.class_groups(labels)
-            classes, short = ag.salient90(groups)
-            for k, n in short.items():
-                err.print(f"warning: only {n} classes with {k} spurious top-5 features (wanted {ag.SALIENT90_PER_COUNT})")
-            print("[" + ", ".join(map(str, classes)) + "]")
-            return
-        if run is None:
-            raise DxrayError("RUN is required: a run folder or a verdicts file")
-        result = ag.run_agreement(run, annotations, class_metadata, subset,
-                                  ag.parse_deltas(deltas) if deltas is not None else None, exclude_unreliable)
-    except DxrayError as e:
-        _fail(str(e))
+    if not annotations:
+        raise DxrayError("--annotations is empty: give Salient ImageNet's discover_spurious_features.csv")
+    if print_classes:
+        if subset is None:
+            raise DxrayError("--print-classes needs --subset salient90")
+        if subset not in ag.SUBSETS:
+            raise DxrayError(f"--subset must be one of {', '.join(ag.SUBSETS)}, got {subset!r}")
+        labels, dropped = ag.annotation_labels(annotations)
+        if dropped:
+            _say(ag.dropped_line(dropped))
+        groups = ag.class_groups(labels)
+        classes, short = ag.salient90(groups)
+        for k, n in short.items():
+            err.print(f"warning: only {n} classes with {k} spurious top-5 features (wanted {ag.SALIENT90_PER_COUNT})")
+        print("[" + ", ".join(map(str, classes)) + "]")
+        return
+    if run is None:
+        raise DxrayError("RUN is required: a run folder or a verdicts file")
+    result = ag.run_agreement(run, annotations, class_metadata, subset,
+                              ag.parse_deltas(deltas) if deltas is not None else None, exclude_unreliable)
     for k, n in result.shortfall.items():
         err.print(f"warning: salient90 has only {n} classes with {k} spurious top-5 features (wanted {ag.SALIENT90_PER_COUNT})")
     if result.missing:
@@ -669,10 +642,7 @@ def toyworld_check(
 
     from dxray.toyworld.check import check, score_lines, summary_line
 
-    try:
-        report = check(run)
-    except DxrayError as e:
-        _fail(str(e))
+    report = check(run)
     table = Table("class", "name", "r", "called", "planted", "p before", "p after")
     for r in report["classes"]:
         f = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
