@@ -59,6 +59,7 @@ def peak_rss_mb() -> float:
 
 def child(overrides: list[str]) -> None:
     """One ``dxray explain`` (the CLI's in-process runner) with a progress hook that times each stage."""
+    from dxray import progress as ev
     from dxray.config import load_config
     from dxray.pipeline.local import run
 
@@ -71,12 +72,13 @@ def child(overrides: list[str]) -> None:
                        **extra})
         last[0] = now
 
-    def progress(event: str, data: dict) -> None:
-        if event == "preflight":
+    def progress(event) -> None:
+        if isinstance(event, ev.Preflighted):
             stage("preflight (config, model folders, classifier on the meta device)")
-        elif event == "plan":
+        elif isinstance(event, ev.Planned):
             stage("load generator + classifier + segmenter, rank features")
-        elif event == "task":
+        elif isinstance(event, ev.TaskCommitted | ev.TaskFailed):
+            data = event.row
             optimise = data.get("seconds")  # the task row's optimisation seconds (none for the control)
             stage(f"task {data.get('kind')} {data.get('class_index')}: optimise, sample, segment ({data['status']})",
                   optimise_s=round(optimise, 1) if optimise == optimise and optimise is not None else None)

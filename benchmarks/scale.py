@@ -175,6 +175,7 @@ def _rss_mb() -> int:
 
 
 def measure(storage: str, classes: int, work: float, resolution: int) -> dict:
+    from dxray import progress as ev
     from dxray.distributed.audit import run_distributed
     from dxray.report import build_report
     from dxray.runs import open_sink
@@ -198,21 +199,21 @@ def measure(storage: str, classes: int, work: float, resolution: int) -> dict:
 
         steady = {"cpu": 0.0, "tasks": 0}  # driver CPU between a run's first and last committed task
 
-        def stop_half_way(event, data):
-            if event == "task":
+        def stop_half_way(event):
+            if isinstance(event, ev.TaskCommitted | ev.TaskFailed):
                 done["n"] += 1
-                track(event, data)
+                track(event)
                 if done["n"] >= total // 2:
                     raise _Stop
 
-        def track(event, data, mark={}):  # noqa: B006 - one run's first-task mark
-            if event == "task":
+        def track(event, mark={}):  # noqa: B006 - one run's first-task mark
+            if isinstance(event, ev.TaskCommitted | ev.TaskFailed):
                 now = time.process_time()
                 if "cpu" in mark:
                     steady["cpu"] += now - mark["cpu"]
                     steady["tasks"] += 1
                 mark["cpu"] = now
-            elif event == "done":
+            elif isinstance(event, ev.Done):
                 mark.clear()
 
         first_wall = time.perf_counter()
@@ -223,7 +224,7 @@ def measure(storage: str, classes: int, work: float, resolution: int) -> dict:
             pass
         first_cpu, first_wall = time.process_time() - c0, time.perf_counter() - first_wall
         plan_half, todo_half = _plan_seconds(cfg)
-        track("done", {})
+        track(ev.Done(""))
         summary, second_wall, second_cpu = _timed(lambda: run_distributed(cfg, progress=track, actors=actors))
         rss = {"run": _rss_mb()}
         plan_done, todo_done = _plan_seconds(cfg)

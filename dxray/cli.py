@@ -177,10 +177,24 @@ def _text(value):
     return Text(visible("" if value is None else str(value)))
 
 
+def _info(event) -> str | None:
+    """The bar's info text for a progress event (None: the event leaves it as it is)."""
+    from dxray import progress as ev
+
+    match event:
+        case ev.Planned(skipped=skipped, explainers=explainers):
+            return f"{skipped} already done" + ("; starting actors" if explainers is not None else "")
+        case ev.Step(step=step, steps=steps, tasks=tasks, loss=loss):
+            return f"step {step}/{steps} loss {loss:.3f} [{tasks}]"
+        case ev.ActorsStarted(explainers=explainers, segmenters=segmenters):
+            return f"{explainers} explainer(s), {segmenters} segmenter(s)"
+    return None
+
+
 @contextmanager
-def _task_bar(quiet: bool, first: str, infos: dict[str, Callable[[dict], str]]):
-    """A rich bar over the run's tasks, fed by the runner's progress events: 'plan' sets the total,
-    'task' advances it (counting failures); ``infos`` maps other events to the bar's info text."""
+def _task_bar(quiet: bool, first: str):
+    """A rich bar over the run's tasks, fed by the runner's :mod:`dxray.progress` events: ``Planned`` sets the
+    total, ``TaskCommitted`` / ``TaskFailed`` advance it (counting failures), others set its info text."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -189,6 +203,8 @@ def _task_bar(quiet: bool, first: str, infos: dict[str, Callable[[dict], str]]):
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+
+    from dxray import progress as ev
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
@@ -202,20 +218,20 @@ def _task_bar(quiet: bool, first: str, infos: dict[str, Callable[[dict], str]]):
     live = err.is_terminal
     seen = False
 
-    def progress(event: str, data: dict) -> None:
+    def progress(event: ev.Event) -> None:
         nonlocal failed, seen
         seen = True
         if live and not bar.live.is_started:
             bar.start()
-        if event == "plan":
-            bar.update(tasks_bar, total=data["todo"])
-            _progress["skipped"] = data["skipped"]
-        if event == "task":
-            failed += data["status"] != "ok"
-            _progress["committed"] += data["status"] == "ok"  # committed: a task row of status ok
+        if isinstance(event, ev.Planned):
+            bar.update(tasks_bar, total=event.todo)
+            _progress["skipped"] = event.skipped
+        if isinstance(event, ev.TaskCommitted | ev.TaskFailed):
+            failed += isinstance(event, ev.TaskFailed)
+            _progress["committed"] += isinstance(event, ev.TaskCommitted)
             bar.update(tasks_bar, advance=1, info=f"{failed} failed" if failed else "")
-        elif event in infos:
-            bar.update(tasks_bar, info=infos[event](data))
+        elif (info := _info(event)) is not None:
+            bar.update(tasks_bar, info=info)
 
     try:
         yield progress
@@ -258,9 +274,7 @@ def explain(
 
     cfg = load_config(config, overrides or [])
     quiet_libraries()
-    infos = {"plan": lambda d: f"{d['skipped']} already done",
-             "step": lambda d: f"step {d['step']}/{d['steps']} loss {d['loss']:.3f} [{d['tasks']}]"}
-    with _task_bar(quiet, "loading models", infos) as progress:
+    with _task_bar(quiet, "loading models") as progress:
         summary = run(cfg, progress=progress)
     _report(summary)
 
@@ -299,9 +313,7 @@ def audit(
         return
     from dxray.distributed.audit import run_distributed
 
-    infos = {"plan": lambda d: f"{d['skipped']} already done; starting actors",
-             "actors": lambda d: f"{d['explainers']} explainer(s), {d['segmenters']} segmenter(s)"}
-    with _task_bar(quiet, "starting Ray", infos) as progress:
+    with _task_bar(quiet, "starting Ray") as progress:
         summary = run_distributed(cfg, address=address, progress=progress)
     _report(summary)
 

@@ -18,6 +18,7 @@ import pyarrow.dataset as ds
 import pytest
 from conftest import ROOT, TINY_YAML
 
+from dxray import progress as ev
 from dxray.config import load_config
 from dxray.errors import DxrayError
 
@@ -77,15 +78,15 @@ def test_killed_explainer_actor_is_replaced_and_every_task_runs_once(ray_local, 
     events = []
     killed = []
 
-    def progress(event, data):
+    def progress(event):
         events.append(event)
-        if event == "task" and not killed:  # the first commit: both explainers have work queued
+        if isinstance(event, ev.TaskCommitted | ev.TaskFailed) and not killed:  # the first commit: both explainers have work queued
             actor = ray_local.get_actor(f"dxray-explainer-{cfg.resolved_run_id()}-0")
             ray_local.kill(actor, no_restart=False)  # a real crash; Ray restarts the actor
             killed.append(time.monotonic())
 
     summary = run_distributed(cfg, progress=progress)
-    assert killed and "retry" in events
+    assert killed and any(isinstance(e, ev.Retried) for e in events)
     n = _expected(cfg)
     assert (summary.ok, summary.failed) == (n, 0)
     tasks = _tasks(summary.root)
@@ -157,8 +158,8 @@ def test_s3_outage_mid_run_loses_nothing(ray_local, s3, cache_dir):
                   "storage.retry_seconds=120")
     outage = []
 
-    def progress(event, data):
-        if event == "task" and not outage:
+    def progress(event):
+        if isinstance(event, ev.TaskCommitted | ev.TaskFailed) and not outage:
             # Mid-run, on the driver's thread: for 5 s, commits (on their threads) and the actors'
             # image writes hit a dead endpoint; then the server comes back on the same data.
             s3.stop()

@@ -19,7 +19,7 @@ CORE_LOADERS = ("generator", "classifiers", "segment")
 # Bottom to top, as in the README's "Where things live": a module imports only from its own layer or those below.
 # A pattern names a module or a package (and all inside it); the longest match decides.
 LAYERS = [
-    ("base", ["dxray.errors", "dxray.quiet", "dxray.storage.masking"]),  # masking: the secret registry config fills
+    ("base", ["dxray.errors", "dxray.quiet", "dxray.progress", "dxray.storage.masking"]),  # masking: config fills it
     ("config", ["dxray.config", "dxray.identity"]),
     ("storage", ["dxray.storage"]),
     ("core", ["dxray.objectives", "dxray.prompts", "dxray.weights", "dxray.generator", "dxray.classifiers",

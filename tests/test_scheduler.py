@@ -14,6 +14,7 @@ import uuid
 import pytest
 import ray
 
+from dxray import progress as ev
 from dxray.distributed.scheduler import EXPLAIN, SCHEDULE, SEGMENT, Scheduler
 from dxray.errors import one_line
 
@@ -129,7 +130,7 @@ def recorder(make):
 def _run(explainers, segmenters, items, batch_size, **kw):
     events = []
     sched = Scheduler(explainers, segmenters, **CALLS, log_every_s=kw.pop("log_every_s", 30.0),
-                      progress=lambda event, data: events.append((event, data)), **kw)
+                      progress=events.append, **kw)
     rows = sched.run(items, batch_size)
     return rows, events
 
@@ -157,13 +158,13 @@ def test_batch_of_a_dead_explainer_runs_again_on_a_healthy_one_and_commits_once(
     died = explained[[name for name, _ in explained].index("a")][1]  # a's first call: the one that exited
     assert [batch for _, batch in explained].count(died) == 2  # once on the dying actor, once again
     assert all(by_id[it]["result"]["token"] for it in died)
-    names = [e for e, _ in events]
-    assert names[0] == "start" and names[-1] == "done" and names.count("task") == len(items)
-    retries = [d for e, d in events if e == "retry"]
-    assert retries and all(d["attempt"] == 2 for d in retries)
-    assert all(re.fullmatch(r"explainer 0 failed \(Actor(Died|Unavailable)Error\)", d["why"]) for d in retries), retries
-    done = dict(events)["done"]["line"]
-    assert done.startswith(f"dxray: 8/8 tasks finished (0 failed, {sum(d['tasks'] for d in retries)} re-submitted)")
+    assert isinstance(events[0], ev.Queued) and isinstance(events[-1], ev.Done)
+    assert sum(isinstance(e, ev.TaskCommitted | ev.TaskFailed) for e in events) == len(items)
+    retries = [e for e in events if isinstance(e, ev.Retried)]
+    assert retries and all(d.attempt == 2 for d in retries)
+    assert all(re.fullmatch(r"explainer 0 failed \(Actor(Died|Unavailable)Error\)", d.why) for d in retries), retries
+    done = events[-1].line
+    assert done.startswith(f"dxray: 8/8 tasks finished (0 failed, {sum(r.tasks for r in retries)} re-submitted)")
 
 
 @pytest.mark.parametrize(("how", "retries"), [("constructor-fails", 3), ("no-restarts", 0)])
@@ -184,8 +185,8 @@ def test_a_pool_dead_for_good_fails_every_item_left_and_loses_none(make, recorde
     if retries == 0:
         assert "gave up after 1 attempts: explainer 0 failed (ActorDiedError)" in gave_up
     else:
-        assert not gave_up and any(e == "retry" for e, _ in events)
-    assert events[-1][0] == "done"
+        assert not gave_up and any(isinstance(e, ev.Retried) for e in events)
+    assert isinstance(events[-1], ev.Done)
 
 
 def test_work_in_flight_never_exceeds_the_bound_per_explainer(make, recorder):
@@ -206,7 +207,7 @@ def test_a_dead_segmenter_has_the_same_images_scored_on_another(make, recorder, 
     by_id = _by_id(rows, items)
     assert all(r["status"] == "ok" for r in rows), rows
     assert sorted(it for _, batch in _explained(recorder) for it in batch) == sorted(items)  # each explained once
-    assert not [e for e, _ in events if e == "retry"]
+    assert not [e for e in events if isinstance(e, ev.Retried)]
     for it, row in by_id.items():  # the images scored are the ones explained (same token)
         assert re.fullmatch(rf"s[01]\|{row['result']['token']}:{it}", row["scores"])
     scored = [(name, imgs) for kind, name, imgs in ray.get(recorder.get.remote()) if kind == "score"]

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from dxray import progress as events
 from dxray.config import Config
 from dxray.distributed import scheduler
 from dxray.distributed.actors import ExplainerActor, SegmenterActor
@@ -27,7 +28,7 @@ log = logging.getLogger("dxray")
 STAGES = {scheduler.EXPLAIN: rows.OPTIMISE, scheduler.SEGMENT: rows.SEGMENT, scheduler.SCHEDULE: rows.SCHEDULE}
 
 
-def run_distributed(cfg: Config, address: str | None = None, progress=None, *,
+def run_distributed(cfg: Config, address: str | None = None, progress: events.Hook | None = None, *,
                     actors: tuple[type, type] = (ExplainerActor, SegmenterActor)) -> RunSummary:
     """The audit on Ray. ``actors``: the explainer and segmenter classes (``benchmarks/scale.py`` runs the
     real driver with simulated ones of the same interface)."""
@@ -37,8 +38,8 @@ def run_distributed(cfg: Config, address: str | None = None, progress=None, *,
     job = AuditJob(cfg, "audit")
     job.preflight()  # every check that needs no model, storage reachability included
     _check(cfg)
-    emit = progress or (lambda event, data: None)
-    emit("preflight", {})  # the checks passed; Ray starts next
+    emit = progress or events.silent
+    emit(events.Preflighted())  # Ray starts next
     where = connect(cfg.cluster, address)
     gpus = float(ray.cluster_resources().get("GPU", 0))
     n, gpe = layout(cfg, gpus, scales_up=where != "local")
@@ -46,12 +47,12 @@ def run_distributed(cfg: Config, address: str | None = None, progress=None, *,
         log.warning("dxray: the cluster has no GPU yet; %d explainer(s) of %g GPU wait for the autoscaler to add GPU "
                     "nodes (cluster.gpus_per_explainer=0 runs them on CPUs)", n, gpe)
     job.prepare(*_ranking_inputs(cfg))
-    emit("plan", job.plan_event() | {"explainers": n, "cluster": where})
+    emit(job.planned(explainers=n, cluster=where))
     segmenters = 0  # started in this session (none when every task was committed before)
     if job.todo:
         with _actors(cfg, job.sink.run_id, n, gpe, gpus, actors) as (explainers, segs):
             segmenters = len(segs)
-            emit("actors", {"explainers": n, "gpus_per_explainer": gpe, "segmenters": segmenters})
+            emit(events.ActorsStarted(n, gpe, segmenters))
             c = cfg.cluster
             sched = scheduler.Scheduler(explainers, segs, **_callables(job), in_flight_per_actor=c.in_flight_per_actor,
                                         task_retries=c.task_retries, log_every_s=c.log_every_s, progress=emit)

@@ -26,7 +26,8 @@ Behaviour:
   explanation; a dead segmenter has the same images scored on a healthy one (nothing is
   re-optimised). An exception inside a task fails every item of that batch.
 - ``commit`` and ``fail`` run on a small thread pool so storage latency overlaps the next results.
-- Progress goes to a callback (``start``, ``task``, ``retry``, ``log``, ``done``) and, every
+- Progress goes to a callback (:mod:`dxray.progress`: ``Queued``, ``TaskCommitted`` / ``TaskFailed``, ``Retried``,
+  ``Tallied``, ``Done``) and, every
   ``log_every_s``, one summary line to the log, which is what ``ray job logs`` shows.
 """
 
@@ -43,6 +44,7 @@ import ray
 from ray import ObjectRef
 from ray.exceptions import ActorDiedError, ObjectLostError, OwnerDiedError, RayError, RayTaskError
 
+from dxray import progress as events
 from dxray.errors import one_line
 
 log = logging.getLogger("dxray")
@@ -51,7 +53,6 @@ EXPLAIN = "explain"  # the explainer's task code raised
 SEGMENT = "segment"  # the segmenter's task code raised
 SCHEDULE = "schedule"  # gave up: retries spent, or every actor of a kind died for good
 
-Progress = Callable[[str, dict], None]
 
 
 @dataclass
@@ -184,7 +185,7 @@ class Scheduler:
                  commit: Callable[[object, object | None], dict],
                  fail: Callable[[object, object | None, str, str], dict],
                  in_flight_per_actor: int = 2, task_retries: int = 3, log_every_s: float = 30.0,
-                 progress: Progress | None = None, commit_threads: int = 8):
+                 progress: events.Hook | None = None, commit_threads: int = 8):
         if not explainers:
             raise ValueError("the scheduler needs at least one explainer actor")
         self.explainers = list(explainers)
@@ -197,7 +198,7 @@ class Scheduler:
         self.in_flight = in_flight_per_actor
         self.retries = task_retries
         self.log_every = log_every_s
-        self.progress = progress or (lambda event, data: None)
+        self.progress = progress or events.silent
         self.commit_threads = commit_threads
 
     def run(self, items: list, batch_size: int) -> list[dict]:
@@ -205,7 +206,7 @@ class Scheduler:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         queue = deque(Batch(items[i:i + batch_size]) for i in range(0, len(items), batch_size))
-        self.progress("start", {"tasks": len(items), "batches": len(queue), "explainers": len(self.explainers)})
+        self.progress(events.Queued(len(items), len(queue), len(self.explainers)))
         with ThreadPoolExecutor(self.commit_threads, thread_name_prefix="dxray-commit") as commits:
             r = _Run(queue, Tally(len(items)), _Pool(self.explainers, self.in_flight),
                      _Pool(self.segmenters, 1 << 30), commits)  # a segmenter queues its calls itself
@@ -217,7 +218,7 @@ class Scheduler:
                 for f in r.futures:  # started commits finish (the pool waits); queued ones are dropped
                     f.cancel()
         log.info(r.tally.line())
-        self.progress("done", {"line": r.tally.line()})
+        self.progress(events.Done(r.tally.line()))
         return r.rows
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -247,7 +248,7 @@ class Scheduler:
         if time.monotonic() - r.last_log >= self.log_every:
             r.last_log = time.monotonic()
             log.info(r.tally.line())
-            self.progress("log", {"line": r.tally.line()})
+            self.progress(events.Tallied(r.tally.line()))
 
     def _give_up_on_dead_pools(self, r: _Run) -> None:
         """Every actor of a kind gone for good: what waits for that kind cannot run."""
@@ -287,7 +288,7 @@ class Scheduler:
             log.warning("dxray: re-submitting %d task(s) after %s (attempt %d of %d)", len(batch.items), why,
                         batch.attempt + 2, self.retries + 1)
             r.queue.appendleft(Batch(batch.items, batch.attempt + 1))
-            self.progress("retry", {"tasks": len(batch.items), "why": why, "attempt": batch.attempt + 2})
+            self.progress(events.Retried(len(batch.items), why, batch.attempt + 2))
         else:
             message = f"gave up after {self.retries + 1} attempts: {why}"
             for k, item in enumerate(batch.items):
@@ -301,7 +302,7 @@ class Scheduler:
                 r.tally.done += 1
             else:
                 r.tally.failed += 1
-            self.progress("task", row)
+            self.progress(events.task_event(row))
 
     # -- results -----------------------------------------------------------------------------------
     def _on_explained(self, r: _Run, ref: ObjectRef, p: _Explaining) -> None:

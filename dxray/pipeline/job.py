@@ -27,6 +27,7 @@ from dxray.pipeline.preflight import preflight
 from dxray.pipeline.ranking import ImageRanker, rank_features
 from dxray.pipeline.rows import Finished
 from dxray.pipeline.tasks import TaskSpec, plan
+from dxray.progress import Planned
 from dxray.runs import decision_in_force, open_sink
 from dxray.storage import package_versions, redact, redact_text
 from dxray.storage.compact import compact_run, finish_pending
@@ -96,10 +97,10 @@ class AuditJob:
         self.summary = RunSummary(sink.run_id, sink.uri(""), len(self.specs), len(self.specs) - len(self.todo))
         return self.todo
 
-    def plan_event(self) -> dict:
-        """The 'plan' progress event."""
+    def planned(self, **where) -> Planned:
+        """The :class:`dxray.progress.Planned` event (``where``: the Ray runner's explainers and cluster)."""
         s = self.summary
-        return {"planned": s.planned, "skipped": s.skipped, "todo": len(self.todo), "root": s.root}
+        return Planned(s.planned, s.skipped, len(self.todo), s.root, **where)
 
     # 3. Commit, one task at a time ----------------------------------------------------------------
     def commit(self, done: Finished, scores: list[dict] | None = None, error: str | None = None) -> dict:

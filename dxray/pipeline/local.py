@@ -3,16 +3,15 @@ live in this process and run the job's batches one after another."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
+from dxray import progress as events
 from dxray.config import Config
 from dxray.pipeline.explainer import Explainer
 from dxray.pipeline.job import AuditJob, RunSummary
 from dxray.pipeline.rows import SEGMENT, Finished, error_text, package, segmentation_columns
 from dxray.pipeline.tasks import TaskSpec
 from dxray.storage.sink import RunSink
-
-ProgressHook = Callable[[str, dict], None]
 
 
 class LocalRunner:
@@ -42,31 +41,30 @@ class LocalRunner:
             yield done, scores, error
 
 
-def run(cfg: Config, progress: ProgressHook | None = None, runner: LocalRunner | None = None) -> RunSummary:
-    """The whole audit in this process (no cluster needed)."""
+def run(cfg: Config, progress: events.Hook | None = None, runner: LocalRunner | None = None) -> RunSummary:
+    """The whole audit in this process (no cluster needed); ``progress`` gets :mod:`dxray.progress`'s events."""
     job = AuditJob(cfg, "explain")
     job.preflight()
-    emit = progress or (lambda event, data: None)
-    emit("preflight", {})  # the checks passed; models load next
+    emit = progress or events.silent
+    emit(events.Preflighted())  # models load next
     runner = runner or LocalRunner(cfg)
     job.prepare(runner.classifier)
-    emit("plan", job.plan_event())
+    emit(job.planned())
     size = cfg.optimize.batch_tasks
     for start in range(0, len(job.todo), size):
         batch = job.todo[start:start + size]
         for done, scores, error in runner.run_batch(batch, job.sink, on_step=_step_events(cfg, batch, emit)):
             row = job.commit(done, scores, error)
             job.count(row)
-            emit("task", row)
+            emit(events.task_event(row))
     return job.finish(str(runner.generator.device))
 
 
-def _step_events(cfg: Config, batch: list[TaskSpec], emit: ProgressHook):
+def _step_events(cfg: Config, batch: list[TaskSpec], emit: events.Hook):
     names = ", ".join(f"{s.kind}:{s.class_index if s.kind != 'neuron' else s.layer}" for s in batch)
 
     def on_step(step, results):
         losses = [r.loss_curve[-1] for r in results if r.loss_curve]
-        emit("step", {"step": step + 1, "steps": cfg.optimize.steps, "tasks": names,
-                      "loss": sum(losses) / len(losses) if losses else float("nan")})
+        emit(events.Step(step + 1, cfg.optimize.steps, names, sum(losses) / len(losses) if losses else float("nan")))
 
     return on_step
