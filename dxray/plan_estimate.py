@@ -278,7 +278,6 @@ def dry_run(cfg: Config, figures: list[dict] | None = None, warn: Callable[[str]
     """Every check of :func:`dxray.pipeline.preflight.preflight` (output storage included), then the plan; loads no
     model weights and starts no Ray. What a real run needs but is not on this machine is listed in
     ``Plan.missing`` and in one ``warn`` line (default: ``warning: ...`` on stderr) instead of stopping it."""
-    from dxray.features import read_ranking_table
     from dxray.models import is_preset
     from dxray.pipeline.preflight import preflight
 
@@ -287,10 +286,10 @@ def dry_run(cfg: Config, figures: list[dict] | None = None, warn: Callable[[str]
         (warn or _warn)(f"classifier.spec imports and calls {target} (a config is trusted like code)")
     missing: list[str] = []
     info = preflight(cfg, missing, build=False)  # a preset not built yet: described from its architecture
+    from dxray.pipeline.ranking import table_ranking
+
     t = cfg.targets
-    ranking = None
-    if t.top_k and t.feature_source == "table" and f"targets.feature_table {t.feature_table}" not in missing:
-        ranking = read_ranking_table(t.feature_table, [c for c in t.classes if c not in t.features], t.top_k)
+    ranking = table_ranking(t, missing)
     plan = estimate(cfg, info, load_figures(cfg.estimate.figures) if figures is None else figures, ranking)
     plan.missing = missing
     if target:

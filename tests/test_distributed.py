@@ -289,7 +289,7 @@ def _stop_cluster(temp) -> None:
         p.kill()
 
 
-def test_audit_ranks_features_over_an_image_folder_on_ray(ray_local, tmp_path, cache_dir):
+def test_audit_ranks_features_over_an_image_folder_on_ray(ray_local, tmp_path, cache_dir, monkeypatch):
     """feature_source=images: the audit ranks on Ray Data, writes the ranking, then explains those features."""
     from test_rank_distributed import write_images
 
@@ -298,8 +298,20 @@ def test_audit_ranks_features_over_an_image_folder_on_ray(ray_local, tmp_path, c
     write_images(tmp_path / "imgs", folders=2, per_folder=3)
     cfg = _config(tmp_path / "out", cache_dir, "targets.feature_source=images",
                   f"targets.feature_images.path={tmp_path / 'imgs'}", "targets.feature_images.select=labelled")
+    from dxray.storage.sink import RunSink
+
+    writes = []  # every write of the ranking, on the driver (a spy that writes as it would)
+    write = RunSink.write_table
+
+    def spy(self, name, *args, **kwargs):
+        if name == "feature_ranking":
+            writes.append(self.run_id)
+        return write(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(RunSink, "write_table", spy)
     summary = run_distributed(cfg)
     assert (summary.ok, summary.failed) == (_expected(cfg), 0)
+    assert len(writes) == 1  # the audit writes the ranking once; the Ray ranker only returns it
     ranking = ds.dataset(f"{summary.root}/feature_ranking").to_table().to_pylist()
     assert {(r["class_index"], r["source"], r["n_images"]) for r in ranking} == {(0, "images-labelled", 3),
                                                                                (1, "images-labelled", 3)}
@@ -345,11 +357,11 @@ def test_layout_with_no_room_is_a_one_line_error(tmp_path):
 
 def test_explicit_features_load_no_classifier_on_the_driver(tmp_path):
     """Ranking by weights loads the classifier on the driver; with every class's features given, nothing is ranked."""
-    from dxray.distributed.audit import _ranking_inputs
+    from dxray.distributed.audit import ranker
 
     missing = f"classifier.spec=hf:{tmp_path / 'no-such-classifier'}"
     cfg = load_config(TINY_YAML, [f"output={tmp_path}", missing, "targets.features={0: [1], 1: [2]}"])
-    assert _ranking_inputs(cfg) == (None, None)
+    assert ranker(cfg, 0) is None
     half = load_config(TINY_YAML, [f"output={tmp_path}", missing, "targets.features={0: [1]}"])
     with pytest.raises(DxrayError, match="no-such-classifier"):
-        _ranking_inputs(half)  # class 1 is ranked by weights: the classifier is loaded (and is not there)
+        ranker(half, 0)  # class 1 is ranked by weights: the classifier is loaded (and is not there)

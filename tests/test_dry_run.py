@@ -27,7 +27,7 @@ def _tiny(tmp_path, *overrides, cache=None):
                          ids=["top_k", "explicit-features", "control"])
 def test_counts_equal_an_independent_computation(tmp_path, cache_dir, tiny_classifier, extra):
     from dxray.pipeline.preflight import preflight
-    from dxray.pipeline.ranking import rank_features
+    from dxray.pipeline.ranking import choose_ranker, rank_features
     from dxray.pipeline.tasks import plan
 
     overrides = ["targets.top_k=3", 'prompt.templates=["{}", "a photo of {}"]', "optimize.restarts=2", "sample.k=3",
@@ -52,7 +52,7 @@ def test_counts_equal_an_independent_computation(tmp_path, cache_dir, tiny_class
 
     # ... and what the real planner makes of the same config, with the loaded classifier's ranking.
     info = preflight(cfg)
-    specs = plan(cfg, info, rank_features(cfg, tiny_classifier))
+    specs = plan(cfg, info, rank_features(cfg.targets, choose_ranker(cfg.targets, lambda: tiny_classifier)))
     assert dict(Counter(s.kind for s in specs)) == {**kinds, **({"control": controls} if controls else {})}
 
 

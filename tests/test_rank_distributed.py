@@ -78,7 +78,7 @@ def assert_same_ranking(mine, ref):
 def test_actor_class_sums_a_batch_without_a_cluster(world):
     tmp, clf = world
     cfg = config(tmp, tmp / "imgs")
-    folder = image_folder(cfg)
+    folder = image_folder(cfg.targets.feature_images)
     paths = [p for c in range(3) for p in folder.images(c)]
     rows = {"path": np.array(paths), "folder_class": np.repeat(np.arange(3), PER_FOLDER)}
     for select in ("labelled", "predicted"):

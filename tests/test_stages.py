@@ -100,7 +100,7 @@ def test_the_ray_runners_other_failures_get_the_pipelines_labels(tiny_config, tm
     cfg = _config(tiny_config)
     job = AuditJob(cfg, "audit", sink=RunSink(str(tmp_path), "r"))
     info = job.preflight()
-    [spec] = plan(cfg, info, rank_features(cfg, None))
+    [spec] = plan(cfg, info, rank_features(cfg.targets, None))
     row = _callables(job)["fail"](spec, None, stage, message)
     assert (row["status"], row["error"], row["task_id"]) == ("error", expected, spec.task_id)
     assert RunSink(str(tmp_path), "r").read_table("tasks").column("error").to_pylist() == [expected]

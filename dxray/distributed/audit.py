@@ -20,6 +20,7 @@ from dxray.distributed.layout import layout
 from dxray.errors import DxrayError
 from dxray.pipeline import rows
 from dxray.pipeline.job import AuditJob, RunSummary
+from dxray.pipeline.ranking import choose_ranker
 
 log = logging.getLogger("dxray")
 
@@ -46,7 +47,7 @@ def run_distributed(cfg: Config, address: str | None = None, progress: events.Ho
     if gpe and not gpus:
         log.warning("dxray: the cluster has no GPU yet; %d explainer(s) of %g GPU wait for the autoscaler to add GPU "
                     "nodes (cluster.gpus_per_explainer=0 runs them on CPUs)", n, gpe)
-    job.prepare(*_ranking_inputs(cfg))
+    job.prepare(ranker(cfg, gpus))
     emit(job.planned(explainers=n, cluster=where))
     segmenters = 0  # started in this session (none when every task was committed before)
     if job.todo:
@@ -110,24 +111,14 @@ def _check(cfg: Config) -> None:
                          "or segment.enabled=false")
 
 
-def _ranking_inputs(cfg: Config):
-    """(classifier, image ranker) for ``AuditJob.prepare``: classifier actors on Ray Data rank over the
-    image folder; weight ranking needs the final layer, loaded on the driver's CPU."""
-    t = cfg.targets
-    if not t.top_k or all(c in t.features for c in t.classes):  # explicit features only: nothing to rank
-        return None, None
-    if t.feature_source == "images":
-        from dxray.distributed.rank import rank_features_distributed
+def ranker(cfg: Config, gpus: float):
+    """The audit's ranker (:func:`dxray.pipeline.ranking.choose_ranker`): over the image folder it runs on Ray Data
+    in the cluster the audit already joined; ranking by weights loads the classifier on the driver's CPU."""
+    from dxray import models
+    from dxray.distributed.rank import OnRay, default_actors
 
-        def on_ray(todo: list[int]):
-            return [r for r in rank_features_distributed(cfg).ranked if r.class_index in todo]
-
-        return None, on_ray
-    if t.feature_source == "weights":
-        from dxray import models
-
-        return models.load_classifier(cfg.classifier, device="cpu", cache_dir=cfg.cache_dir), None
-    return None, None
+    return choose_ranker(cfg.targets, lambda: models.load_classifier(cfg.classifier, device="cpu", cache_dir=cfg.cache_dir),
+                         on_ray=lambda: OnRay(cfg, default_actors(cfg, gpus)))
 
 
 def _pin_storage(cfg: Config) -> Config:

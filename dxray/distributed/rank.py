@@ -59,7 +59,7 @@ def check(cfg: Config) -> classifiers.ClassifierInfo:
     if bad:
         raise DxrayError(f"targets.classes: class index {bad[0]} out of range; "
                          f"the classifier has classes 0..{info.num_classes - 1}")
-    features.check_image_folder(image_folder(cfg), t.classes, t.feature_images.select)
+    features.check_image_folder(image_folder(t.feature_images), t.classes, t.feature_images.select)
     return info
 
 
@@ -168,11 +168,43 @@ def default_actors(cfg: Config, cluster_gpus: float) -> int:
     return 1
 
 
+class OnRay:
+    """The Ray runner's :data:`dxray.pipeline.ranking.Ranker`: W[c, f] x mean activation over the image folder on
+    Ray Data, in the cluster the caller has joined (it connects to nothing, checks nothing preflight checked and
+    writes nothing: the audit writes the ranking it returns). The classifier is loaded once on the driver's CPU
+    for W; ``images`` and ``actors`` say what the last call listed and used."""
+
+    def __init__(self, cfg: Config, actors: int, progress: Progress | None = None):
+        # workers build tiny models in the driver's cache
+        self.cfg = cfg.model_copy(update={"cache_dir": str(models.cache_root(cfg.cache_dir))})
+        self.max_actors, self.progress = actors, progress
+        self.images = self.actors = 0
+
+    def __call__(self, classes: list[int]) -> list[RankedFeature]:
+        import ray
+
+        cfg = self.cfg
+        t, fi = cfg.targets, cfg.targets.feature_images
+        folder = image_folder(fi)
+        rows = list_images(folder, classes, fi.select, fi.max_per_class)
+        classifier = models.load_classifier(cfg.classifier, device="cpu", cache_dir=cfg.cache_dir)
+        weight = classifier.final_weight.detach().float().cpu()
+        del classifier
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        self.images = len(rows)
+        self.actors = max(1, min(self.max_actors, math.ceil(len(rows) / fi.batch_size)))
+        sums, counts, done = _run(cfg, dataclasses.replace(folder), rows, classes, self.actors, gpus, self.progress)
+        if done != len(rows):
+            raise DxrayError(f"feature ranking saw {done} of {len(rows)} images; a batch was lost")
+        return _rank(weight, classes, sums, counts, t.top_k, fi.select)
+
+
 def rank_features_distributed(cfg: Config, *, address: str | None = None, actors: int | None = None,
                               progress: Progress | None = None) -> RankResult:
-    """Rank the top-k features of every class in ``targets.classes`` from ``targets.feature_images`` on
-    Ray Data and write the ``feature_ranking`` table of the run. Joins the cluster at ``address`` (else
-    ``cluster.address`` / RAY_ADDRESS), or starts a local Ray; re-uses an initialised one."""
+    """``dxray rank-features``: rank the top-k features of every class in ``targets.classes`` from
+    ``targets.feature_images`` on Ray Data (:class:`OnRay`) and write the ``feature_ranking`` table of the run.
+    Joins the cluster at ``address`` (else ``cluster.address`` / RAY_ADDRESS), or starts a local Ray; re-uses an
+    initialised one."""
     import ray
 
     from dxray.distributed.cluster import connect
@@ -180,41 +212,27 @@ def rank_features_distributed(cfg: Config, *, address: str | None = None, actors
 
     started = time.monotonic()
     info = check(cfg)
-    t, fi = cfg.targets, cfg.targets.feature_images
     if actors is not None and actors < 1:
         raise DxrayError(f"actors must be >= 1, got {actors}")
-    folder = image_folder(cfg)
-    rows = list_images(folder, t.classes, fi.select, fi.max_per_class)
-    cfg = cfg.model_copy(update={"cache_dir": str(models.cache_root(cfg.cache_dir))})  # workers build tiny models there
-    # On the driver, for W (and to fail before any actor starts).
-    classifier = models.load_classifier(cfg.classifier, device="cpu", cache_dir=cfg.cache_dir)
-    weight = classifier.final_weight.detach().float().cpu()
-    del classifier
-
     how = connect(cfg.cluster, address)
     try:
-        gpus = float(ray.cluster_resources().get("GPU", 0))
-        n_batches = math.ceil(len(rows) / fi.batch_size)
-        pool = max(1, min(actors or default_actors(cfg, gpus), n_batches))
-        sums, counts, done = _run(cfg, dataclasses.replace(folder), rows, pool, gpus, progress)
+        ranker = OnRay(cfg, actors or default_actors(cfg, float(ray.cluster_resources().get("GPU", 0))), progress)
+        ranked = ranker(list(cfg.targets.classes))
     finally:
         if how != "existing":
             ray.shutdown()
-    if done != len(rows):
-        raise DxrayError(f"feature ranking saw {done} of {len(rows)} images; a batch was lost")
-    ranked = _rank(weight, t.classes, sums, counts, t.top_k, fi.select)
     sink = RunSink(cfg.output, cfg.resolved_run_id(), storage=cfg.storage)
     sink.write_table("feature_ranking", features.ranking_rows(sink.run_id, ranked, info.class_names), part="all")
-    return RankResult(ranked, sink.uri("feature_ranking"), sink.uri(""), len(rows), pool,
+    return RankResult(ranked, sink.uri("feature_ranking"), sink.uri(""), ranker.images, ranker.actors,
                       time.monotonic() - started)
 
 
-def _run(cfg: Config, folder: ImageFolder, rows: list[dict], pool: int, gpus: float,
+def _run(cfg: Config, folder: ImageFolder, rows: list[dict], classes: list[int], pool: int, gpus: float,
          progress: Progress | None) -> tuple[dict[int, np.ndarray], dict[int, int], int]:
     import ray.data
     from ray.util.debug import log_once
 
-    t, fi, cl = cfg.targets, cfg.targets.feature_images, cfg.cluster
+    fi, cl = cfg.targets.feature_images, cfg.cluster
     ctx = ray.data.DataContext.get_current()
     bars = ctx.enable_progress_bars
     ctx.enable_progress_bars = False  # the caller shows its own (and Ray Data need not warn it is off)
@@ -229,7 +247,7 @@ def _run(cfg: Config, folder: ImageFolder, rows: list[dict], pool: int, gpus: fl
         partial = ds.map_batches(
             ClassActivationSums, batch_size=fi.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=pool),
-            fn_constructor_kwargs={"cfg": cfg, "folder": folder, "classes": list(t.classes), "select": fi.select},
+            fn_constructor_kwargs={"cfg": cfg, "folder": folder, "classes": list(classes), "select": fi.select},
             **_resources(cl.gpus_per_explainer if gpus else 0, cl.cpus_per_explainer))
         for batch in partial.iter_batches(batch_size=None, batch_format="numpy"):
             for c, n, s, seen, skipped in zip(batch["class_index"], batch["count"], batch["sum"], batch["seen"],

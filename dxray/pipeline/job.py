@@ -24,7 +24,7 @@ from dxray.config import Config
 from dxray.errors import DxrayError
 from dxray.features import RankedFeature
 from dxray.pipeline.preflight import preflight
-from dxray.pipeline.ranking import ImageRanker, rank_features
+from dxray.pipeline.ranking import Ranker, rank_features
 from dxray.pipeline.rows import Finished
 from dxray.pipeline.tasks import TaskSpec, plan
 from dxray.progress import Planned
@@ -74,14 +74,14 @@ class AuditJob:
         return self.info
 
     # 2. Prepare -----------------------------------------------------------------------------------
-    def prepare(self, classifier=None, image_ranker: ImageRanker | None = None) -> list[TaskSpec]:
-        """Rank features, write the ranking, plan every task and drop the committed ones; returns the
-        tasks still to do. ``classifier`` ranks by weights or images in this process; ``image_ranker``
-        ranks over the image folder elsewhere (on Ray)."""
+    def prepare(self, ranker: Ranker | None = None) -> list[TaskSpec]:
+        """Rank features with ``ranker`` (the runner's, :func:`dxray.pipeline.ranking.choose_ranker`; None: nothing
+        to rank), write the ranking (the only write of ``feature_ranking``), plan every task and drop the committed
+        ones; returns the tasks still to do."""
         info = self.info or self.preflight()
         self.sink = sink = self.sink or open_sink(self.cfg)
         finish_pending(sink)  # a compaction a crash interrupted: complete it before anything else reads the run
-        self.ranking = rank_features(self.cfg, classifier, image_ranker)
+        self.ranking = rank_features(self.cfg.targets, ranker)
         sink.write_table("feature_ranking", features.ranking_rows(sink.run_id, self.ranking, info.class_names),
                          part="all")
         self.specs = plan(self.cfg, info, self.ranking)

@@ -9,6 +9,7 @@ from dxray import progress as events
 from dxray.config import Config
 from dxray.pipeline.explainer import Explainer
 from dxray.pipeline.job import AuditJob, RunSummary
+from dxray.pipeline.ranking import choose_ranker
 from dxray.pipeline.rows import SEGMENT, Finished, error_text, package, segmentation_columns
 from dxray.pipeline.tasks import TaskSpec
 from dxray.storage.sink import RunSink
@@ -48,7 +49,7 @@ def run(cfg: Config, progress: events.Hook | None = None, runner: LocalRunner | 
     emit = progress or events.silent
     emit(events.Preflighted())  # models load next
     runner = runner or LocalRunner(cfg)
-    job.prepare(runner.classifier)
+    job.prepare(choose_ranker(cfg.targets, lambda: runner.classifier))
     emit(job.planned())
     size = cfg.optimize.batch_tasks
     for start in range(0, len(job.todo), size):

@@ -12,7 +12,7 @@ from dxray.classifiers import ClassifierInfo
 from dxray.config import Config
 from dxray.errors import DxrayError
 from dxray.generator import check_model_ref
-from dxray.pipeline.ranking import image_folder
+from dxray.pipeline.ranking import check_source
 from dxray.storage.fs import check_output
 
 
@@ -52,14 +52,7 @@ def preflight(cfg: Config, missing: list[str] | None = None, *, build: bool = Tr
     if not (t.class_task or t.top_k or t.features or t.neurons):
         raise DxrayError("targets: nothing to do (class_task is false, top_k is 0, no features or neurons)")
     check_template_lengths(cfg)
-    if t.feature_source == "images":
-        folder = image_folder(cfg, missing)
-        if folder is not None and not _listed_as_missing(folder.root, "targets.feature_images.path", missing,
-                                                         _not_found):
-            features.check_image_folder(folder, t.classes, t.feature_images.select)
-    elif t.feature_source == "table":
-        if not _listed_as_missing(t.feature_table, "targets.feature_table", missing, _not_found):
-            features.read_ranking_table(t.feature_table, t.classes, t.top_k)
+    check_source(t, missing, lambda ref, where: _listed_as_missing(ref, where, missing, _not_found))
     if cfg.segment.enabled:
         from dxray.segment import check_sam_package_ref, detection_prompt, sam_package_ref
 
