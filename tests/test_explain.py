@@ -5,6 +5,7 @@ import torch
 
 from dxray.objectives import Objective, class_ce, neuron
 from dxray.optimize import OptimizeSettings, Target, optimize, sample
+from dxray.pipeline.ranking import choose_ranker
 
 
 def test_optimize_records_curves_and_fresh_noise_each_step(tiny_generator, tiny_classifier):
@@ -79,7 +80,7 @@ def _job(cfg):
     job = AuditJob(cfg, "explain")
     job.preflight()
     runner = LocalRunner(cfg)
-    job.prepare(runner.classifier)
+    job.prepare(choose_ranker(cfg.targets, lambda: runner.classifier))
     return job, runner
 
 

@@ -19,6 +19,7 @@ from test_run_readers import _one_error_line
 from typer.testing import CliRunner
 
 from dxray.errors import DxrayError
+from dxray.pipeline.ranking import choose_ranker
 from dxray.storage.sink import RunSink
 
 K = 2  # sample.k of the runs below
@@ -157,7 +158,7 @@ def test_a_run_is_not_finished_with_fewer_samples_than_its_committed_tasks(base_
                                                           "manifest.json")}
     job = AuditJob(cfg, "explain")
     job.preflight()
-    assert job.prepare(models.load_classifier(cfg.classifier, device="cpu", cache_dir=cfg.cache_dir)) == []
+    assert job.prepare(choose_ranker(cfg.targets, lambda: models.load_classifier(cfg.classifier, device="cpu", cache_dir=cfg.cache_dir))) == []
     [lost] = (root / "samples").glob("*.parquet")
     lost.unlink()
     with pytest.raises(DxrayError) as err:

@@ -5,6 +5,7 @@ import pytest
 
 from dxray.pipeline.job import AuditJob
 from dxray.pipeline.local import LocalRunner, run
+from dxray.pipeline.ranking import choose_ranker
 from dxray.storage.sink import RunSink
 
 ONE_TASK = ["targets.classes=[0]", "targets.top_k=0", "sample.baseline=false"]
@@ -45,7 +46,7 @@ def test_a_failed_image_write_reads_the_same_in_process_and_on_an_explainer_acto
 
     actor = ExplainerActor(cfg, cfg.resolved_run_id())  # the class Ray runs, called directly
     job = AuditJob(cfg, "audit")
-    job.prepare(actor.explainer.classifier)
+    job.prepare(choose_ranker(cfg.targets, lambda: actor.explainer.classifier))
     [finished], [images] = actor.run(job.specs)
     on_ray = finished.task_row["error"]
     assert images == [] and finished.sample_rows == []
@@ -57,7 +58,7 @@ def test_a_failed_image_write_reads_the_same_in_process_and_on_an_explainer_acto
 def test_a_failed_segmentation_reads_the_same_in_process_and_through_the_ray_runner(tiny_config):
     from dxray.distributed import scheduler
     from dxray.distributed.audit import _callables
-    from dxray.pipeline.rows import package
+    from dxray.pipeline.package import package
 
     cfg = _config(tiny_config)
     runner = LocalRunner(cfg)
@@ -74,9 +75,9 @@ def test_a_failed_segmentation_reads_the_same_in_process_and_through_the_ray_run
     # The Ray runner gets the same failure from the scheduler as (stage, message) with the explained task.
     ray_cfg = _config(tiny_config, "run_id=on-ray")
     job = AuditJob(ray_cfg, "audit")
-    job.prepare(runner.classifier)
+    job.prepare(choose_ranker(cfg.targets, lambda: runner.classifier))
     [outcome] = runner.explainer.explain(job.todo)
-    finished, images = package(outcome, ray_cfg, job.sink)
+    finished, images = package(outcome, job.sink)
     assert images and finished.prompts
     row = _callables(job)["fail"](job.todo[0], finished, scheduler.SEGMENT,
                                   "RuntimeError: CUDA error: device-side assert triggered")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dxray.config import Config
 from dxray.pipeline.explainer import Explainer
-from dxray.pipeline.rows import Finished, package, segmentation_columns
+from dxray.pipeline.package import package
+from dxray.pipeline.rows import Finished, segmentation_columns
 from dxray.pipeline.tasks import TaskSpec
 from dxray.quiet import quiet_libraries
 from dxray.storage.sink import RunSink
@@ -29,7 +30,7 @@ class ExplainerActor:
         return str(self.explainer.generator.device)
 
     def run(self, specs: list[TaskSpec]) -> tuple[list[Finished], list[list]]:
-        done = [package(outcome, self.cfg, self.sink) for outcome in self.explainer.explain(specs)]
+        done = [package(outcome, self.sink) for outcome in self.explainer.explain(specs)]
         return [f for f, _ in done], [images for _, images in done]
 
 

@@ -25,7 +25,7 @@ from dxray.pipeline.ranking import choose_ranker
 log = logging.getLogger("dxray")
 
 # The scheduler's stages, in the pipeline's stage labels (an explainer's own code raising is its batch's
-# optimisation failing: Explainer.explain and rows.package turn every other failure into the task's error).
+# optimisation failing: Explainer.explain and package.package turn every other failure into the task's error).
 STAGES = {scheduler.EXPLAIN: rows.OPTIMISE, scheduler.SEGMENT: rows.SEGMENT, scheduler.SCHEDULE: rows.SCHEDULE}
 
 
@@ -71,7 +71,7 @@ def _callables(job: AuditJob) -> dict:
         stage = STAGES[stage]
         if finished is not None and stage == rows.SEGMENT:  # explained: its row, with the segmenter's error
             return rows.brief(job.commit(finished, None, rows.error_text(stage, message)))
-        return rows.brief(job.commit(rows.error_row(job.sink.run_id, spec, job.cfg, stage, message)))
+        return rows.brief(job.commit(rows.error_row(job.sink.run_id, spec, stage, message)))
 
     return {"explain": lambda actor, specs: actor.run.options(num_returns=2).remote(specs),
             "score": lambda actor, images, finished: actor.score.remote(images, [f.prompts for f in finished]),

@@ -3,7 +3,7 @@ methods are its stages):
 
     job = AuditJob(cfg, "explain")
     job.preflight()                      # every check that needs no model weights
-    job.prepare(classifier)              # rank features, write the ranking, plan, drop committed tasks
+    job.prepare(ranker)                  # rank features, write the ranking, plan, drop committed tasks
     for each finished task: job.commit(finished, scores)   # samples first, the task row last
     job.finish(device)                   # verdicts, classes, then the manifest, last
 

@@ -9,8 +9,9 @@ from dxray import progress as events
 from dxray.config import Config
 from dxray.pipeline.explainer import Explainer
 from dxray.pipeline.job import AuditJob, RunSummary
+from dxray.pipeline.package import package
 from dxray.pipeline.ranking import choose_ranker
-from dxray.pipeline.rows import SEGMENT, Finished, error_text, package, segmentation_columns
+from dxray.pipeline.rows import SEGMENT, Finished, error_text, segmentation_columns
 from dxray.pipeline.tasks import TaskSpec
 from dxray.storage.sink import RunSink
 
@@ -32,7 +33,7 @@ class LocalRunner:
         """Optimise and sample a batch, write each task's images and score them:
         (finished, scores, error) per task, for :meth:`AuditJob.commit`."""
         for outcome in self.explainer.explain(specs, on_step=on_step):
-            done, images = package(outcome, self.cfg, sink)
+            done, images = package(outcome, sink)
             scores, error = None, None
             if images:
                 try:

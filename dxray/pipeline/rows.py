@@ -1,6 +1,6 @@
 """Rows of the run's tables, built from a task and what became of it: the task row, its sample rows
-(after its full-size images are written, which the rows point at), the segmentation columns, and the
-one error row both runners write when a stage fails.
+(pointing at its full-size images, which :mod:`dxray.pipeline.package` writes), the segmentation columns, and
+the one error row both runners write when a stage fails.
 
 A failure is labelled by the stage it happened in, with the same words on both runners:
 
@@ -19,12 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from dxray.errors import one_line
 from dxray.optimize import OptimizeResult, Sample
-from dxray.pipeline.tasks import TaskSpec, scoring_prompts
-from dxray.storage.images import encode_png, thumbnail_png
+from dxray.pipeline.tasks import TaskSpec
+from dxray.storage.images import thumbnail_png
 
 OPTIMISE, SAMPLE, WRITE, SEGMENT, SCHEDULE = "optimise", "sample", "write", "segment", "schedule"
 LABELS = {OPTIMISE: "optimisation failed", SAMPLE: "sampling failed", WRITE: "writing images failed",
@@ -59,14 +57,13 @@ class Finished:
     prompts: list[str] | None
 
 
-def task_row(run_id: str, spec: TaskSpec, cfg, res: OptimizeResult | None, error: str | None) -> dict:
+def task_row(run_id: str, spec: TaskSpec, res: OptimizeResult | None, error: str | None) -> dict:
     row = {
         "run_id": run_id, "task_id": spec.task_id, "kind": spec.kind, "class_index": spec.class_index,
         "class_name": spec.class_name, "feature_index": spec.feature_index, "feature_rank": spec.feature_rank,
         "layer": spec.layer, "objective": spec.objective.description if spec.objective else None, "template": spec.template,
-        "n_tokens": cfg.prompt.n_tokens, "init": spec.init, "status": "error" if error else "ok", "error": error,
-        "lr": (cfg.prompt.kind == "hard" and cfg.prompt.hard.lr) or cfg.optimize.lr,
-        "samples_per_step": cfg.optimize.samples_per_step,
+        "n_tokens": spec.n_tokens, "init": spec.init, "status": "error" if error else "ok", "error": error,
+        "lr": spec.lr, "samples_per_step": spec.samples_per_step,
     }
     if res is not None:
         row |= {
@@ -88,26 +85,24 @@ def brief(row: dict) -> dict:
     return {k: row.get(k) for k in BRIEF}
 
 
-def error_row(run_id: str, spec: TaskSpec, cfg, stage: str, err: BaseException | str,
+def error_row(run_id: str, spec: TaskSpec, stage: str, err: BaseException | str,
               res: OptimizeResult | None = None) -> Finished:
     """A failed task, ready to commit: its task row (with the optimisation result when there is one)
     and no samples."""
-    return Finished(task_row(run_id, spec, cfg, res, error_text(stage, err)), [], None)
+    return Finished(task_row(run_id, spec, res, error_text(stage, err)), [], None)
 
 
-def sample_rows(run_id: str, spec: TaskSpec, samples: list[Sample], prompts: list[str] | None, write) -> list[dict]:
-    """One row per held-out image; ``write(relative path, bytes) -> uri`` stores its full-size PNG."""
-    rows = []
-    for s in samples:
-        uri = write(f"images/{spec.task_id}/{s.seed:010d}.png", encode_png(s.image))
-        rows.append({
-            "run_id": run_id, "task_id": spec.task_id, "class_index": spec.class_index,
-            "feature_index": spec.feature_index, "seed": s.seed, "image_uri": uri,
-            "thumbnail": thumbnail_png(s.image), "width": s.image.shape[1], "height": s.image.shape[0],
-            "class_prob": s.class_prob, "feature_activation": s.feature_activation, "detection_prompt": prompts[0] if prompts else None,
-            "candidate_prompts": prompts if prompts and len(prompts) > 1 else None,
-        })
-    return rows
+def sample_rows(run_id: str, spec: TaskSpec, samples: list[Sample], uris: list[str]) -> list[dict]:
+    """One row per held-out image, pointing at its full-size PNG (``uris``, in the samples' order)."""
+    prompts = spec.prompts
+    return [{
+        "run_id": run_id, "task_id": spec.task_id, "class_index": spec.class_index,
+        "feature_index": spec.feature_index, "seed": s.seed, "image_uri": uri,
+        "thumbnail": thumbnail_png(s.image), "width": s.image.shape[1], "height": s.image.shape[0],
+        "class_prob": s.class_prob, "feature_activation": s.feature_activation,
+        "detection_prompt": prompts[0] if prompts else None,
+        "candidate_prompts": prompts if prompts and len(prompts) > 1 else None,
+    } for s, uri in zip(samples, uris, strict=True)]
 
 
 def segmentation_columns(segmenter, images: list, prompts: list[str]) -> list[dict]:
@@ -124,22 +119,3 @@ def segmentation_columns(segmenter, images: list, prompts: list[str]) -> list[di
         for i, row in enumerate(rows):
             row["candidate_object_fractions"] = [row["object_fraction"], *(o[i].object_fraction for o in others)]
     return rows
-
-
-def package(outcome: Outcome, cfg, sink) -> tuple[Finished, list]:
-    """Write the task's full-size images and build its rows; returns them and the images to score.
-    A failure to write is the task's error (stage ``write``), never the batch's."""
-    spec = outcome.spec
-    if outcome.error is not None:
-        return Finished(task_row(sink.run_id, spec, cfg, outcome.result, outcome.error), [], None), []
-    prompts = scoring_prompts(cfg, spec)
-    try:
-        rows = sample_rows(sink.run_id, spec, outcome.samples, prompts, sink.write_bytes)
-    except Exception as err:
-        return error_row(sink.run_id, spec, cfg, WRITE, err, outcome.result), []
-    images = [s.image for s in outcome.samples] if prompts else []
-    row = task_row(sink.run_id, spec, cfg, outcome.result, None)
-    seen = [s.penultimate for s in outcome.samples if s.penultimate is not None]
-    if seen:  # the segmenter control: its plain pictures' mean penultimate features
-        row["control_activations"] = np.mean(seen, axis=0).astype(np.float32).tolist()
-    return Finished(row, rows, prompts), images

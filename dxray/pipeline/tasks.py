@@ -3,7 +3,7 @@ neuron tasks), each with a stable id, in a stable order. Plain data; no model is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dxray import objectives
 from dxray.errors import DxrayError
@@ -25,6 +25,11 @@ class TaskSpec:
     feature_index: int | None = None
     feature_rank: int | None = None
     layer: str | None = None
+    # Resolved by plan() from the config, so rows, explainers and actors need no Config for them:
+    n_tokens: int | None = None  # soft-prompt tokens (prompt.n_tokens)
+    lr: float | None = None  # the optimiser's learning rate (prompt.hard.lr for hard prompts, else optimize.lr)
+    samples_per_step: int | None = None
+    prompts: list[str] | None = None  # detection prompts its images are scored with (None: not scored)
 
 
 def short_name(class_name: str) -> str:
@@ -49,6 +54,8 @@ def plan(cfg, info, ranking: list[RankedFeature]) -> list[TaskSpec]:
             tasks.append(TaskSpec(tid, kind, objective, template, init, int(tid[:8], 16), **fields))
 
     d = info.feature_dim
+    resolved = {"n_tokens": cfg.prompt.n_tokens, "samples_per_step": cfg.optimize.samples_per_step,
+                "lr": (cfg.prompt.kind == "hard" and cfg.prompt.hard.lr) or cfg.optimize.lr}
     for c in t.classes:
         name = info.class_names[c]
         if t.class_task:
@@ -63,7 +70,8 @@ def plan(cfg, info, ranking: list[RankedFeature]) -> list[TaskSpec]:
             tasks.append(control_spec(cfg, c, name))
     for nt in t.neurons:
         add("neuron", -objectives.neuron(nt.layer, nt.unit), feature_index=nt.unit, layer=nt.layer)
-    return tasks
+    return [replace(spec, **resolved, prompts=detection_prompts(cfg.segment, spec.class_index, spec.class_name))
+            for spec in tasks]
 
 
 def control_spec(cfg, class_index: int, class_name: str) -> TaskSpec:
@@ -75,12 +83,12 @@ def control_spec(cfg, class_index: int, class_name: str) -> TaskSpec:
                     class_name=class_name)
 
 
-def scoring_prompts(cfg, spec: TaskSpec) -> list[str] | None:
-    """Grounding DINO prompts for the task's images, in the config's order (one, or the class's candidates
-    in ``segment.prompts``: the images are scored with each); None when they are not scored."""
-    if not cfg.segment.enabled or spec.class_index is None:
+def detection_prompts(segment, class_index: int | None, class_name: str | None) -> list[str] | None:
+    """Grounding DINO prompts for a class's images (``segment``: the config's section), in its order: one, or the
+    class's candidates in ``segment.prompts`` (the images are scored with each); None when they are not scored."""
+    if not segment.enabled or class_index is None:
         return None
     from dxray.segment import detection_prompt
 
-    given = cfg.segment.prompts.get(spec.class_index, spec.class_name)
+    given = segment.prompts.get(class_index, class_name)
     return [detection_prompt(text) for text in ([given] if isinstance(given, str) else given)]
