@@ -118,7 +118,7 @@ def ranker(cfg: Config, gpus: float):
     from dxray.distributed.rank import OnRay, default_actors
 
     return choose_ranker(cfg.targets, lambda: models.load_classifier(cfg.classifier, device="cpu", cache_dir=cfg.cache_dir),
-                         on_ray=lambda: OnRay(cfg, default_actors(cfg, gpus)))
+                         on_ray=lambda: OnRay(cfg, default_actors(cfg.cluster, gpus)))
 
 
 def _pin_storage(cfg: Config) -> Config:

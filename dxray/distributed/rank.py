@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from dxray import classifiers, features, models
-from dxray.config import Config
+from dxray.config import ClusterConfig, Config
 from dxray.errors import DxrayError
 from dxray.features import ImageFolder, RankedFeature
 from dxray.generator import resolve_device
@@ -158,9 +158,9 @@ def _user_error(err: BaseException) -> DxrayError:
     return DxrayError(f"feature ranking failed on Ray: {type(err).__name__}: {first[:300]}")
 
 
-def default_actors(cfg: Config, cluster_gpus: float) -> int:
-    """``cluster.explainers``, else one per ``gpus_per_explainer`` of the cluster's GPUs, else 1."""
-    cl = cfg.cluster
+def default_actors(cl: ClusterConfig, cluster_gpus: float) -> int:
+    """``cluster.explainers``, else one per ``gpus_per_explainer`` of the cluster's GPUs, else 1 (``cl``: the
+    ``cluster`` section)."""
     if cl.explainers:
         return cl.explainers
     if cluster_gpus and cl.gpus_per_explainer:
@@ -216,7 +216,7 @@ def rank_features_distributed(cfg: Config, *, address: str | None = None, actors
         raise DxrayError(f"actors must be >= 1, got {actors}")
     how = connect(cfg.cluster, address)
     try:
-        ranker = OnRay(cfg, actors or default_actors(cfg, float(ray.cluster_resources().get("GPU", 0))), progress)
+        ranker = OnRay(cfg, actors or default_actors(cfg.cluster, float(ray.cluster_resources().get("GPU", 0))), progress)
         ranked = ranker(list(cfg.targets.classes))
     finally:
         if how != "existing":

@@ -55,18 +55,18 @@ def run(cfg: Config, progress: events.Hook | None = None, runner: LocalRunner | 
     size = cfg.optimize.batch_tasks
     for start in range(0, len(job.todo), size):
         batch = job.todo[start:start + size]
-        for done, scores, error in runner.run_batch(batch, job.sink, on_step=_step_events(cfg, batch, emit)):
+        for done, scores, error in runner.run_batch(batch, job.sink, on_step=_step_events(cfg.optimize.steps, batch, emit)):
             row = job.commit(done, scores, error)
             job.count(row)
             emit(events.task_event(row))
     return job.finish(str(runner.generator.device))
 
 
-def _step_events(cfg: Config, batch: list[TaskSpec], emit: events.Hook):
+def _step_events(steps: int, batch: list[TaskSpec], emit: events.Hook):
     names = ", ".join(f"{s.kind}:{s.class_index if s.kind != 'neuron' else s.layer}" for s in batch)
 
     def on_step(step, results):
         losses = [r.loss_curve[-1] for r in results if r.loss_curve]
-        emit(events.Step(step + 1, cfg.optimize.steps, names, sum(losses) / len(losses) if losses else float("nan")))
+        emit(events.Step(step + 1, steps, names, sum(losses) / len(losses) if losses else float("nan")))
 
     return on_step

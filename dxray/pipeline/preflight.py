@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dxray import features, models, prompts
 from dxray.classifiers import ClassifierInfo
-from dxray.config import Config
+from dxray.config import Config, TargetsConfig
 from dxray.errors import DxrayError
 from dxray.generator import check_model_ref
 from dxray.pipeline.ranking import check_source
@@ -48,7 +48,7 @@ def preflight(cfg: Config, missing: list[str] | None = None, *, build: bool = Tr
     absent = sorted(set(t.features) - set(t.classes))
     if absent:
         raise DxrayError(f"targets.features names class {absent[0]}, which is not in targets.classes")
-    check_target_widths(cfg, info)
+    check_target_widths(cfg.targets, info)
     if not (t.class_task or t.top_k or t.features or t.neurons):
         raise DxrayError("targets: nothing to do (class_task is false, top_k is 0, no features or neurons)")
     check_template_lengths(cfg)
@@ -139,9 +139,9 @@ def check_cache_dir(cfg: Config) -> None:
                          f"({err.strerror or type(err).__name__})") from None
 
 
-def check_target_widths(cfg: Config, info: ClassifierInfo) -> None:
-    """Explicit features, ``top_k`` and neuron units against the widths of the classifier's layers."""
-    t = cfg.targets
+def check_target_widths(t: TargetsConfig, info: ClassifierInfo) -> None:
+    """Explicit features, ``top_k`` and neuron units (the ``targets`` section) against the widths of the
+    classifier's layers."""
     d = info.feature_dim
     for c, fs in t.features.items():
         bad = [f for f in fs if not 0 <= f < d]
