@@ -57,14 +57,29 @@ def run_fingerprint(cfg) -> str:
     return digest(data, 12)
 
 
-def task_id(cfg, **what) -> str:
-    """16 hex digits of what defines one task: ``what`` (kind, objective, template, init, class, feature, ...)
-    plus the settings every task of the run shares."""
-    data = {
-        **what,
+def task_ids(cfg):
+    """``task_id`` for one config, the shared settings read once: planning 7,000 tasks (a full-ImageNet audit) dumps
+    the config's sections once, not 7,000 times."""
+    shared = {
         "n_tokens": cfg.prompt.n_tokens, "seed": cfg.seed, "sample_seeds": cfg.sample.seed_list(),
         **{name: section(cfg, name, TASK) for name in ("generator", "classifier", "optimize", "segment")},
     }
     if cfg.prompt.kind == "hard":  # only then: soft-prompt task ids stay as they were
-        data["hard_prompt"] = cfg.prompt.hard.model_dump(mode="json")
-    return digest(data, 16)
+        shared["hard_prompt"] = cfg.prompt.hard.model_dump(mode="json")
+
+    # The shared values are JSON-encoded once; each id encodes only its own ``what`` and joins the two in key order:
+    # the same text json.dumps(data, sort_keys=True) writes (tests/test_identity.py pins the ids).
+    encoded = {k: json.dumps(v, sort_keys=True) for k, v in shared.items()}
+
+    def make(**what) -> str:
+        parts = {**{k: json.dumps(v, sort_keys=True) for k, v in what.items()}, **encoded}
+        text = "{" + ", ".join(f"{json.dumps(k)}: {parts[k]}" for k in sorted(parts)) + "}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    return make
+
+
+def task_id(cfg, **what) -> str:
+    """16 hex digits of what defines one task: ``what`` (kind, objective, template, init, class, feature, ...)
+    plus the settings every task of the run shares."""
+    return task_ids(cfg)(**what)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dxray import classifiers
 from dxray.config import Config
-from dxray.errors import DxrayError
 from dxray.features import RankedFeature
 
 KINDS = ("class", "feature", "neuron")
@@ -209,54 +209,49 @@ def timings(cfg: Config, figures: list[dict]) -> tuple[Timing, Timing, list[str]
 
 
 # -- counting ----------------------------------------------------------------------------------------
-def features_per_class(cfg: Config, info: classifiers.ClassifierInfo,
-                       ranking: list[RankedFeature] | None = None) -> tuple[dict[int, int], str]:
-    """Feature tasks per class (one template), as :func:`dxray.pipeline.ranking.rank_features` would produce them:
-    explicit ``targets.features`` win; else ``ranking`` (a table) or ``top_k`` (weights / images)."""
+def _features_how(cfg: Config, ranking: list[RankedFeature] | None) -> str:
+    """Where the plan's features come from, in words."""
     t = cfg.targets
-    d = info.feature_dim
-    counts: dict[int, int] = {}
-    for c, fs in t.features.items():
-        bad = [f for f in fs if not 0 <= f < d]
-        if bad:
-            raise DxrayError(f"feature {bad[0]} of class {c} out of range; penultimate has 0..{d - 1}")
-        counts[c] = len(fs)
-    todo = [c for c in t.classes if c not in t.features]
     if not t.top_k:
         how = "none (top_k is 0)"
     elif ranking is not None:
-        for c in todo:
-            counts[c] = sum(1 for r in ranking if r.class_index == c)
         how = f"from {t.feature_table}"
     else:
-        k = min(t.top_k, d) if d else t.top_k
-        counts.update({c: k for c in todo})
         how = f"top_k={t.top_k} per class ({t.feature_source}; ranked when the run starts)"
     if t.features:
         how += f"; explicit features for {len(t.features)} class(es)"
-    return {c: counts.get(c, 0) for c in t.classes}, how
+    return how
+
+
+def planned(cfg: Config, info: classifiers.ClassifierInfo, ranking: list[RankedFeature] | None = None) -> list:
+    """What :func:`dxray.pipeline.tasks.plan` makes of the config, building no model: with ``ranking`` (a table) its
+    features, else the first ``top_k`` features of each class stand in for the ones ranked when the run starts
+    (the counts are the same; only which features differs)."""
+    from dxray.pipeline.ranking import rank_features, to_rank
+    from dxray.pipeline.tasks import plan
+
+    t = cfg.targets
+    if ranking is None:
+        k = min(t.top_k, info.feature_dim) if info.feature_dim else t.top_k
+        ranking = [RankedFeature(c, f, f + 1, float("nan"), "dry run") for c in to_rank(t) for f in range(k)]
+    return plan(cfg, info, rank_features(t, lambda todo: [r for r in ranking if r.class_index in todo]))
 
 
 def estimate(cfg: Config, info: classifiers.ClassifierInfo, figures: list[dict] | None = None,
              ranking: list[RankedFeature] | None = None) -> Plan:
     """The plan's counts and cost. Pure: ``figures`` from :func:`load_figures`, ``ranking`` only for a table."""
     t, o, s = cfg.targets, cfg.optimize, cfg.sample
-    per_class, how = features_per_class(cfg, info, ranking)
-    n_templates = len(cfg.prompt.templates)
-    tasks = {
-        "class": len(t.classes) * n_templates if t.class_task else 0,
-        "feature": sum(per_class.values()) * n_templates,
-        "neuron": len(t.neurons) * n_templates,
-    }
+    kinds = Counter(spec.kind for spec in planned(cfg, info, ranking))  # what the run would plan, counted
+    tasks = {kind: kinds[kind] for kind in ("class", "feature", "neuron")}
     total = sum(tasks.values())  # optimised
     with_class = tasks["class"] + tasks["feature"]  # neuron tasks have no class: no baseline, nothing to score
-    tasks["control"] = len(t.classes) if cfg.segment.enabled and cfg.segment.control else 0  # rendered, not optimised
+    tasks["control"] = kinds["control"]  # rendered, not optimised
     step, image, notes = timings(cfg, figures or [])
     if o.early_stop_prob is not None:
         notes.append(f"optimize.early_stop_prob={o.early_stop_prob}: step counts are an upper bound")
     return Plan(
         run_id=cfg.resolved_run_id(), classes=len(t.classes), templates=list(cfg.prompt.templates), tasks=tasks,
-        feature_count=how, restarts=o.restarts, steps=o.steps, samples_per_step=o.samples_per_step,
+        feature_count=_features_how(cfg, ranking), restarts=o.restarts, steps=o.steps, samples_per_step=o.samples_per_step,
         optimisation_steps=total * o.restarts * o.steps,
         held_out_images=(total + tasks["control"]) * s.k,
         baseline_images=with_class * s.k if s.baseline else 0,
