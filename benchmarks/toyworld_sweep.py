@@ -236,6 +236,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="trainings / audits at a time (one thread each)")
     ap.add_argument("--name", required=True)
     ap.add_argument("--no-records", action="store_true", help="audit again even where a record stands for the audit")
+    ap.add_argument("--recorded-only", action="store_true",
+                    help="train and audit nothing: pool the audits already recorded (a sweep part-way, named NAME-partial)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the audit")
     args = ap.parse_args()
     records = None if args.no_records else RECORDS
@@ -248,20 +250,28 @@ def main() -> None:
     started = time.perf_counter()
     grid = [(w, f, rho, s) for s in seeds for w in worlds for f, rho in cells]  # seed-major: a stopped sweep covers every cell
     todo = [g for g in grid if recorded(*g, args.top_k, args.overrides, records) is None]
+    if args.recorded_only:
+        if records is None:
+            raise SystemExit("--recorded-only pools the records: not with --no-records")
+        grid, todo = [g for g in grid if g not in todo], []
+        worlds = sorted({w for w, *_ in grid}) or worlds
+        args.name += "-partial"
     fidelity_records = {w: RECORDS / f"world-{w}-fidelity.json" for w in worlds}
-    need = sorted({w for w, *_ in todo} | {w for w in worlds if records is None or not fidelity_records[w].is_file()})
+    need = [] if args.recorded_only else sorted({w for w, *_ in todo} | {w for w in worlds if records is None
+                                                                         or not fidelity_records[w].is_file()})
     print(f"{len(grid) - len(todo)} of {len(grid)} audits recorded in {RECORDS.relative_to(ROOT)}; training "
           f"world(s) {need or 'none'}", flush=True)
     train(args.cache_dir, need, list(dict.fromkeys([*cells, ("cnn", 0.0)])), args.jobs)  # ρ 0's CNN reads fidelity
     trained = time.perf_counter() - started
     print(f"trained {len(need)} worlds x {len(cells)} classifiers ({trained:.0f} s)", flush=True)
-    generators = {str(w): json.loads(fidelity_records[w].read_text()) for w in worlds if w not in need}
+    generators = {str(w): json.loads(fidelity_records[w].read_text()) for w in worlds
+                  if w not in need and fidelity_records[w].is_file()}
     generators |= fidelity(args.cache_dir, need)
     if records is not None:
         RECORDS.mkdir(parents=True, exist_ok=True)
         for w in need:
             fidelity_records[w].write_text(json.dumps(generators[str(w)]) + "\n")
-    generators = {str(w): generators[str(w)] for w in worlds}
+    generators = {str(w): generators.get(str(w)) for w in worlds}
     runs = []
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(audit_or_record, args.cache_dir, w, f, rho, s, args.top_k, args.overrides, records)
