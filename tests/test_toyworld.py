@@ -188,7 +188,7 @@ def test_the_preset_delta_separates_drawn_objects_from_bare_backgrounds(world):
     from diffusers import AutoencoderKL
 
     from dxray.config import load_config
-    from dxray.toyworld.train import _images
+    from dxray.toyworld.render import vae_images
 
     root, gen, clf = world
     delta = load_config(TOY_YAML).verdict.delta
@@ -196,7 +196,7 @@ def test_the_preset_delta_separates_drawn_objects_from_bare_backgrounds(world):
     held = render.held_out_dataset(360, seed=5)
     drawn = {}
     for c, name in enumerate(render.CLASS_NAMES):
-        x = _images([s for s, label in held if label == c])  # [-1, 1], as the VAE was trained
+        x = vae_images([s for s, label in held if label == c])  # [-1, 1], as the VAE was trained
         with torch.no_grad():
             rec = vae.decode(vae.encode(x).latent_dist.mean).sample
         drawn[name] = _mean_r(list(((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()), c)
