@@ -234,7 +234,11 @@ def planned(cfg: Config, info: classifiers.ClassifierInfo, ranking: list[RankedF
     if ranking is None:
         k = min(t.top_k, info.feature_dim) if info.feature_dim else t.top_k
         ranking = [RankedFeature(c, f, f + 1, float("nan"), "dry run") for c in to_rank(t) for f in range(k)]
-    return plan(cfg, info, rank_features(t, lambda todo: [r for r in ranking if r.class_index in todo]))
+    def ranked(todo: list[int]) -> list[RankedFeature]:
+        wanted = set(todo)  # 1,000 classes x 5,000 rows: a list's `in` was 5 million comparisons
+        return [r for r in ranking if r.class_index in wanted]
+
+    return plan(cfg, info, rank_features(t, ranked))
 
 
 def estimate(cfg: Config, info: classifiers.ClassifierInfo, figures: list[dict] | None = None,

@@ -63,10 +63,8 @@ class Step:
 
 
 @dataclass(frozen=True)
-class TaskCommitted:
-    """A task's samples and its row (status ok) are on storage: ``row`` as written."""
-
-    row: dict = field(repr=False)
+class _TaskRow:
+    row: dict = field(repr=False)  # the task row as written
 
     @property
     def task_id(self) -> str:
@@ -74,14 +72,13 @@ class TaskCommitted:
 
 
 @dataclass(frozen=True)
-class TaskFailed:
+class TaskCommitted(_TaskRow):
+    """A task's samples and its row (status ok) are on storage: ``row`` as written."""
+
+
+@dataclass(frozen=True)
+class TaskFailed(_TaskRow):
     """A task failed; its row (with the error, labelled by stage) is on storage, the other tasks go on."""
-
-    row: dict = field(repr=False)
-
-    @property
-    def task_id(self) -> str:
-        return self.row["task_id"]
 
     @property
     def error(self) -> str | None:

@@ -65,6 +65,26 @@ def _files():
     return sorted(PACKAGE.rglob("*.py"))
 
 
+def _assert_acyclic(graph: dict[str, set[str]]) -> None:
+    """A depth-first walk that fails on the first cycle, naming it."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(graph[m]):
+            assert state.get(d) != 1, "import cycle: " + " -> ".join(stack[stack.index(d):] + [d])
+            if d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
 def test_core_loaders_import_no_presets():
     for name in CORE_LOADERS:
         for module, names in _imports(PACKAGE / f"{name}.py", top_level_only=False):
@@ -93,22 +113,7 @@ def test_module_level_imports_form_no_cycle():
                     break
         graph[name] = deps
     # Importing a submodule imports its packages first; only dxray's own edges matter here.
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(m: str) -> None:
-        state[m] = 1
-        stack.append(m)
-        for d in sorted(graph[m]):
-            assert state.get(d) != 1, "import cycle: " + " -> ".join(stack[stack.index(d):] + [d])
-            if d not in state:
-                visit(d)
-        stack.pop()
-        state[m] = 2
-
-    for m in sorted(graph):
-        if m not in state:
-            visit(m)
+    _assert_acyclic(graph)
     assert len(graph) > 40  # the walk saw the package
 
 
@@ -144,23 +149,7 @@ def test_every_import_points_down_the_layers():
 
 def test_the_imports_within_a_layer_form_no_cycle_even_lazily():
     graph = _edges()
-    same = {a: {b for b in deps if _layer(b) == _layer(a)} for a, deps in graph.items()}
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(m: str) -> None:
-        state[m] = 1
-        stack.append(m)
-        for d in sorted(same[m]):
-            assert state.get(d) != 1, "import cycle: " + " -> ".join(stack[stack.index(d):] + [d])
-            if d not in state:
-                visit(d)
-        stack.pop()
-        state[m] = 2
-
-    for m in sorted(same):
-        if m not in state:
-            visit(m)
+    _assert_acyclic({a: {b for b in deps if _layer(b) == _layer(a)} for a, deps in graph.items()})
 
 
 def _path(pattern: str) -> str:
